@@ -1,0 +1,82 @@
+//! `dermascope`: the daemon and the command line a clinic's IT person or a
+//! fleet operator scripts against.
+
+mod embed;
+mod paths;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use dermascope_encoder::{EncoderOptions, VariantChoice};
+
+#[derive(Parser, Debug)]
+#[command(name = "dermascope", version, about = "Point-of-care dermoscopy: embed a lesion, find similar confirmed cases")]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Embed lesion photographs (JPEG or PNG) and print their embeddings.
+    Embed(embed::EmbedArgs),
+}
+
+/// Where the encoder comes from and how it runs; shared by every command that embeds.
+#[derive(Args, Debug, Clone)]
+pub struct EncoderArgs {
+    /// Encoder bundle directory (with manifest.toml). Default: $DERMASCOPE_MODEL_DIR,
+    /// then ./models/dist/sklesion-xception, then /usr/share/dermascope/models/sklesion-xception.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// Encoder variant from the bundle's manifest (fp32, int8); default: the
+    /// measured best for this architecture.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Threads for the encoder's matrix products.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+}
+
+impl EncoderArgs {
+    pub fn options(&self) -> EncoderOptions {
+        EncoderOptions {
+            variant: match &self.variant {
+                Some(name) => VariantChoice::Named(name.clone()),
+                None => VariantChoice::Default,
+            },
+            threads: usize::from(self.threads),
+            ..EncoderOptions::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let outcome = match cli.command {
+        Command::Embed(args) => embed::run(&args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr so that stdout stays machine-readable for scripts.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,127 @@
+//! tract against onnxruntime on the very tensors `models/build` fed onnxruntime,
+//! and our preprocessing against the build's.
+//!
+//! `check/` in the bundle holds preprocessed inputs and onnxruntime's outputs
+//! for fp32 and int8 (written by `models/build_encoder.py`).
+
+mod common;
+
+use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
+
+const SIDE: usize = 254;
+
+fn load(variant: &str) -> Encoder {
+    let options = EncoderOptions {
+        variant: VariantChoice::Named(variant.into()),
+        threads: 2,
+        ..EncoderOptions::default()
+    };
+    Encoder::load(&common::bundle_dir(), &options).expect("loading the encoder")
+}
+
+struct Check {
+    inputs: Vec<f32>,
+    ort_fp32: Vec<f32>,
+    ort_int8: Vec<f32>,
+    input_len: usize,
+    dim: usize,
+    count: usize,
+}
+
+fn check_set(encoder: &Encoder) -> Check {
+    let dir = common::bundle_dir().join("check");
+    let inputs = common::read_f32_le(&dir.join("inputs.f32"));
+    let ort_fp32 = common::read_f32_le(&dir.join("ort-fp32.f32"));
+    let ort_int8 = common::read_f32_le(&dir.join("ort-int8.f32"));
+    let input_len = encoder.input_len();
+    let dim = encoder.dim();
+    let count = inputs.len() / input_len;
+    assert!(count >= 4, "check set has {count} inputs");
+    assert_eq!(ort_fp32.len(), count * dim);
+    assert_eq!(ort_int8.len(), count * dim);
+    Check {
+        inputs,
+        ort_fp32,
+        ort_int8,
+        input_len,
+        dim,
+        count,
+    }
+}
+
+#[test]
+fn tract_fp32_matches_onnxruntime_fp32() {
+    let encoder = load("fp32");
+    let check = check_set(&encoder);
+    let mut worst = 1.0f32;
+    for i in 0..check.count {
+        let input = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
+        let ours = encoder.run_tensor(input).unwrap();
+        let theirs = &check.ort_fp32[i * check.dim..(i + 1) * check.dim];
+        let cosine = common::cosine(&ours, theirs);
+        worst = worst.min(cosine);
+        assert!(cosine >= 0.9999, "input {i}: cosine {cosine}");
+    }
+    eprintln!("tract fp32 vs onnxruntime fp32: min cosine {worst:.6} over {} inputs", check.count);
+}
+
+/// int8 is slow in tract on x86_64 (see docs/benchmarks.md), so this runs on
+/// the first four check inputs only; the 100-image figure comes from the build.
+#[test]
+fn tract_int8_stays_close_to_fp32() {
+    let encoder = load("int8");
+    let check = check_set(&encoder);
+    let n = check.count.min(4);
+    let mut cosines = Vec::new();
+    for i in 0..n {
+        let input = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
+        let ours = encoder.run_tensor(input).unwrap();
+        let fp32 = &check.ort_fp32[i * check.dim..(i + 1) * check.dim];
+        let ort_int8 = &check.ort_int8[i * check.dim..(i + 1) * check.dim];
+        let to_fp32 = common::cosine(&ours, fp32);
+        let to_ort_int8 = common::cosine(&ours, ort_int8);
+        eprintln!("input {i}: tract int8 vs fp32 cosine {to_fp32:.5}, vs onnxruntime int8 {to_ort_int8:.5}");
+        cosines.push(to_fp32);
+    }
+    let mean = cosines.iter().sum::<f32>() / n as f32;
+    assert!(mean >= 0.98, "mean int8 vs fp32 cosine {mean}");
+}
+
+/// Our decode + resize + normalise must reproduce the build's (Pillow) inputs,
+/// or the int8 calibration and every stored embedding drift.
+#[test]
+fn preprocessing_matches_the_build() {
+    let Some(derm) = common::derm_data("preprocessing_matches_the_build") else {
+        return;
+    };
+    let bundle = common::bundle_dir();
+    let check_meta = std::fs::read_to_string(bundle.join("check/check.toml")).unwrap();
+    if !check_meta.contains("derm") {
+        eprintln!("SKIPPED preprocessing_matches_the_build: the check set was built without derm data");
+        return;
+    }
+    let names = std::fs::read_to_string(bundle.join("check/images.txt")).unwrap();
+    let encoder = load("fp32");
+    let check = check_set(&encoder);
+    let mut worst_mean_abs = 0f32;
+    for (i, name) in names.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let bytes = std::fs::read(derm.join("images").join(name.trim())).unwrap();
+        let image = dermascope_encoder::decode_rgb(&bytes, Default::default()).unwrap();
+        let ours = encoder.preprocess(&image).unwrap();
+        let theirs = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
+        assert_eq!(ours.len(), 3 * SIDE * SIDE);
+        let mean_abs = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        worst_mean_abs = worst_mean_abs.max(mean_abs);
+        // JPEG decoders (libjpeg-turbo vs zune-jpeg) and resize kernels differ
+        // by a grey level or so; a normalised unit is about 60 grey levels.
+        assert!(mean_abs < 0.05, "{name}: mean abs difference {mean_abs}");
+        let embedding_ours = encoder.embed_rgb(&image).unwrap();
+        let embedding_theirs = dermascope_encoder::Embedding::from_raw(
+            check.ort_fp32[i * check.dim..(i + 1) * check.dim].to_vec(),
+        )
+        .unwrap();
+        let cosine = embedding_ours.cosine(&embedding_theirs);
+        assert!(cosine >= 0.99, "{name}: embedding cosine {cosine} after our preprocessing");
+    }
+    eprintln!("preprocessing vs build: worst mean abs difference {worst_mean_abs:.4}");
+}
