@@ -1,0 +1,20 @@
+SUMMARY = "Dermascope device image: daemon and encoder bundle, minimal systemd base"
+LICENSE = "MIT"
+
+require recipes-core/images/core-image-minimal.bb
+
+inherit features_check
+REQUIRED_DISTRO_FEATURES = "systemd"
+
+# No debug or development image features: the device runs the daemon only.
+# v4l-utils (v4l2-ctl, media-ctl) is there to diagnose the camera in service.
+IMAGE_INSTALL += "\
+    dermascope \
+    dermascope-models \
+    v4l-utils \
+"
+
+# The board side (SPI bus for the display, I2C, camera sensor overlay, module
+# autoload) is set in yocto/kas/dermascope-rpi4.yml, not here: those variables
+# are read by meta-raspberrypi's rpi-config and by the kernel recipe, and a
+# value set in an image recipe never reaches other recipes.
