@@ -1,0 +1,212 @@
+//! Byte layouts of the values in the `cases` and `embeddings` trees.
+//!
+//! Both start with a layout version byte and a CRC-32 of the rest, so a
+//! garbled value is reported as corrupt instead of being decoded into a
+//! plausible but wrong case.
+
+use serde::{Deserialize, Serialize};
+
+use crate::case::{Case, CaseId, CaseMetadata, CaseSource, Diagnosis};
+use crate::index::CaseTags;
+
+const CASE_LAYOUT_V1: u8 = 1;
+const EMBEDDING_LAYOUT_V1: u8 = 1;
+const HEADER: usize = 5;
+
+const FLAG_CONFIRMED: u8 = 1;
+const FLAG_HAS_SITE: u8 = 2;
+
+/// Everything of a case except the embedding, which lives only in the
+/// embeddings tree (storing it twice would cost 8 KB per case at dim 2048).
+#[derive(Serialize, Deserialize)]
+struct CaseRecordV1 {
+    id: CaseId,
+    diagnosis: Diagnosis,
+    source: CaseSource,
+    metadata: CaseMetadata,
+    thumbnail_jpeg: Vec<u8>,
+    model_id: String,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    label_confirmed: bool,
+}
+
+/// The decoded part of a case record (the caller adds the embedding).
+pub(crate) struct CaseRecord {
+    pub id: CaseId,
+    pub diagnosis: Diagnosis,
+    pub source: CaseSource,
+    pub metadata: CaseMetadata,
+    pub thumbnail_jpeg: Vec<u8>,
+    pub model_id: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub label_confirmed: bool,
+}
+
+impl CaseRecord {
+    pub fn into_case(self, embedding: Vec<f32>) -> Case {
+        Case {
+            id: self.id,
+            embedding,
+            diagnosis: self.diagnosis,
+            source: self.source,
+            metadata: self.metadata,
+            thumbnail_jpeg: self.thumbnail_jpeg,
+            model_id: self.model_id,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            label_confirmed: self.label_confirmed,
+        }
+    }
+}
+
+fn seal(version: u8, payload_len_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + payload_len_hint);
+    out.push(version);
+    out.extend_from_slice(&[0; 4]);
+    write(&mut out);
+    let crc = crc32fast::hash(&out[HEADER..]);
+    out[1..HEADER].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn open(bytes: &[u8], version: u8) -> Result<&[u8], String> {
+    if bytes.len() < HEADER {
+        return Err(format!(
+            "value is {} bytes, shorter than its header",
+            bytes.len()
+        ));
+    }
+    if bytes[0] != version {
+        return Err(format!(
+            "layout version {} (this build reads {version})",
+            bytes[0]
+        ));
+    }
+    let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let payload = &bytes[HEADER..];
+    if crc32fast::hash(payload) != stored {
+        return Err("checksum mismatch".to_owned());
+    }
+    Ok(payload)
+}
+
+pub(crate) fn encode_case(case: &Case) -> Result<Vec<u8>, String> {
+    let record = CaseRecordV1 {
+        id: case.id.clone(),
+        diagnosis: case.diagnosis.clone(),
+        source: case.source,
+        metadata: case.metadata.clone(),
+        thumbnail_jpeg: case.thumbnail_jpeg.clone(),
+        model_id: case.model_id.clone(),
+        created_at_ms: case.created_at_ms,
+        updated_at_ms: case.updated_at_ms,
+        label_confirmed: case.label_confirmed,
+    };
+    let payload = postcard::to_stdvec(&record).map_err(|e| e.to_string())?;
+    Ok(seal(CASE_LAYOUT_V1, payload.len(), |out| {
+        out.extend_from_slice(&payload)
+    }))
+}
+
+pub(crate) fn decode_case(bytes: &[u8]) -> Result<CaseRecord, String> {
+    let payload = open(bytes, CASE_LAYOUT_V1)?;
+    let r: CaseRecordV1 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+    Ok(CaseRecord {
+        id: r.id,
+        diagnosis: r.diagnosis,
+        source: r.source,
+        metadata: r.metadata,
+        thumbnail_jpeg: r.thumbnail_jpeg,
+        model_id: r.model_id,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        label_confirmed: r.label_confirmed,
+    })
+}
+
+pub(crate) fn tags_of(case: &Case) -> CaseTags {
+    CaseTags {
+        diagnosis_code: case.diagnosis.code.clone(),
+        source: case.source,
+        anatomical_site: case.metadata.anatomical_site.clone(),
+        label_confirmed: case.label_confirmed,
+    }
+}
+
+/// Embedding row: the filter fields first, then the raw little-endian f32s,
+/// so opening a store reads these without touching thumbnails.
+/// Lengths were validated by `Case::validate` (code <= 64, site <= 1024).
+pub(crate) fn encode_embedding(case: &Case) -> Vec<u8> {
+    let site = case.metadata.anatomical_site.as_deref();
+    let code = case.diagnosis.code.as_bytes();
+    let hint = 3 + code.len() + 2 + site.map_or(0, str::len) + case.embedding.len() * 4;
+    seal(EMBEDDING_LAYOUT_V1, hint, |out| {
+        out.push(case.source.to_byte());
+        let mut flags = 0;
+        if case.label_confirmed {
+            flags |= FLAG_CONFIRMED;
+        }
+        if site.is_some() {
+            flags |= FLAG_HAS_SITE;
+        }
+        out.push(flags);
+        out.push(u8::try_from(code.len()).unwrap_or(u8::MAX));
+        out.extend_from_slice(&code[..code.len().min(u8::MAX as usize)]);
+        if let Some(site) = site {
+            let site = site.as_bytes();
+            let len = site.len().min(u16::MAX as usize);
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+            out.extend_from_slice(&site[..len]);
+        }
+        for x in &case.embedding {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    })
+}
+
+/// Tags and the raw embedding bytes (borrowed from `bytes`).
+pub(crate) fn decode_embedding(bytes: &[u8], dim: usize) -> Result<(CaseTags, &[u8]), String> {
+    let p = open(bytes, EMBEDDING_LAYOUT_V1)?;
+    let short = || "embedding row truncated".to_owned();
+    let (&source, rest) = p.split_first().ok_or_else(short)?;
+    let (&flags, rest) = rest.split_first().ok_or_else(short)?;
+    let (&code_len, rest) = rest.split_first().ok_or_else(short)?;
+    let code = rest.get(..code_len as usize).ok_or_else(short)?;
+    let mut rest = &rest[code_len as usize..];
+    let mut site = None;
+    if flags & FLAG_HAS_SITE != 0 {
+        let len = rest.get(..2).ok_or_else(short)?;
+        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+        let s = rest.get(2..2 + len).ok_or_else(short)?;
+        site = Some(String::from_utf8(s.to_vec()).map_err(|_| "site is not UTF-8".to_owned())?);
+        rest = &rest[2 + len..];
+    }
+    if rest.len() != dim * 4 {
+        return Err(format!(
+            "embedding has {} bytes; dim {dim} needs {}",
+            rest.len(),
+            dim * 4
+        ));
+    }
+    let source = CaseSource::from_byte(source).ok_or_else(|| format!("unknown source {source}"))?;
+    let diagnosis_code =
+        String::from_utf8(code.to_vec()).map_err(|_| "diagnosis code is not UTF-8".to_owned())?;
+    Ok((
+        CaseTags {
+            diagnosis_code,
+            source,
+            anatomical_site: site,
+            label_confirmed: flags & FLAG_CONFIRMED != 0,
+        },
+        rest,
+    ))
+}
+
+pub(crate) fn decode_f32_le(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}

@@ -1,0 +1,420 @@
+use std::sync::{Arc, RwLock};
+
+use super::*;
+
+/// splitmix64: deterministic, dependency-free test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn gauss(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+fn normalise(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for x in v {
+        *x /= norm;
+    }
+}
+
+/// Clustered like real lesion embeddings: a few tight groups plus noise.
+fn clustered(rng: &mut Rng, n: usize, dim: usize, clusters: usize) -> Vec<Vec<f32>> {
+    let centres: Vec<Vec<f32>> = (0..clusters)
+        .map(|_| (0..dim).map(|_| rng.gauss()).collect())
+        .collect();
+    (0..n)
+        .map(|_| {
+            let c = &centres[rng.below(clusters)];
+            let mut v: Vec<f32> = c.iter().map(|x| x + 0.6 * rng.gauss()).collect();
+            normalise(&mut v);
+            v
+        })
+        .collect()
+}
+
+const CODES: [&str; 4] = ["mel", "nv", "bcc", "bkl"];
+const SITES: [&str; 3] = ["back", "face", "lower extremity"];
+
+fn tags_for(i: usize) -> CaseTags {
+    CaseTags {
+        diagnosis_code: CODES[i % CODES.len()].to_owned(),
+        source: CaseSource::ALL[i % 3],
+        anatomical_site: (!i.is_multiple_of(5)).then(|| SITES[i % SITES.len()].to_owned()),
+        label_confirmed: i.is_multiple_of(2),
+    }
+}
+
+fn id(i: usize) -> CaseId {
+    CaseId::new(format!("case-{i:06}")).unwrap()
+}
+
+fn build(vectors: &[Vec<f32>]) -> FlatIndex {
+    let mut index = FlatIndex::new(vectors[0].len()).unwrap();
+    for (i, v) in vectors.iter().enumerate() {
+        index.upsert(id(i), v, &tags_for(i)).unwrap();
+    }
+    index
+}
+
+fn dot64(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// Brute-force reference: (score, id) sorted best first, over the index's
+/// current contents.
+fn brute(index: &FlatIndex, q: &[f32], k: usize, filter: &CaseFilter) -> Vec<(f64, CaseId)> {
+    let mut all: Vec<(f64, CaseId)> = index
+        .ids()
+        .filter(|id| filter.matches(&index.tags(id).unwrap()))
+        .map(|id| (dot64(index.embedding(id).unwrap(), q), id.clone()))
+        .collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    all.truncate(k);
+    all
+}
+
+/// Exactness up to float rounding: the same number of hits, each hit's score
+/// equal to its true inner product, and any id not in the reference set must
+/// tie (within 1e-5) with the reference's k-th score.
+fn assert_exact(hits: &[SearchHit], reference: &[(f64, CaseId)], index: &FlatIndex, q: &[f32]) {
+    assert_eq!(hits.len(), reference.len());
+    for w in hits.windows(2) {
+        assert!(w[0].score >= w[1].score, "hits not sorted");
+    }
+    let kth = reference.last().map_or(0.0, |r| r.0);
+    for hit in hits {
+        let truth = dot64(index.embedding(&hit.id).unwrap(), q);
+        assert!(
+            (hit.score as f64 - truth).abs() < 1e-4,
+            "score {} vs {truth}",
+            hit.score
+        );
+        let in_ref = reference.iter().any(|r| r.1 == hit.id);
+        assert!(
+            in_ref || (truth - kth).abs() < 1e-5,
+            "{:?} wrongly in top-k",
+            hit.id
+        );
+    }
+}
+
+fn recall(hits: &[SearchHit], reference: &[(f64, CaseId)]) -> f64 {
+    let found = reference
+        .iter()
+        .filter(|r| hits.iter().any(|h| h.id == r.1))
+        .count();
+    found as f64 / reference.len().max(1) as f64
+}
+
+#[test]
+fn f32_top_k_matches_brute_force() {
+    let mut rng = Rng(1);
+    let vectors = clustered(&mut rng, 3000, 96, 12);
+    let index = build(&vectors);
+    let queries = clustered(&mut rng, 40, 96, 12);
+    for q in &queries {
+        let hits = index
+            .search(q, 10, &CaseFilter::any(), ScoreKind::F32)
+            .unwrap();
+        let reference = brute(&index, q, 10, &CaseFilter::any());
+        assert_exact(&hits, &reference, &index, q);
+        assert_eq!(recall(&hits, &reference), 1.0);
+    }
+}
+
+#[test]
+fn int8_recall_at_10_is_high_and_scores_approximate_inner_products() {
+    let mut rng = Rng(2);
+    let dim = 256;
+    let vectors = clustered(&mut rng, 5000, dim, 20);
+    let index = build(&vectors);
+    let queries = clustered(&mut rng, 100, dim, 20);
+    let mut total = 0.0;
+    let mut worst_score_err = 0.0f64;
+    for q in &queries {
+        let hits = index
+            .search(q, 10, &CaseFilter::any(), ScoreKind::Int8)
+            .unwrap();
+        let reference = brute(&index, q, 10, &CaseFilter::any());
+        total += recall(&hits, &reference);
+        for h in &hits {
+            let truth = dot64(index.embedding(&h.id).unwrap(), q);
+            worst_score_err = worst_score_err.max((h.score as f64 - truth).abs());
+        }
+    }
+    let mean = total / queries.len() as f64;
+    println!("int8 recall@10 = {mean:.4} (n=5000, dim={dim}); worst |score error| = {worst_score_err:.5}");
+    assert!(mean >= 0.9, "int8 recall@10 {mean}");
+    assert!(
+        worst_score_err < 0.02,
+        "int8 scores are not rescaled inner products"
+    );
+}
+
+#[test]
+fn int8_scale_is_recorded_from_the_data_and_grows() {
+    let mut index = FlatIndex::new(4).unwrap();
+    index
+        .upsert(id(0), &[0.5, -0.5, 0.5, -0.5], &tags_for(0))
+        .unwrap();
+    assert!((index.int8_scale() - 0.5 / 127.0).abs() < 1e-9);
+    index
+        .upsert(id(1), &[0.9, 0.1, 0.3, 0.3], &tags_for(1))
+        .unwrap();
+    assert!((index.int8_scale() - 0.9 / 127.0).abs() < 1e-9);
+    // Old rows were requantized with the new scale: scores still match f32.
+    let q = [0.5, -0.5, 0.5, -0.5];
+    let hits = index
+        .search(&q, 2, &CaseFilter::any(), ScoreKind::Int8)
+        .unwrap();
+    assert_eq!(hits[0].id, id(0));
+    assert!((hits[0].score - 1.0).abs() < 0.02, "{}", hits[0].score);
+}
+
+#[test]
+fn filters_match_brute_force() {
+    let mut rng = Rng(3);
+    let vectors = clustered(&mut rng, 2000, 64, 8);
+    let index = build(&vectors);
+    let filters = [
+        CaseFilter::any().with_diagnoses(["mel", "bcc"]),
+        CaseFilter::any().with_sources([CaseSource::Captured]),
+        CaseFilter::any().with_sites(["face"]),
+        CaseFilter::any()
+            .with_sites(["back", "face"])
+            .with_diagnoses(["nv"])
+            .confirmed_only(),
+        CaseFilter::any().with_diagnoses(["not-a-code"]),
+        CaseFilter::any().with_sources([]),
+    ];
+    let q = &clustered(&mut rng, 1, 64, 8)[0];
+    for filter in &filters {
+        for kind in [ScoreKind::F32, ScoreKind::Int8] {
+            let hits = index.search(q, 15, filter, kind).unwrap();
+            for h in &hits {
+                assert!(filter.matches(&index.tags(&h.id).unwrap()), "{filter:?}");
+            }
+            let reference = brute(&index, q, 15, filter);
+            assert_eq!(hits.len(), reference.len(), "{filter:?}");
+            if kind == ScoreKind::F32 {
+                assert_exact(&hits, &reference, &index, q);
+            }
+        }
+    }
+    assert!(index
+        .search(
+            q,
+            5,
+            &CaseFilter::any().with_diagnoses(["not-a-code"]),
+            ScoreKind::F32
+        )
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn batch_equals_single_queries() {
+    let mut rng = Rng(4);
+    let vectors = clustered(&mut rng, 1500, 128, 10);
+    let index = build(&vectors);
+    let queries = clustered(&mut rng, 33, 128, 10);
+    let filter = CaseFilter::any().with_sources([CaseSource::Reference, CaseSource::Fleet]);
+    for kind in [ScoreKind::F32, ScoreKind::Int8] {
+        let batch = index.search_batch(&queries, 7, &filter, kind).unwrap();
+        assert_eq!(batch.len(), queries.len());
+        for (q, b) in queries.iter().zip(&batch) {
+            assert_eq!(&index.search(q, 7, &filter, kind).unwrap(), b);
+        }
+    }
+}
+
+#[test]
+fn two_thread_scan_equals_one_thread_scan() {
+    let mut rng = Rng(5);
+    // 2200 x 1024 f32 = 9 MB per scan: above the parallel threshold.
+    let vectors = clustered(&mut rng, 2200, 1024, 10);
+    let mut index = build(&vectors);
+    let queries = clustered(&mut rng, 4, 1024, 10);
+    index.set_scan_threads(1);
+    let single = index
+        .search_batch(&queries, 10, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    index.set_scan_threads(2);
+    let double = index
+        .search_batch(&queries, 10, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert_eq!(single, double);
+    for (q, hits) in queries.iter().zip(&double) {
+        assert_exact(hits, &brute(&index, q, 10, &CaseFilter::any()), &index, q);
+    }
+}
+
+#[test]
+fn k_larger_than_n_and_empty_index() {
+    let mut index = FlatIndex::new(3).unwrap();
+    let q = [1.0, 0.0, 0.0];
+    assert!(index
+        .search(&q, 5, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap()
+        .is_empty());
+    assert!(index
+        .search(&q, 5, &CaseFilter::any(), ScoreKind::Int8)
+        .unwrap()
+        .is_empty());
+    index.upsert(id(0), &[1.0, 0.0, 0.0], &tags_for(0)).unwrap();
+    index.upsert(id(1), &[0.0, 1.0, 0.0], &tags_for(1)).unwrap();
+    let hits = index
+        .search(&q, 50, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0].id, id(0));
+    assert!(index
+        .search(&q, 0, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn bad_vectors_are_rejected() {
+    assert_eq!(FlatIndex::new(0).unwrap_err(), IndexError::ZeroDimension);
+    let mut index = FlatIndex::new(3).unwrap();
+    assert_eq!(
+        index.upsert(id(0), &[1.0, 0.0], &tags_for(0)),
+        Err(IndexError::DimMismatch {
+            expected: 3,
+            found: 2
+        })
+    );
+    assert_eq!(
+        index.upsert(id(0), &[1.0, f32::NAN, 0.0], &tags_for(0)),
+        Err(IndexError::NonFinite { index: 1 })
+    );
+    assert_eq!(
+        index.upsert(id(0), &[f32::INFINITY, 0.0, 0.0], &tags_for(0)),
+        Err(IndexError::NonFinite { index: 0 })
+    );
+    assert!(index.is_empty());
+    index.upsert(id(0), &[1.0, 0.0, 0.0], &tags_for(0)).unwrap();
+    assert_eq!(
+        index.search(&[1.0, 0.0], 1, &CaseFilter::any(), ScoreKind::F32),
+        Err(IndexError::DimMismatch {
+            expected: 3,
+            found: 2
+        })
+    );
+    assert_eq!(
+        index.search(
+            &[f32::NAN, 0.0, 0.0],
+            1,
+            &CaseFilter::any(),
+            ScoreKind::Int8
+        ),
+        Err(IndexError::NonFinite { index: 0 })
+    );
+}
+
+#[test]
+fn remove_swaps_rows_and_keeps_results_exact() {
+    let mut rng = Rng(6);
+    let vectors = clustered(&mut rng, 500, 32, 5);
+    let mut index = build(&vectors);
+    for i in (0..500).step_by(3) {
+        assert!(index.remove(&id(i)));
+    }
+    assert!(!index.remove(&id(0)));
+    assert_eq!(index.len(), 500 - 167);
+    for (i, v) in vectors.iter().enumerate() {
+        let kept = !i.is_multiple_of(3);
+        assert_eq!(index.contains(&id(i)), kept);
+        if kept {
+            assert_eq!(index.embedding(&id(i)).unwrap(), &v[..]);
+            assert_eq!(index.tags(&id(i)).unwrap(), tags_for(i));
+        }
+    }
+    for q in clustered(&mut rng, 10, 32, 5) {
+        let hits = index
+            .search(&q, 10, &CaseFilter::any(), ScoreKind::F32)
+            .unwrap();
+        assert_exact(
+            &hits,
+            &brute(&index, &q, 10, &CaseFilter::any()),
+            &index,
+            &q,
+        );
+    }
+    // Upsert of an existing id replaces the row in place.
+    index.upsert(id(1), &vectors[2], &tags_for(7)).unwrap();
+    assert_eq!(index.len(), 500 - 167);
+    assert_eq!(index.embedding(&id(1)).unwrap(), &vectors[2][..]);
+    assert_eq!(index.tags(&id(1)).unwrap(), tags_for(7));
+}
+
+#[test]
+fn insert_and_delete_while_other_threads_search() {
+    let mut rng = Rng(7);
+    let dim = 64;
+    let vectors = clustered(&mut rng, 3000, dim, 10);
+    let index = Arc::new(RwLock::new(build(&vectors[..1000])));
+    let sentinel = vectors[0].clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|r| {
+            let index = Arc::clone(&index);
+            let stop = Arc::clone(&stop);
+            let sentinel = sentinel.clone();
+            std::thread::spawn(move || {
+                let mut searches = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let guard = index.read().unwrap();
+                    let kind = if r == 0 {
+                        ScoreKind::F32
+                    } else {
+                        ScoreKind::Int8
+                    };
+                    let hits = guard
+                        .search(&sentinel, 5, &CaseFilter::any(), kind)
+                        .unwrap();
+                    assert_eq!(hits.len(), 5.min(guard.len()));
+                    // The sentinel is never removed: its own embedding finds it first.
+                    assert_eq!(hits[0].id, id(0));
+                    for h in &hits {
+                        let truth = dot64(guard.embedding(&h.id).unwrap(), &sentinel);
+                        assert!((h.score as f64 - truth).abs() < 0.05);
+                    }
+                    searches += 1;
+                }
+                searches
+            })
+        })
+        .collect();
+    for (i, v) in vectors.iter().enumerate().skip(1000) {
+        let mut guard = index.write().unwrap();
+        guard.upsert(id(i), v, &tags_for(i)).unwrap();
+        if i.is_multiple_of(2) {
+            assert!(guard.remove(&id(i - 999)));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let searches = r.join().unwrap();
+        assert!(searches > 0);
+    }
+    let guard = index.read().unwrap();
+    assert_eq!(guard.len(), 1000 + 2000 - 1000);
+}

@@ -1,0 +1,59 @@
+//! The case library: confirmed lesion cases on disk, and an exact SIMD flat
+//! index that finds the ones most similar to a new photograph's embedding.
+//!
+//! # On disk (sled, kept behind [`CaseStore`])
+//!
+//! One sled database with three trees:
+//!
+//! * `meta`: the format version and the encoder identity (model id and
+//!   embedding dimension). Opening with another encoder or format fails with
+//!   [`StoreError::ModelMismatch`] / [`StoreError::FormatMismatch`], whose
+//!   message says how to re-embed; embeddings of two models are never mixed.
+//! * `cases`: case id -> everything except the embedding (diagnosis, source,
+//!   metadata, thumbnail JPEG, model id, timestamps), postcard-encoded.
+//! * `embeddings`: case id -> the filter fields (diagnosis code, source,
+//!   site, confirmed flag) followed by the raw little-endian f32 embedding.
+//!   Opening the store reads only this tree, so it never decodes thumbnails.
+//!
+//! Every value starts with a layout version byte and a CRC-32, so garbled
+//! bytes are reported as [`StoreError::CorruptCase`] for that case (and the
+//! case is left out of the index) while the rest of the store opens.
+//!
+//! # Durability contract
+//!
+//! A write is *acknowledged* when `insert`, `insert_batch` or `remove`
+//! returns `Ok`, and that happens only after both trees were updated in one
+//! sled transaction, `sled::Db::flush` succeeded and we fsynced sled's log
+//! file ourselves (sled 0.34.7's flush only calls `sync_file_range` on Linux,
+//! which does not flush the drive cache or the file's metadata).
+//! An acknowledged case survives a process kill; the crash test in
+//! `tests/durability.rs` kills a writer at random moments and checks exactly
+//! this. A write that returns an error (e.g. [`StoreError::DiskFull`]) is not
+//! acknowledged: it may or may not be present after a reopen, and the store
+//! should be reopened before further writes. The in-memory index is updated
+//! only after the flush, so a search never returns an unacknowledged case.
+//!
+//! # The index
+//!
+//! [`FlatIndex`] holds every embedding in one contiguous row-major f32
+//! buffer plus an int8 copy quantized with one global scale (max |x| of the
+//! data / 127, see [`FlatIndex::int8_scale`]). Search is exact brute force by
+//! inner product with simsimd's runtime-dispatched kernels (AVX2/AVX-512/
+//! NEON/SVE), over either copy ([`ScoreKind`]), keeping the top `k` in a
+//! small heap; large scans are split across cores. [`CaseFilter`] restricts
+//! results by diagnosis codes, source, anatomical site and confirmed labels.
+//! `search_batch` scores several queries per pass over the buffer.
+
+mod case;
+mod codec;
+pub mod index;
+mod store;
+
+pub use case::{
+    Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, Sex, MAX_CASE_ID_BYTES,
+    MAX_DIAGNOSIS_CODE_BYTES, MAX_SITE_BYTES,
+};
+pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, ScoreKind, SearchHit};
+pub use store::{
+    CaseCounts, CaseStore, CorruptEntry, OpenReport, StoreError, StoreIdentity, FORMAT_VERSION,
+};

@@ -1,0 +1,306 @@
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{identity, make_case, MODEL};
+use dermascope_store::{
+    CaseFilter, CaseId, CaseSource, CaseStore, ScoreKind, StoreError, StoreIdentity,
+};
+
+const DIM: usize = 48;
+
+/// sled releases its file lock from a background thread shortly after the
+/// last handle is dropped, so an immediate re-open can briefly fail.
+fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let mut last = None;
+    for _ in 0..100 {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("sled::open kept failing: {last:?}");
+}
+
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("ISIC_{i:07}")).collect()
+}
+
+#[test]
+fn cases_round_trip_through_reopen_and_are_searchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<_> = ids(120).iter().map(|id| make_case(id, DIM)).collect();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        for case in &cases[..20] {
+            store.insert(case).unwrap();
+        }
+        store.insert_batch(&cases[20..]).unwrap();
+        assert_eq!(store.len().unwrap(), 120);
+        assert_eq!(store.get(&cases[5].id).unwrap().as_ref(), Some(&cases[5]));
+    }
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    assert_eq!(store.open_report().cases_indexed, 120);
+    assert!(store.open_report().corrupt.is_empty());
+    for case in &cases {
+        assert_eq!(store.get(&case.id).unwrap().as_ref(), Some(case));
+        for kind in [ScoreKind::F32, ScoreKind::Int8] {
+            let hits = store
+                .search(&case.embedding, 3, &CaseFilter::any(), kind)
+                .unwrap();
+            assert_eq!(hits[0].id, case.id, "{kind:?}");
+            assert!(
+                (hits[0].score - 1.0).abs() < 0.02,
+                "{kind:?} {}",
+                hits[0].score
+            );
+        }
+    }
+    // Counts agree with the cases themselves.
+    let mut by_diagnosis = BTreeMap::new();
+    let mut by_source = BTreeMap::new();
+    for case in &cases {
+        *by_diagnosis.entry(case.diagnosis.code.clone()).or_insert(0) += 1;
+        *by_source.entry(case.source).or_insert(0) += 1;
+    }
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.total, 120);
+    assert_eq!(counts.by_diagnosis, by_diagnosis);
+    assert_eq!(counts.by_source, by_source);
+    // Iteration is in id order and yields exactly the stored cases.
+    let listed = store.ids().unwrap();
+    let mut expected: Vec<CaseId> = cases.iter().map(|c| c.id.clone()).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    let iterated: Vec<_> = store.cases().collect::<Result<_, _>>().unwrap();
+    assert_eq!(iterated.len(), 120);
+    assert!(iterated.iter().all(|c| cases.contains(c)));
+    // Filters apply at the store level too.
+    let captured = CaseFilter::any().with_sources([CaseSource::Captured]);
+    let hits = store
+        .search(&cases[0].embedding, 200, &captured, ScoreKind::F32)
+        .unwrap();
+    assert_eq!(
+        hits.len(),
+        by_source.get(&CaseSource::Captured).copied().unwrap_or(0)
+    );
+    // Removal is durable and leaves the index.
+    assert!(store.remove(&cases[0].id).unwrap());
+    assert!(!store.remove(&cases[0].id).unwrap());
+    drop(store);
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    assert!(!store.contains(&cases[0].id).unwrap());
+    assert_eq!(store.get(&cases[0].id).unwrap(), None);
+    let hits = store
+        .search(&cases[0].embedding, 1, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert_ne!(hits[0].id, cases[0].id);
+    assert_eq!(store.len().unwrap(), 119);
+}
+
+#[test]
+fn replacing_a_case_updates_disk_and_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let mut case = make_case("lesion-1", DIM);
+    store.insert(&case).unwrap();
+    store.insert(&make_case("lesion-2", DIM)).unwrap();
+    case.embedding = make_case("other", DIM).embedding;
+    case.diagnosis = dermascope_store::Diagnosis::from_code("mel").unwrap();
+    store.insert(&case).unwrap();
+    assert_eq!(store.len().unwrap(), 2);
+    assert_eq!(store.get(&case.id).unwrap().as_ref(), Some(&case));
+    let mel = CaseFilter::any().with_diagnoses(["mel"]);
+    let hits = store
+        .search(&case.embedding, 5, &mel, ScoreKind::F32)
+        .unwrap();
+    assert_eq!(hits[0].id, case.id);
+}
+
+#[test]
+fn a_bad_case_in_a_batch_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let mut batch: Vec<_> = ids(3).iter().map(|id| make_case(id, DIM)).collect();
+    batch[2].model_id = "another-encoder".into();
+    let err = store.insert_batch(&batch).unwrap_err();
+    assert!(
+        matches!(err, StoreError::InvalidCase { ref id, .. } if id == "ISIC_0000002"),
+        "{err}"
+    );
+    batch[2] = make_case("x", DIM);
+    batch[2].embedding[3] = f32::NAN;
+    assert!(matches!(
+        store.insert_batch(&batch),
+        Err(StoreError::InvalidCase { .. })
+    ));
+    batch[2] = make_case("y", DIM + 1);
+    assert!(matches!(
+        store.insert_batch(&batch),
+        Err(StoreError::InvalidCase { .. })
+    ));
+    assert_eq!(store.len().unwrap(), 0);
+    assert!(store.ids().unwrap().is_empty());
+}
+
+#[test]
+fn opening_with_another_encoder_is_a_typed_error_that_says_how_to_reembed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert(&make_case("a", DIM)).unwrap();
+    }
+    let other = StoreIdentity {
+        model_id: "dermanet-v2".into(),
+        embedding_dim: DIM,
+    };
+    let err = CaseStore::open(dir.path(), other).unwrap_err();
+    match &err {
+        StoreError::ModelMismatch {
+            store_model,
+            store_dim,
+            encoder_model,
+            ..
+        } => {
+            assert_eq!(store_model, MODEL);
+            assert_eq!(*store_dim, DIM);
+            assert_eq!(encoder_model, "dermanet-v2");
+        }
+        other => panic!("expected ModelMismatch, got {other:?}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains(MODEL) && message.contains("dermanet-v2"),
+        "{message}"
+    );
+    assert!(
+        message.contains("dermascope reembed") && message.contains("dermascope ingest"),
+        "{message}"
+    );
+    // Same model, other dimension: also refused.
+    assert!(matches!(
+        CaseStore::open(dir.path(), identity(DIM * 2)),
+        Err(StoreError::ModelMismatch { .. })
+    ));
+    // The refused opens changed nothing.
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    assert_eq!(store.len().unwrap(), 1);
+}
+
+#[test]
+fn other_formats_and_foreign_databases_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert(&make_case("a", DIM)).unwrap();
+    }
+    {
+        let db = raw_sled(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format_version", &99u32.to_le_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = CaseStore::open(dir.path(), identity(DIM)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::FormatMismatch {
+                found: 99,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    let foreign = tempfile::tempdir().unwrap();
+    {
+        let db = raw_sled(foreign.path());
+        db.open_tree("cases").unwrap().insert("k", "v").unwrap();
+        db.flush().unwrap();
+    }
+    let err = CaseStore::open(foreign.path(), identity(DIM)).unwrap_err();
+    assert!(matches!(err, StoreError::NotACaseStore { .. }), "{err:?}");
+}
+
+#[test]
+fn garbled_values_are_reported_per_case_and_the_store_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<_> = ids(10).iter().map(|id| make_case(id, DIM)).collect();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert_batch(&cases).unwrap();
+    }
+    let garbled_record = &cases[2].id;
+    let garbled_row = &cases[7].id;
+    {
+        let db = raw_sled(dir.path());
+        let records = db.open_tree("cases").unwrap();
+        let mut bytes = records
+            .get(garbled_record.as_str())
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5A;
+        records.insert(garbled_record.as_str(), bytes).unwrap();
+        let rows = db.open_tree("embeddings").unwrap();
+        // A single flipped bit inside an f32 would still decode; the checksum
+        // must catch it.
+        let mut bytes = rows.get(garbled_row.as_str()).unwrap().unwrap().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        rows.insert(garbled_row.as_str(), bytes).unwrap();
+        db.flush().unwrap();
+    }
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let report = store.open_report();
+    assert_eq!(report.cases_indexed, 9);
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].id, garbled_row.as_str());
+    assert_eq!(report.corrupt[0].tree, "embeddings");
+
+    match store.get(garbled_record) {
+        Err(StoreError::CorruptCase { id, tree, reason }) => {
+            assert_eq!((id.as_str(), tree), (garbled_record.as_str(), "cases"));
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected CorruptCase, got {other:?}"),
+    }
+    assert!(matches!(
+        store.get(garbled_row),
+        Err(StoreError::CorruptCase {
+            tree: "embeddings",
+            ..
+        })
+    ));
+    for case in cases
+        .iter()
+        .filter(|c| c.id != *garbled_record && c.id != *garbled_row)
+    {
+        assert_eq!(store.get(&case.id).unwrap().as_ref(), Some(case));
+    }
+    // The garbled row is not searchable; its record's case (intact row) is.
+    let hits = store
+        .search(&cases[7].embedding, 10, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert!(hits.iter().all(|h| h.id != *garbled_row));
+    let mut problems: Vec<_> = store
+        .check_integrity()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.id, p.tree))
+        .collect();
+    problems.sort();
+    assert_eq!(
+        problems,
+        vec![
+            (garbled_record.to_string(), "cases"),
+            (garbled_row.to_string(), "embeddings")
+        ]
+    );
+    // Re-inserting the case repairs it.
+    store.insert(&cases[7]).unwrap();
+    assert_eq!(store.get(&cases[7].id).unwrap().as_ref(), Some(&cases[7]));
+}
