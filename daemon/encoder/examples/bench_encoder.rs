@@ -46,7 +46,9 @@ fn parse_args() -> Result<Args, String> {
             "--variant" => args.variant = value()?,
             "--model" => args.model = Some(value()?.into()),
             "--inputs" => args.inputs = value()?.into(),
-            "--threads" => args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
+            "--threads" => {
+                args.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?
+            }
             "--runs" => args.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--outputs" => args.outputs = Some(value()?.into()),
             "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
@@ -61,7 +63,10 @@ fn parse_args() -> Result<Args, String> {
 
 /// An experiment's ONNX file is benchmarked through a throw-away bundle that
 /// reuses the real manifest with that file's checksum.
-fn experiment_bundle(args: &Args, model: &PathBuf) -> Result<tempfile::TempDir, Box<dyn std::error::Error>> {
+fn experiment_bundle(
+    args: &Args,
+    model: &PathBuf,
+) -> Result<tempfile::TempDir, Box<dyn std::error::Error>> {
     use sha2::Digest;
     let manifest = std::fs::read_to_string(args.bundle.join("manifest.toml"))?;
     let mut table: toml::Table = manifest.parse()?;
@@ -73,8 +78,14 @@ fn experiment_bundle(args: &Args, model: &PathBuf) -> Result<tempfile::TempDir, 
     variant.insert("name".into(), "experiment".into());
     variant.insert("file".into(), file_name.into());
     variant.insert("precision".into(), "int8".into());
-    variant.insert("sha256".into(), hex::encode(sha2::Sha256::digest(&bytes)).into());
-    table.insert("variant".into(), toml::Value::Array(vec![toml::Value::Table(variant)]));
+    variant.insert(
+        "sha256".into(),
+        hex::encode(sha2::Sha256::digest(&bytes)).into(),
+    );
+    table.insert(
+        "variant".into(),
+        toml::Value::Array(vec![toml::Value::Table(variant)]),
+    );
     std::fs::write(dir.path().join("manifest.toml"), toml::to_string(&table)?)?;
     Ok(dir)
 }
@@ -93,7 +104,11 @@ fn peak_rss_mib() -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let experiment = args.model.as_ref().map(|m| experiment_bundle(&args, m)).transpose()?;
+    let experiment = args
+        .model
+        .as_ref()
+        .map(|m| experiment_bundle(&args, m))
+        .transpose()?;
     let (bundle, variant) = match &experiment {
         Some(dir) => (dir.path().to_path_buf(), "experiment".to_string()),
         None => (args.bundle.clone(), args.variant.clone()),
@@ -154,7 +169,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Raw outputs (one per distinct input, little-endian f32) let the bench
     // script check correctness against onnxruntime without a second run.
     if let Some(path) = &args.outputs {
-        let bytes: Vec<u8> = outputs.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = outputs
+            .iter()
+            .flatten()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         std::fs::write(path, bytes)?;
     }
     Ok(())

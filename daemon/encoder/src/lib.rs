@@ -237,23 +237,21 @@ impl Encoder {
 
         let input = &manifest.input;
         let input_shape = match input.layout {
-            manifest::TensorLayout::Nchw => {
-                [1, 3, input.height as usize, input.width as usize]
-            }
-            manifest::TensorLayout::Nhwc => {
-                [1, input.height as usize, input.width as usize, 3]
-            }
+            manifest::TensorLayout::Nchw => [1, 3, input.height as usize, input.width as usize],
+            manifest::TensorLayout::Nhwc => [1, input.height as usize, input.width as usize, 3],
         };
         let input_index = named_outlet_index(&model, model.input_outlets(), &input.name)
             .ok_or_else(|| EncoderError::GraphMismatch {
                 path: path.clone(),
                 message: format!("it has no input named {:?}", input.name),
             })?;
-        let output_index = named_outlet_index(&model, model.output_outlets(), &manifest.output.name)
-            .ok_or_else(|| EncoderError::GraphMismatch {
-                path: path.clone(),
-                message: format!("it has no output named {:?}", manifest.output.name),
-            })?;
+        let output_index =
+            named_outlet_index(&model, model.output_outlets(), &manifest.output.name).ok_or_else(
+                || EncoderError::GraphMismatch {
+                    path: path.clone(),
+                    message: format!("it has no output named {:?}", manifest.output.name),
+                },
+            )?;
         let output_outlet = model.output_outlets().map_err(graph_error)?[output_index];
         model
             .select_output_outlets(&[output_outlet])
@@ -373,7 +371,10 @@ impl Encoder {
             message: format!("{e:#}"),
         };
         let input = Tensor::from_shape(&self.input_shape, tensor).map_err(inference)?;
-        let outputs = self.plan.run(tvec![input.into_tvalue()]).map_err(inference)?;
+        let outputs = self
+            .plan
+            .run(tvec![input.into_tvalue()])
+            .map_err(inference)?;
         let output = outputs.first().ok_or_else(|| EncoderError::Inference {
             message: "the graph returned no output".into(),
         })?;

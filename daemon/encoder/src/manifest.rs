@@ -113,9 +113,7 @@ impl EncoderManifest {
         let path = bundle_dir.join("manifest.toml");
         let text = std::fs::read_to_string(&path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                EncoderError::BundleMissing {
-                    path: path.clone(),
-                }
+                EncoderError::BundleMissing { path: path.clone() }
             } else {
                 EncoderError::Io {
                     path: path.clone(),
@@ -158,7 +156,9 @@ impl EncoderManifest {
             )));
         }
         if !(input.pixel_scale.is_finite() && input.pixel_scale > 0.0) {
-            return Err(invalid("input.pixel_scale must be a positive number".into()));
+            return Err(invalid(
+                "input.pixel_scale must be a positive number".into(),
+            ));
         }
         if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
             || input.mean.iter().any(|m| !m.is_finite())

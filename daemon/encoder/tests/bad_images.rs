@@ -38,7 +38,10 @@ fn truncated_jpeg_is_a_clear_error() {
     for keep in [2, 20, jpeg.len() / 3, jpeg.len() / 2, jpeg.len() - 1] {
         let err = decode_rgb(&jpeg[..keep], DecodeBudget::default()).unwrap_err();
         assert!(
-            matches!(err, EncoderError::NotAnImage { .. } | EncoderError::CorruptImage { .. }),
+            matches!(
+                err,
+                EncoderError::NotAnImage { .. } | EncoderError::CorruptImage { .. }
+            ),
             "{keep} bytes: {err}"
         );
     }
@@ -50,7 +53,10 @@ fn truncated_png_is_a_clear_error() {
     let png = encode(gradient(200, 150), ImageFormat::Png);
     let err = decode_rgb(&png[..png.len() / 2], DecodeBudget::default()).unwrap_err();
     assert!(
-        matches!(err, EncoderError::CorruptImage { .. } | EncoderError::NotAnImage { .. }),
+        matches!(
+            err,
+            EncoderError::CorruptImage { .. } | EncoderError::NotAnImage { .. }
+        ),
         "{err}"
     );
 }
@@ -60,7 +66,14 @@ fn one_pixel_image_is_refused_with_its_size() {
     let png = encode(gradient(1, 1), ImageFormat::Png);
     let err = decode_rgb(&png, DecodeBudget::default()).unwrap_err();
     assert!(
-        matches!(err, EncoderError::ImageTooSmall { width: 1, height: 1, .. }),
+        matches!(
+            err,
+            EncoderError::ImageTooSmall {
+                width: 1,
+                height: 1,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("1x1"), "{err}");
@@ -75,7 +88,9 @@ fn zero_size_png_is_refused() {
     assert!(
         matches!(
             err,
-            EncoderError::ImageTooSmall { .. } | EncoderError::NotAnImage { .. } | EncoderError::CorruptImage { .. }
+            EncoderError::ImageTooSmall { .. }
+                | EncoderError::NotAnImage { .. }
+                | EncoderError::CorruptImage { .. }
         ),
         "{err}"
     );
@@ -144,7 +159,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

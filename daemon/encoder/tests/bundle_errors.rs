@@ -22,7 +22,11 @@ fn bundle_with(edit: impl FnOnce(String) -> String) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let manifest = std::fs::read_to_string(real.join("manifest.toml")).unwrap();
     std::fs::write(dir.path().join("manifest.toml"), edit(manifest)).unwrap();
-    std::os::unix::fs::symlink(real.join("encoder-fp32.onnx"), dir.path().join("encoder-fp32.onnx")).unwrap();
+    std::os::unix::fs::symlink(
+        real.join("encoder-fp32.onnx"),
+        dir.path().join("encoder-fp32.onnx"),
+    )
+    .unwrap();
     dir
 }
 
@@ -33,13 +37,17 @@ fn sha256_hex(bytes: &[u8]) -> String {
 fn fp32_sha(manifest: &str) -> String {
     let table: toml::Table = manifest.parse().unwrap();
     let variants = table["variant"].as_array().unwrap();
-    let fp32 = variants.iter().find(|v| v["name"].as_str() == Some("fp32")).unwrap();
+    let fp32 = variants
+        .iter()
+        .find(|v| v["name"].as_str() == Some("fp32"))
+        .unwrap();
     fp32["sha256"].as_str().unwrap().to_string()
 }
 
 #[test]
 fn missing_bundle_names_the_build_command() {
-    let err = Encoder::load(Path::new("/nonexistent/bundle"), &EncoderOptions::default()).unwrap_err();
+    let err =
+        Encoder::load(Path::new("/nonexistent/bundle"), &EncoderOptions::default()).unwrap_err();
     assert!(matches!(err, EncoderError::BundleMissing { .. }), "{err}");
     assert!(err.to_string().contains("models/build"), "{err}");
 
@@ -52,7 +60,10 @@ fn missing_bundle_names_the_build_command() {
 fn missing_variant_file_names_the_build_command() {
     let dir = bundle_with(|m| m);
     let err = Encoder::load(dir.path(), &options("int8")).unwrap_err();
-    assert!(matches!(err, EncoderError::VariantFileMissing { .. }), "{err}");
+    assert!(
+        matches!(err, EncoderError::VariantFileMissing { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("models/build"), "{err}");
 }
 
@@ -71,7 +82,10 @@ fn checksum_mismatch_is_refused() {
         m.replace(&sha, &"0".repeat(64))
     });
     let err = Encoder::load(dir.path(), &options("fp32")).unwrap_err();
-    assert!(matches!(err, EncoderError::ChecksumMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, EncoderError::ChecksumMismatch { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -109,13 +123,19 @@ fn malformed_manifests_are_refused_with_the_file_named() {
     let cases: [(fn(String) -> String, &str); 3] = [
         (|_m| "format = [".to_string(), "not valid TOML"),
         (|m| m.replace("format = 1", "format = 7"), "format 7"),
-        (|m| m.replacen("height = 254", "height = 0", 1), "input size"),
+        (
+            |m| m.replacen("height = 254", "height = 0", 1),
+            "input size",
+        ),
     ];
     for (edit, expect) in cases {
         let dir = bundle_with(edit);
         let err = Encoder::load(dir.path(), &options("fp32")).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains(expect) && text.contains("manifest.toml"), "{text}");
+        assert!(
+            text.contains(expect) && text.contains("manifest.toml"),
+            "{text}"
+        );
     }
 }
 
@@ -125,7 +145,11 @@ fn a_loaded_encoder_embeds_to_unit_length() {
     let image = image::RgbImage::from_fn(200, 150, |x, y| {
         let d = ((x as i32 - 100).pow(2) + (y as i32 - 75).pow(2)) as f32;
         let shade = if d < 1600.0 { 80 } else { 200 };
-        image::Rgb([shade, (shade as f32 * 0.8) as u8, (shade as f32 * 0.7) as u8])
+        image::Rgb([
+            shade,
+            (shade as f32 * 0.8) as u8,
+            (shade as f32 * 0.7) as u8,
+        ])
     });
     let embedding = encoder.embed_rgb(&image).unwrap();
     let norm: f32 = embedding.values().iter().map(|v| v * v).sum::<f32>().sqrt();

@@ -62,7 +62,10 @@ fn tract_fp32_matches_onnxruntime_fp32() {
         worst = worst.min(cosine);
         assert!(cosine >= 0.9999, "input {i}: cosine {cosine}");
     }
-    eprintln!("tract fp32 vs onnxruntime fp32: min cosine {worst:.6} over {} inputs", check.count);
+    eprintln!(
+        "tract fp32 vs onnxruntime fp32: min cosine {worst:.6} over {} inputs",
+        check.count
+    );
 }
 
 /// int8 is slow in tract on x86_64 (see docs/benchmarks.md), so this runs on
@@ -97,7 +100,9 @@ fn preprocessing_matches_the_build() {
     let bundle = common::bundle_dir();
     let check_meta = std::fs::read_to_string(bundle.join("check/check.toml")).unwrap();
     if !check_meta.contains("derm") {
-        eprintln!("SKIPPED preprocessing_matches_the_build: the check set was built without derm data");
+        eprintln!(
+            "SKIPPED preprocessing_matches_the_build: the check set was built without derm data"
+        );
         return;
     }
     let names = std::fs::read_to_string(bundle.join("check/images.txt")).unwrap();
@@ -110,7 +115,12 @@ fn preprocessing_matches_the_build() {
         let ours = encoder.preprocess(&image).unwrap();
         let theirs = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
         assert_eq!(ours.len(), 3 * SIDE * SIDE);
-        let mean_abs = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        let mean_abs = ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / ours.len() as f32;
         worst_mean_abs = worst_mean_abs.max(mean_abs);
         // JPEG decoders (libjpeg-turbo vs zune-jpeg) and resize kernels differ
         // by a grey level or so; a normalised unit is about 60 grey levels.
@@ -121,7 +131,10 @@ fn preprocessing_matches_the_build() {
         )
         .unwrap();
         let cosine = embedding_ours.cosine(&embedding_theirs);
-        assert!(cosine >= 0.99, "{name}: embedding cosine {cosine} after our preprocessing");
+        assert!(
+            cosine >= 0.99,
+            "{name}: embedding cosine {cosine} after our preprocessing"
+        );
     }
     eprintln!("preprocessing vs build: worst mean abs difference {worst_mean_abs:.4}");
 }

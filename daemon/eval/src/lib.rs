@@ -8,6 +8,6 @@ pub mod metrics;
 pub mod split;
 pub mod vote;
 
-pub use metrics::{ClassificationReport, ClassMetrics};
+pub use metrics::{ClassMetrics, ClassificationReport};
 pub use split::{grouped_split, Split};
 pub use vote::{knn_vote, precision_at_k, Neighbour, Vote};

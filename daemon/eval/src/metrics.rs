@@ -105,7 +105,10 @@ impl ClassificationReport {
             out.push_str(&format!("  ECE {ece:.3}"));
         }
         out.push('\n');
-        out.push_str(&format!("{:<8}{:>8}{:>11}{:>8}{:>8}\n", "class", "support", "precision", "recall", "F1"));
+        out.push_str(&format!(
+            "{:<8}{:>8}{:>11}{:>8}{:>8}\n",
+            "class", "support", "precision", "recall", "F1"
+        ));
         for c in &self.per_class {
             out.push_str(&format!(
                 "{:<8}{:>8}{:>11.3}{:>8.3}{:>8.3}\n",

@@ -18,11 +18,19 @@ pub struct Split {
 
 impl Split {
     pub fn queries(&self) -> impl Iterator<Item = usize> + '_ {
-        self.is_query.iter().enumerate().filter(|(_, q)| **q).map(|(i, _)| i)
+        self.is_query
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| **q)
+            .map(|(i, _)| i)
     }
 
     pub fn references(&self) -> impl Iterator<Item = usize> + '_ {
-        self.is_query.iter().enumerate().filter(|(_, q)| !**q).map(|(i, _)| i)
+        self.is_query
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| !**q)
+            .map(|(i, _)| i)
     }
 }
 
@@ -67,8 +75,12 @@ mod tests {
 
     #[test]
     fn no_group_lands_on_both_sides() {
-        let labels: Vec<String> = (0..300).map(|i| ["nv", "mel", "df"][i % 3].to_string()).collect();
-        let groups: Vec<String> = (0..300).map(|i| format!("L{}", i / 3 * 3 + i % 3 + (i / 9))).collect();
+        let labels: Vec<String> = (0..300)
+            .map(|i| ["nv", "mel", "df"][i % 3].to_string())
+            .collect();
+        let groups: Vec<String> = (0..300)
+            .map(|i| format!("L{}", i / 3 * 3 + i % 3 + (i / 9)))
+            .collect();
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
         let split = grouped_split(&labels, &groups, 0.2, 7);

@@ -40,7 +40,11 @@ pub fn precision_at_k(neighbours: &[Neighbour], k: usize, label: &str) -> f64 {
     if k == 0 {
         return 0.0;
     }
-    let hits = neighbours.iter().take(k).filter(|n| n.label == label).count();
+    let hits = neighbours
+        .iter()
+        .take(k)
+        .filter(|n| n.label == label)
+        .count();
     hits as f64 / k as f64
 }
 
@@ -59,7 +63,10 @@ mod tests {
     fn majority_and_weighted_can_disagree() {
         let ranked = [n("mel", 0.95), n("nv", 0.40), n("nv", 0.35)];
         assert_eq!(knn_vote(&ranked, 3, Vote::Majority).as_deref(), Some("nv"));
-        assert_eq!(knn_vote(&ranked, 3, Vote::SimilarityWeighted).as_deref(), Some("mel"));
+        assert_eq!(
+            knn_vote(&ranked, 3, Vote::SimilarityWeighted).as_deref(),
+            Some("mel")
+        );
         assert_eq!(knn_vote(&ranked, 1, Vote::Majority).as_deref(), Some("mel"));
     }
 
@@ -71,7 +78,13 @@ mod tests {
 
     #[test]
     fn precision_counts_matching_labels() {
-        let ranked = [n("nv", 0.9), n("mel", 0.8), n("nv", 0.7), n("nv", 0.6), n("df", 0.5)];
+        let ranked = [
+            n("nv", 0.9),
+            n("mel", 0.8),
+            n("nv", 0.7),
+            n("nv", 0.6),
+            n("df", 0.5),
+        ];
         assert!((precision_at_k(&ranked, 5, "nv") - 0.6).abs() < 1e-12);
         assert_eq!(precision_at_k(&ranked, 1, "mel"), 0.0);
         assert_eq!(knn_vote(&[], 5, Vote::Majority), None);
