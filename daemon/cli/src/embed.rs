@@ -77,7 +77,10 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if failures > 0 {
-        eprintln!("{failures} of {} images could not be embedded", args.images.len());
+        eprintln!(
+            "{failures} of {} images could not be embedded",
+            args.images.len()
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -2,16 +2,26 @@
 //! fleet operator scripts against.
 
 mod embed;
+mod eval;
+mod ingest;
+mod labels;
 mod paths;
+mod search;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use dermascope_encoder::{EncoderOptions, VariantChoice};
+use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
+use dermascope_store::{CaseStore, StoreIdentity};
 
 #[derive(Parser, Debug)]
-#[command(name = "dermascope", version, about = "Point-of-care dermoscopy: embed a lesion, find similar confirmed cases")]
+#[command(
+    name = "dermascope",
+    version,
+    about = "Point-of-care dermoscopy: embed a lesion, find similar confirmed cases"
+)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -24,6 +34,50 @@ struct Cli {
 enum Command {
     /// Embed lesion photographs (JPEG or PNG) and print their embeddings.
     Embed(embed::EmbedArgs),
+    /// Add labelled photographs to the case store (resumable).
+    Ingest(ingest::IngestArgs),
+    /// Find the confirmed cases most similar to a photograph.
+    Search(search::SearchArgs),
+    /// Count the stored cases per diagnosis and source.
+    Cases(search::CasesArgs),
+    /// Evaluate retrieval on a labelled folder.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+}
+
+/// The case store's location.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Case store directory. Default: $DERMASCOPE_STORE, else var/cases.
+    #[arg(long = "store", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn path(&self) -> PathBuf {
+        paths::case_store(self.store.as_ref())
+    }
+}
+
+/// Opens the case store for `encoder`'s embeddings.
+pub fn open_store(args: &StoreArgs, encoder: &Encoder) -> anyhow::Result<CaseStore> {
+    let path = args.path();
+    let store = CaseStore::open(
+        &path,
+        StoreIdentity {
+            model_id: encoder.model_id().to_string(),
+            embedding_dim: encoder.dim(),
+        },
+    )
+    .with_context(|| format!("opening the case store at {}", path.display()))?;
+    let report = store.open_report();
+    if !report.corrupt.is_empty() {
+        tracing::warn!(
+            damaged = report.corrupt.len(),
+            "damaged records were left out of the index; `dermascope cases` lists them"
+        );
+    }
+    Ok(store)
 }
 
 /// Where the encoder comes from and how it runs; shared by every command that embeds.
@@ -60,6 +114,10 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let outcome = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        Command::Ingest(args) => ingest::run(&args),
+        Command::Search(args) => search::search(&args),
+        Command::Cases(args) => search::cases(&args),
+        Command::Eval(command) => eval::run(&command),
     };
     match outcome {
         Ok(code) => code,

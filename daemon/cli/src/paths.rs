@@ -25,3 +25,13 @@ pub fn encoder_bundle(flag: Option<&PathBuf>) -> PathBuf {
     // Neither exists: return the in-tree path so the error names the build command.
     in_tree
 }
+
+/// The case store: flag, then `$DERMASCOPE_STORE`, then `var/cases`.
+pub fn case_store(flag: Option<&PathBuf>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir.clone();
+    }
+    std::env::var_os("DERMASCOPE_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("var/cases"))
+}

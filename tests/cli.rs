@@ -1,0 +1,337 @@
+//! End-to-end: the real `dermascope` binary, the real encoder bundle and a
+//! real sled store in a temporary folder.
+//!
+//! The photographs here are synthetic lesions drawn by the test itself, so
+//! these tests never depend on `../shared/data/derm`; the evaluation test
+//! that does say SKIPPED where it is absent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{Rgb, RgbImage};
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn bundle() -> PathBuf {
+    let dir = workspace_root().join("models/dist/sklesion-xception");
+    assert!(
+        dir.join("manifest.toml").is_file(),
+        "run models/build first"
+    );
+    dir
+}
+
+fn dermascope(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dermascope"))
+        .args(args)
+        .env("DERMASCOPE_MODEL_DIR", bundle())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running dermascope")
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A pigmented blob on skin-coloured background; `hue` separates the
+/// synthetic "diagnoses" so that retrieval has something to find.
+fn synthetic_lesion(seed: u32, hue: [u8; 3]) -> RgbImage {
+    let cx = 90.0 + (seed % 7) as f32 * 4.0;
+    let cy = 70.0 + (seed % 5) as f32 * 3.0;
+    let radius = 35.0 + (seed % 11) as f32 * 2.0;
+    RgbImage::from_fn(200, 150, |x, y| {
+        let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+        if d < radius {
+            let fade = d / radius;
+            Rgb([
+                (hue[0] as f32 * (0.6 + 0.4 * fade)) as u8,
+                (hue[1] as f32 * (0.6 + 0.4 * fade)) as u8,
+                (hue[2] as f32 * (0.6 + 0.4 * fade)) as u8,
+            ])
+        } else {
+            Rgb([225, 170 + (x % 9) as u8, 150 + (y % 7) as u8])
+        }
+    })
+}
+
+const HUES: [(&str, [u8; 3]); 3] = [
+    ("nv", [120, 70, 40]),
+    ("mel", [40, 25, 30]),
+    ("vasc", [170, 30, 50]),
+];
+
+/// Writes `n` synthetic photographs per diagnosis and a labels file for them.
+fn synthetic_library(dir: &Path, per_class: u32) -> PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut csv = String::from("image,label,lesion_id,dx_type,age,sex,anatom_site\n");
+    for (class, (label, hue)) in HUES.iter().enumerate() {
+        for i in 0..per_class {
+            let name = format!("SYN_{class}{i:03}.jpg");
+            synthetic_lesion(i * 3 + class as u32, *hue)
+                .save(images.join(&name))
+                .unwrap();
+            csv.push_str(&format!(
+                "{name},{label},L{class}{i},histo,45,female,back\n"
+            ));
+        }
+    }
+    let labels = dir.join("labels.csv");
+    std::fs::write(&labels, csv).unwrap();
+    labels
+}
+
+#[test]
+fn ingest_reports_bad_rows_keeps_the_rest_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = synthetic_library(dir.path(), 4);
+    let images = dir.path().join("images");
+    // A truncated JPEG, a missing file, an unknown label, a duplicate, a bad age.
+    let whole = std::fs::read(images.join("SYN_0000.jpg")).unwrap();
+    std::fs::write(images.join("SYN_cut.jpg"), &whole[..whole.len() / 2]).unwrap();
+    let mut csv = std::fs::read_to_string(&labels).unwrap();
+    csv.push_str("SYN_cut.jpg,nv,Lc,histo,40,male,back\n");
+    csv.push_str("SYN_gone.jpg,nv,Lg,histo,40,male,back\n");
+    csv.push_str("SYN_0001.jpg,melanoma?,L9,histo,40,male,back\n");
+    csv.push_str("SYN_0002.jpg,nv,L02,histo,40,male,back\n");
+    csv.push_str("SYN_odd.jpg,nv,Lo,histo,forty,male,back\n");
+    std::fs::write(&labels, csv).unwrap();
+    let store = dir.path().join("store");
+    let args = [
+        "ingest",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--threads",
+        "2",
+    ];
+    let first = dermascope(&args);
+    let (out, err) = text(&first);
+    assert!(first.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("ingested 12, already stored 0, rejected 5"),
+        "{out}"
+    );
+    for reason in [
+        "truncated",
+        "not found",
+        "unknown label",
+        "duplicate case id",
+        "not a number",
+    ] {
+        assert!(err.contains(reason), "no {reason:?} in:\n{err}");
+    }
+    assert!(err.contains("rejected line 14 (SYN_cut.jpg)"), "{err}");
+
+    let second = dermascope(&args);
+    let (out, _) = text(&second);
+    assert!(
+        out.contains("ingested 0, already stored 12, rejected 5"),
+        "{out}"
+    );
+
+    let cases = dermascope(&["cases", "--store", store.to_str().unwrap()]);
+    let (out, err) = text(&cases);
+    assert!(cases.status.success(), "{err}");
+    assert!(out.contains("12 cases"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("mel") && l.trim_end().ends_with('4')),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("reference") && l.trim_end().ends_with("12")),
+        "{out}"
+    );
+}
+
+#[test]
+fn search_finds_the_same_photograph_first_and_filters_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = synthetic_library(dir.path(), 3);
+    let images = dir.path().join("images");
+    let store = dir.path().join("store");
+    let ingest = dermascope(&[
+        "ingest",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    assert!(ingest.status.success(), "{:?}", text(&ingest));
+
+    let query = images.join("SYN_1001.jpg");
+    let search = dermascope(&[
+        "search",
+        query.to_str().unwrap(),
+        "-k",
+        "3",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&search);
+    assert!(search.status.success(), "{err}");
+    let first = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.contains("SYN_1001") && first.contains("Melanoma"),
+        "{out}"
+    );
+    assert!(
+        first.contains("1.000"),
+        "self-similarity should print as 1.000: {out}"
+    );
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    let filtered = dermascope(&[
+        "search",
+        query.to_str().unwrap(),
+        "-k",
+        "5",
+        "--diagnosis",
+        "vasc",
+        "--int8",
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let (out, _) = text(&filtered);
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    assert!(rows.iter().all(|r| r.contains("vasc")), "{out}");
+}
+
+#[test]
+fn labels_files_the_ingest_cannot_read_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let no_label = dir.path().join("no-label.csv");
+    std::fs::write(&no_label, "image,diagnosis\nA.jpg,nv\n").unwrap();
+    let utf16 = dir.path().join("utf16.csv");
+    let mut bytes = vec![0xff, 0xfe];
+    for unit in "image,label\nA.jpg,nv\n".encode_utf16() {
+        bytes.extend_from_slice(&unit.to_le_bytes());
+    }
+    std::fs::write(&utf16, bytes).unwrap();
+    for (file, expect) in [(&no_label, "lacks the column(s) label"), (&utf16, "UTF-16")] {
+        let output = dermascope(&[
+            "ingest",
+            "--images",
+            dir.path().to_str().unwrap(),
+            "--labels",
+            file.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ]);
+        let (_, err) = text(&output);
+        assert!(!output.status.success());
+        assert!(err.contains(expect), "{err}");
+    }
+}
+
+#[test]
+fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = synthetic_library(dir.path(), 1);
+    let images = dir.path().join("images");
+    let store = dir.path().join("store");
+    let ingest = |bundle: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_dermascope"))
+            .args([
+                "ingest",
+                "--images",
+                images.to_str().unwrap(),
+                "--labels",
+                labels.to_str().unwrap(),
+            ])
+            .args([
+                "--store",
+                store.to_str().unwrap(),
+                "--bundle",
+                bundle.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(ingest(&bundle()).status.success());
+    // The same graph under another model id stands for any other encoder.
+    let other = dir.path().join("other-bundle");
+    std::fs::create_dir(&other).unwrap();
+    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
+    std::fs::write(
+        other.join("manifest.toml"),
+        manifest.replace("model_id = \"", "model_id = \"other-"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        bundle().join("encoder-fp32.onnx"),
+        other.join("encoder-fp32.onnx"),
+    )
+    .unwrap();
+    let refused = ingest(&other);
+    let (_, err) = text(&refused);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("was embedded by model") && err.contains("dermascope ingest"),
+        "{err}"
+    );
+}
+
+#[test]
+fn retrieval_evaluation_on_real_dermoscopy() {
+    let derm = std::env::var_os("DERMASCOPE_DERM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/data/derm"));
+    if !derm.join("labels.csv").is_file() {
+        eprintln!(
+            "SKIPPED retrieval_evaluation_on_real_dermoscopy: {} is absent",
+            derm.display()
+        );
+        return;
+    }
+    // A small, fixed slice keeps the test quick: every 20th row.
+    let dir = tempfile::tempdir().unwrap();
+    let all = std::fs::read_to_string(derm.join("labels.csv")).unwrap();
+    let mut lines = all.lines();
+    let mut subset = format!("{}\n", lines.next().unwrap());
+    for line in lines.step_by(20) {
+        subset.push_str(line);
+        subset.push('\n');
+    }
+    let labels = dir.path().join("labels.csv");
+    std::fs::write(&labels, subset).unwrap();
+    let output = dermascope(&[
+        "eval",
+        "retrieval",
+        "--images",
+        derm.join("images").to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--store",
+        dir.path().join("store").to_str().unwrap(),
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    let (out, err) = text(&output);
+    assert!(output.status.success(), "{err}");
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let queries = json["queries"].as_u64().unwrap();
+    let references = json["references"].as_u64().unwrap();
+    assert!(queries >= 30 && references >= 120, "{json}");
+    let p1 = json["precision_at_1"].as_f64().unwrap();
+    // Seven classes: chance is about 0.2 here; a working encoder is far above.
+    assert!(p1 > 0.35, "precision@1 {p1}\n{out}");
+    assert_eq!(json["methods"].as_array().unwrap().len(), 6);
+    eprintln!("{out}");
+}
