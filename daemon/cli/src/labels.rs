@@ -103,7 +103,7 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
             match col.and_then(|c| record.get(c)) {
                 None => Ok(None),
                 Some(raw) => match std::str::from_utf8(raw) {
-                    Ok(text) if text.is_empty() => Ok(None),
+                    Ok("") => Ok(None),
                     Ok(text) => Ok(Some(text.to_string())),
                     Err(_) => Err(
                         "the row is not valid UTF-8 (is the file Latin-1? save it as UTF-8)".into(),

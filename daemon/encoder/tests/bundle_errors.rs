@@ -120,7 +120,8 @@ fn manifest_input_name_that_the_graph_lacks_is_refused() {
 
 #[test]
 fn malformed_manifests_are_refused_with_the_file_named() {
-    let cases: [(fn(String) -> String, &str); 3] = [
+    type ManifestEdit = fn(String) -> String;
+    let cases: [(ManifestEdit, &str); 3] = [
         (|_m| "format = [".to_string(), "not valid TOML"),
         (|m| m.replace("format = 1", "format = 7"), "format 7"),
         (
