@@ -5,12 +5,13 @@
 //! `cargo test --all-targets`) it runs a tiny smoke pass so it stays cheap.
 
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use dermascope_store::{
     Case, CaseFilter, CaseId, CaseMetadata, CaseSource, CaseStore, CaseTags, Diagnosis, FlatIndex,
-    ScoreKind, StoreIdentity,
+    IndexSource, OpenOptions, Residency, ScoreKind, StoreIdentity,
 };
 
 const DIM: usize = 2048;
@@ -30,20 +31,29 @@ impl Rng {
     }
 }
 
-/// Clustered, L2-normalised vectors (uniform noise: cheap to make at 100k x 2048).
-fn vectors(rng: &mut Rng, n: usize, dim: usize) -> Vec<Vec<f32>> {
+/// Clustered, L2-normalised vectors, row-major in one buffer.
+fn vectors(rng: &mut Rng, n: usize, dim: usize) -> Vec<f32> {
     let centres: Vec<Vec<f32>> = (0..64)
         .map(|_| (0..dim).map(|_| rng.symmetric()).collect())
         .collect();
-    (0..n)
-        .map(|_| {
-            let c = &centres[(rng.next_u64() % 64) as usize];
-            let mut v: Vec<f32> = c.iter().map(|x| x + rng.symmetric()).collect();
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.iter_mut().for_each(|x| *x /= norm);
-            v
-        })
-        .collect()
+    let mut out = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        let c = &centres[(rng.next_u64() % 64) as usize];
+        let start = out.len();
+        out.extend(c.iter().map(|x| x + rng.symmetric()));
+        let v = &mut out[start..];
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    out
+}
+
+fn write_f32(path: &Path, data: &[f32]) {
+    let mut bytes = Vec::with_capacity(data.len() * 4);
+    for x in data {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
 }
 
 const CODES: [&str; 7] = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"];
@@ -57,23 +67,25 @@ fn tags(i: usize) -> CaseTags {
     }
 }
 
-/// Time for a plain sequential read of `bytes` split over `threads`, the
-/// memory-bandwidth bound a scan of the same buffer is compared against.
+/// Best time for a plain sequential read of `buf` split over `threads`: the
+/// memory-bandwidth bound for a scan of the same buffer.
 fn sequential_read_secs(buf: &[u8], threads: usize, reps: usize) -> f64 {
-    let words: &[u64] = {
-        // Reading as u64 lets the sum vectorise; the tail (< 8 bytes) is ignored.
-        let (head, mid, _) = unsafe { buf.align_to::<u64>() };
-        assert!(head.is_empty(), "Vec allocations are 8-aligned");
-        mid
-    };
     let mut best = f64::MAX;
     for _ in 0..reps {
         let t = Instant::now();
-        let per = words.len().div_ceil(threads);
+        let per = buf.len().div_ceil(threads);
         let sum: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = words
+            let handles: Vec<_> = buf
                 .chunks(per)
-                .map(|chunk| s.spawn(move || chunk.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .map(|chunk| {
+                    s.spawn(move || {
+                        // 8-byte words so the sum vectorises; plain loads, no compute.
+                        chunk
+                            .chunks_exact(8)
+                            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                            .fold(0u64, u64::wrapping_add)
+                    })
+                })
                 .collect();
             handles
                 .into_iter()
@@ -86,65 +98,81 @@ fn sequential_read_secs(buf: &[u8], threads: usize, reps: usize) -> f64 {
     best
 }
 
-fn bench_index(n: usize, dim: usize, full: bool) {
+fn as_bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bench_index(n: usize, dim: usize, full: bool, queries: &[f32], out_dir: Option<&Path>) {
     let mut rng = Rng(n as u64);
     let data = vectors(&mut rng, n, dim);
+    if let Some(dir) = out_dir {
+        write_f32(&dir.join(format!("base-{n}.f32")), &data);
+    }
     let mut index = FlatIndex::new(dim).unwrap();
+    index.reserve(n);
     let t = Instant::now();
-    for (i, v) in data.iter().enumerate() {
+    for (i, v) in data.chunks_exact(dim).enumerate() {
         index
             .upsert(CaseId::new(format!("c{i}")).unwrap(), v, &tags(i))
             .unwrap();
     }
     let build_s = t.elapsed().as_secs_f64();
     println!(
-        "bench=index_build n={n} dim={dim} secs={build_s:.3} rows_per_s={:.0} int8_scale={:.6}",
-        n as f64 / build_s,
-        index.int8_scale()
+        "bench=index_build n={n} dim={dim} secs={build_s:.3} rows_per_s={:.0}",
+        n as f64 / build_s
     );
     drop(data);
-    let queries = vectors(&mut rng, 64, dim);
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    // The same bytes a scan reads, for the bandwidth bound.
-    let f32_bytes: Vec<u8> = vec![1u8; n * dim * 4];
-    let i8_bytes: Vec<u8> = vec![1u8; n * dim];
+    let queries: Vec<&[f32]> = queries.chunks_exact(dim).collect();
+    let max_threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let reps = if full { 5 } else { 1 };
-    let read_f32 = sequential_read_secs(&f32_bytes, threads, reps);
-    let read_i8 = sequential_read_secs(&i8_bytes, threads, reps);
-    drop((f32_bytes, i8_bytes));
-    for kind in [ScoreKind::F32, ScoreKind::Int8] {
-        let (elem, read_s) = match kind {
-            ScoreKind::F32 => (4, read_f32),
-            ScoreKind::Int8 => (1, read_i8),
-        };
-        let bytes = (n * dim * elem) as f64;
-        for batch in [1usize, 32] {
-            let target_s = if full { 2.0 } else { 0.05 };
-            // Warm-up, then as many rounds as fit in the time target.
-            index
-                .search_batch(&queries[..batch], 10, &CaseFilter::any(), kind)
-                .unwrap();
-            let mut rounds = 0usize;
-            let t = Instant::now();
-            while t.elapsed().as_secs_f64() < target_s || rounds < 3 {
-                let r = index
-                    .search_batch(&queries[..batch], 10, &CaseFilter::any(), kind)
+    // Copies of the very buffers a scan reads (same bytes, same size); a
+    // copy because the index lends them only as typed slices.
+    let f32_bytes = as_bytes_f32(index.f32_rows().unwrap());
+    let i8_bytes: Vec<u8> = index
+        .int8_rows()
+        .unwrap()
+        .0
+        .iter()
+        .map(|&x| x as u8)
+        .collect();
+    for threads in 1..=max_threads.min(2) {
+        index.set_scan_threads(threads);
+        let read_f32 = sequential_read_secs(&f32_bytes, threads, reps);
+        let read_i8 = sequential_read_secs(&i8_bytes, threads, reps);
+        for kind in [ScoreKind::F32, ScoreKind::Int8] {
+            let (elem, read_s) = match kind {
+                ScoreKind::F32 => (4, read_f32),
+                ScoreKind::Int8 => (1, read_i8),
+            };
+            let bytes = (n * dim * elem) as f64;
+            for batch in [1usize, 32] {
+                let target_s = if full { 1.5 } else { 0.05 };
+                let qs = &queries[..batch];
+                index
+                    .search_batch(qs, 10, &CaseFilter::any(), kind)
                     .unwrap();
-                black_box(r);
-                rounds += 1;
+                let mut rounds = 0usize;
+                let t = Instant::now();
+                while t.elapsed().as_secs_f64() < target_s || rounds < 3 {
+                    let r = index
+                        .search_batch(qs, 10, &CaseFilter::any(), kind)
+                        .unwrap();
+                    black_box(r);
+                    rounds += 1;
+                }
+                let secs = t.elapsed().as_secs_f64();
+                let per_scan = secs / rounds as f64;
+                let qps = (rounds * batch) as f64 / secs;
+                println!(
+                    "bench=search n={n} dim={dim} kind={} batch={batch} threads={threads} qps={qps:.2} \
+                     ms_per_scan={:.3} scan_gbps={:.2} seq_read_gbps={:.2} bw_fraction={:.3}",
+                    if kind == ScoreKind::F32 { "f32" } else { "int8" },
+                    per_scan * 1e3,
+                    bytes / per_scan / 1e9,
+                    bytes / read_s / 1e9,
+                    read_s / per_scan,
+                );
             }
-            let secs = t.elapsed().as_secs_f64();
-            let per_scan = secs / rounds as f64;
-            let qps = (rounds * batch) as f64 / secs;
-            let scan_gbps = bytes / per_scan / 1e9;
-            let read_gbps = bytes / read_s / 1e9;
-            println!(
-                "bench=search n={n} dim={dim} kind={} batch={batch} threads={threads} qps={qps:.1} \
-                 ms_per_scan={:.3} scan_gbps={scan_gbps:.2} seq_read_gbps={read_gbps:.2} bw_fraction={:.3}",
-                if kind == ScoreKind::F32 { "f32" } else { "int8" },
-                per_scan * 1e3,
-                scan_gbps / read_gbps,
-            );
         }
     }
 }
@@ -183,11 +211,11 @@ fn bench_store(n: usize, dim: usize) {
             batch_size.min(n - i)
         };
         let cases: Vec<Case> = vectors(&mut rng, m, dim)
-            .into_iter()
+            .chunks_exact(dim)
             .enumerate()
             .map(|(j, embedding)| Case {
                 id: CaseId::new(format!("ISIC_{:07}", i + j)).unwrap(),
-                embedding,
+                embedding: embedding.to_vec(),
                 diagnosis: Diagnosis::from_code(CODES[(i + j) % 7]).unwrap(),
                 source: CaseSource::Reference,
                 metadata: CaseMetadata {
@@ -216,6 +244,12 @@ fn bench_store(n: usize, dim: usize) {
         singles as f64 / single_s,
         (n - singles) as f64 / insert_s.max(1e-9)
     );
+    let t = Instant::now();
+    store.checkpoint().unwrap();
+    println!(
+        "bench=store_checkpoint n={n} dim={dim} secs={:.3}",
+        t.elapsed().as_secs_f64()
+    );
     drop(store);
     let disk: u64 = std::fs::read_dir(dir.path())
         .map(|d| {
@@ -224,31 +258,68 @@ fn bench_store(n: usize, dim: usize) {
                 .sum()
         })
         .unwrap_or(0);
-    // Open in a fresh process so VmHWM is the open's own peak, not the bench's.
-    for attempt in 0..2 {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--open-only",
-                &dir.path().display().to_string(),
-                &dim.to_string(),
-            ])
-            .output()
-            .unwrap();
-        println!(
-            "{} disk_bytes={disk} cache={}",
-            String::from_utf8_lossy(&out.stdout).trim_end(),
-            if attempt == 0 { "first" } else { "warm" }
-        );
+    // Each open in a fresh process so VmHWM is the open's own peak. The
+    // scan (cache deleted) goes last: it rewrites the cache.
+    for (residency, scan) in [
+        ("both", false),
+        ("int8", false),
+        ("f32", false),
+        ("both", true),
+    ] {
+        if scan {
+            for name in ["index-f32.cache", "index-int8.cache"] {
+                std::fs::remove_file(dir.path().join(name)).unwrap();
+            }
+        }
+        // sled releases its lock from a background thread after a close.
+        let mut line = String::new();
+        for _ in 0..50 {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--open-only",
+                    &dir.path().display().to_string(),
+                    &dim.to_string(),
+                    residency,
+                ])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                line = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        println!("{line} disk_bytes={disk}");
     }
 }
 
-fn open_only(dir: &str, dim: usize) {
+fn open_only(dir: &str, dim: usize, residency: &str) {
+    let residency = match residency {
+        "int8" => Residency::Int8,
+        "f32" => Residency::F32,
+        _ => Residency::Both,
+    };
+    let options = OpenOptions {
+        residency,
+        ..OpenOptions::default()
+    };
     let t = Instant::now();
-    let store = CaseStore::open(dir, identity(dim)).unwrap();
+    let store = match CaseStore::open_with(dir, identity(dim), options) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }
+    };
     let secs = t.elapsed().as_secs_f64();
     let n = store.len().unwrap();
+    let source = match &store.open_report().index_source {
+        IndexSource::Cache { .. } => "cache",
+        IndexSource::CacheReplayed { .. } => "replay",
+        IndexSource::Scan { .. } => "scan",
+    };
     println!(
-        "bench=store_open n={n} dim={dim} open_ms={:.1} vmhwm_kib={}",
+        "bench=store_open n={n} dim={dim} residency={residency:?} source={source} open_ms={:.1} vmhwm_kib={}",
         secs * 1e3,
         vm_hwm_kib()
     );
@@ -258,17 +329,29 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--open-only") {
         let dim = args.get(3).and_then(|d| d.parse().ok()).unwrap_or(DIM);
-        open_only(&args[2], dim);
+        let residency = args.get(4).map_or("both", String::as_str);
+        open_only(&args[2], dim, residency);
         return;
     }
     let full = args.iter().any(|a| a == "--bench");
-    if full {
-        for n in [10_000, 100_000] {
-            bench_index(n, DIM, true);
-        }
-        bench_store(100_000, DIM);
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--vectors-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let (sizes, dim): (&[usize], usize) = if full {
+        (&[10_000, 100_000], DIM)
     } else {
-        bench_index(500, 64, false);
-        bench_store(300, 64);
+        (&[500], 64)
+    };
+    // The same 32 queries for every size (and for faiss).
+    let queries = vectors(&mut Rng(0x51DE), 32, dim);
+    if let Some(dir) = &out_dir {
+        write_f32(&dir.join("queries.f32"), &queries);
+        println!("bench=vectors dir={} dim={dim}", dir.display());
     }
+    for &n in sizes {
+        bench_index(n, dim, full, &queries, out_dir.as_deref());
+    }
+    bench_store(if full { 100_000 } else { 300 }, dim);
 }

@@ -210,3 +210,32 @@ pub(crate) fn decode_f32_le(bytes: &[u8]) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+const CHANGES_LAYOUT_V1: u8 = 1;
+
+/// Value of one `changes` entry: the ids one acknowledged write touched
+/// (each as a u16 length and its bytes). Ids are at most 256 bytes.
+pub(crate) fn encode_change(ids: &[&str]) -> Vec<u8> {
+    let hint = ids.iter().map(|id| 2 + id.len()).sum();
+    seal(CHANGES_LAYOUT_V1, hint, |out| {
+        for id in ids {
+            let id = id.as_bytes();
+            let len = id.len().min(u16::MAX as usize);
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+            out.extend_from_slice(&id[..len]);
+        }
+    })
+}
+
+pub(crate) fn decode_change(bytes: &[u8]) -> Result<Vec<String>, String> {
+    let mut rest = open(bytes, CHANGES_LAYOUT_V1)?;
+    let mut ids = Vec::new();
+    while !rest.is_empty() {
+        let len = rest.get(..2).ok_or("change entry truncated")?;
+        let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+        let id = rest.get(2..2 + len).ok_or("change entry truncated")?;
+        ids.push(String::from_utf8(id.to_vec()).map_err(|_| "id is not UTF-8".to_owned())?);
+        rest = &rest[2 + len..];
+    }
+    Ok(ids)
+}

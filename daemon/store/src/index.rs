@@ -1,10 +1,10 @@
 //! Exact flat index over case embeddings (no sled here; usable on its own).
 //!
-//! All embeddings live in ONE contiguous row-major `Vec<f32>`, mirrored by a
-//! row-major `Vec<i8>` quantized with a single global scale. A query scans
-//! every row with simsimd's runtime-dispatched dot kernels and keeps the best
-//! `k` in a small heap. Deleting swap-removes the row so the buffers stay
-//! dense; `rows` maps each case id to its current row.
+//! The embeddings live in contiguous row-major buffers: a `Vec<f32>` and/or
+//! a `Vec<i8>` with one quantization step per row ([`Residency`] says which
+//! are kept). A query scans every row with simsimd's runtime-dispatched dot
+//! kernels and keeps the best `k` in a small heap. Deleting swap-removes the
+//! row so the buffers stay dense; `rows` maps each case id to its current row.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -29,6 +29,56 @@ pub enum IndexError {
     DimMismatch { expected: usize, found: usize },
     #[error("vector component {index} is not finite")]
     NonFinite { index: usize },
+    #[error(
+        "{requested:?} scoring needs the {requested:?} rows, but this index keeps only \
+         {resident:?}; search with ScoreKind::{resident:?} or open the store with \
+         Residency::Both"
+    )]
+    KindNotResident {
+        requested: ScoreKind,
+        resident: Residency,
+    },
+}
+
+/// Which copies of the embeddings an index keeps in memory, chosen when it
+/// is created (for a store: at open).
+///
+/// Why not always both: at 100k cases of dim 2048 the f32 rows are 819 MB
+/// and the int8 rows 205 MB. On the handheld (a few GB of RAM shared with the
+/// encoder and the camera pipeline) the daemon only needs `Int8`: its
+/// recall@10 against exact f32 is above 0.9 in our tests and a scan reads 4x
+/// fewer bytes. Deriving int8 lazily from a resident f32 copy would not save
+/// memory, and keeping f32 "just in case" costs 4x the RAM and 4x the cold
+/// start I/O. Tools that compare both kinds (the CLI's `--int8` flag, eval)
+/// use `Both`, which is what [`FlatIndex::new`] and `CaseStore::open` keep.
+/// Scoring with a kind that is not resident is a typed error
+/// ([`IndexError::KindNotResident`]), never a silent fallback.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Residency {
+    /// Only the f32 rows: exact scores, 4 bytes per dimension.
+    F32,
+    /// Only the int8 rows: approximate scores, 1 byte per dimension.
+    Int8,
+    /// Both copies: either kind can be scored.
+    #[default]
+    Both,
+}
+
+impl Residency {
+    pub fn has_f32(self) -> bool {
+        matches!(self, Residency::F32 | Residency::Both)
+    }
+
+    pub fn has_int8(self) -> bool {
+        matches!(self, Residency::Int8 | Residency::Both)
+    }
+
+    pub fn supports(self, kind: ScoreKind) -> bool {
+        match kind {
+            ScoreKind::F32 => self.has_f32(),
+            ScoreKind::Int8 => self.has_int8(),
+        }
+    }
 }
 
 /// Which copy of the embeddings a query is scored against.
@@ -36,8 +86,9 @@ pub enum IndexError {
 pub enum ScoreKind {
     /// Exact inner products on the f32 rows.
     F32,
-    /// Inner products on the int8 rows (4x fewer bytes scanned), rescaled to
-    /// approximate the f32 inner product.
+    /// Inner products on the int8 rows (4x fewer bytes scanned), rescaled by
+    /// the row's and the query's quantization steps to approximate the f32
+    /// inner product.
     Int8,
 }
 
@@ -149,6 +200,10 @@ impl Vocab {
 
 const NO_SITE: u32 = u32::MAX;
 
+/// Interned tags of one row, built by [`FlatIndex::row_tags_for`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowTagsHandle(RowTags);
+
 #[derive(Clone, Copy, Debug)]
 struct RowTags {
     diagnosis: u32,
@@ -243,36 +298,47 @@ impl TopK {
     }
 }
 
-/// Exact top-k inner-product index over f32 and int8 copies of the embeddings.
+/// Exact top-k inner-product index over f32 and/or int8 copies of the embeddings.
 #[derive(Debug)]
 pub struct FlatIndex {
     dim: usize,
+    residency: Residency,
     ids: Vec<CaseId>,
     rows: HashMap<CaseId, usize>,
     tags: Vec<RowTags>,
+    /// Empty unless `residency.has_f32()`.
     vectors: Vec<f32>,
+    /// Empty unless `residency.has_int8()`.
     quantized: Vec<i8>,
-    /// Largest |component| seen; int8 level 127 stands for this value. Only
-    /// grows (deletes do not shrink it) so existing int8 rows stay valid.
-    max_abs: f32,
+    /// Quantization step of each int8 row (max |x| of the row / 127). Per row
+    /// rather than global so that a new row with a larger component never
+    /// forces requantizing the whole index (which needs the f32 copy and
+    /// stalls writers), and so each row uses the full int8 range.
+    row_scales: Vec<f32>,
     diagnoses: Vocab,
     sites: Vocab,
     scan_threads: usize,
 }
 
 impl FlatIndex {
+    /// An empty index keeping both copies ([`Residency::Both`]).
     pub fn new(dim: usize) -> Result<Self, IndexError> {
+        Self::with_residency(dim, Residency::Both)
+    }
+
+    pub fn with_residency(dim: usize, residency: Residency) -> Result<Self, IndexError> {
         if dim == 0 {
             return Err(IndexError::ZeroDimension);
         }
         Ok(Self {
             dim,
+            residency,
             ids: Vec::new(),
             rows: HashMap::new(),
             tags: Vec::new(),
             vectors: Vec::new(),
             quantized: Vec::new(),
-            max_abs: 0.0,
+            row_scales: Vec::new(),
             diagnoses: Vocab::default(),
             sites: Vocab::default(),
             scan_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -281,6 +347,25 @@ impl FlatIndex {
 
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    pub fn residency(&self) -> Residency {
+        self.residency
+    }
+
+    /// Makes room for `additional` more rows without reallocating on the way
+    /// (a doubling `Vec` would briefly hold 1.5-2x the final buffer).
+    pub fn reserve(&mut self, additional: usize) {
+        self.ids.reserve(additional);
+        self.rows.reserve(additional);
+        self.tags.reserve(additional);
+        if self.residency.has_f32() {
+            self.vectors.reserve(additional * self.dim);
+        }
+        if self.residency.has_int8() {
+            self.quantized.reserve(additional * self.dim);
+            self.row_scales.reserve(additional);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -301,15 +386,26 @@ impl FlatIndex {
         self.scan_threads = threads.max(1);
     }
 
-    /// The int8 quantization step: component `x` is stored as
-    /// `round(x / scale)` clamped to -127..=127. Chosen from the data as
-    /// max |x| / 127, and raised (with a requantization) when a new row exceeds it.
-    pub fn int8_scale(&self) -> f32 {
-        if self.max_abs > 0.0 {
-            self.max_abs / I8_LEVELS
-        } else {
-            1.0
-        }
+    /// The int8 quantization step of a case's row: component `x` is stored
+    /// as `round(x / step)`, step = max |x| of the row / 127. `None` if the
+    /// case is not indexed or no int8 rows are kept.
+    pub fn int8_step(&self, id: &CaseId) -> Option<f32> {
+        let row = *self.rows.get(id)?;
+        self.row_scales.get(row).copied()
+    }
+
+    /// The row-major f32 buffer a `ScoreKind::F32` scan reads (row `i` is
+    /// the `i`-th id of [`FlatIndex::ids`]); `None` if not resident.
+    pub fn f32_rows(&self) -> Option<&[f32]> {
+        self.residency.has_f32().then_some(self.vectors.as_slice())
+    }
+
+    /// The row-major int8 buffer a `ScoreKind::Int8` scan reads, and the
+    /// step of each row; `None` if not resident.
+    pub fn int8_rows(&self) -> Option<(&[i8], &[f32])> {
+        self.residency
+            .has_int8()
+            .then_some((self.quantized.as_slice(), self.row_scales.as_slice()))
     }
 
     /// Ids in row order (which changes on removal).
@@ -317,7 +413,7 @@ impl FlatIndex {
         self.ids.iter()
     }
 
-    /// The stored f32 embedding of a case.
+    /// The stored f32 embedding of a case (`None` if f32 rows are not resident).
     pub fn embedding(&self, id: &CaseId) -> Option<&[f32]> {
         let row = *self.rows.get(id)?;
         self.vectors.get(row * self.dim..(row + 1) * self.dim)
@@ -380,30 +476,34 @@ impl FlatIndex {
         tags: &CaseTags,
     ) -> Result<(), IndexError> {
         let row_max = self.check(embedding)?;
-        if row_max > self.max_abs {
-            self.max_abs = row_max;
-            // The new scale must cover this row; old rows are re-derived
-            // from their f32 copies (rare: the max only grows).
-            self.requantize_all();
-        }
         let row_tags = self.intern_tags(tags);
-        let inv = 1.0 / self.int8_scale();
         let dim = self.dim;
+        let step = step_for(row_max);
         match self.rows.get(&id) {
             Some(&row) => {
-                self.vectors[row * dim..(row + 1) * dim].copy_from_slice(embedding);
-                quantize_into(
-                    embedding,
-                    &mut self.quantized[row * dim..(row + 1) * dim],
-                    inv,
-                );
+                if self.residency.has_f32() {
+                    self.vectors[row * dim..(row + 1) * dim].copy_from_slice(embedding);
+                }
+                if self.residency.has_int8() {
+                    quantize_into(
+                        embedding,
+                        &mut self.quantized[row * dim..(row + 1) * dim],
+                        1.0 / step,
+                    );
+                    self.row_scales[row] = step;
+                }
                 self.tags[row] = row_tags;
             }
             None => {
                 let row = self.ids.len();
-                self.vectors.extend_from_slice(embedding);
-                self.quantized.resize((row + 1) * dim, 0);
-                quantize_into(embedding, &mut self.quantized[row * dim..], inv);
+                if self.residency.has_f32() {
+                    self.vectors.extend_from_slice(embedding);
+                }
+                if self.residency.has_int8() {
+                    self.quantized.resize((row + 1) * dim, 0);
+                    quantize_into(embedding, &mut self.quantized[row * dim..], 1.0 / step);
+                    self.row_scales.push(step);
+                }
                 self.tags.push(row_tags);
                 self.rows.insert(id.clone(), row);
                 self.ids.push(id);
@@ -420,28 +520,37 @@ impl FlatIndex {
         let last = self.ids.len() - 1;
         let dim = self.dim;
         if row != last {
-            self.vectors
-                .copy_within(last * dim..(last + 1) * dim, row * dim);
-            self.quantized
-                .copy_within(last * dim..(last + 1) * dim, row * dim);
+            if self.residency.has_f32() {
+                self.vectors
+                    .copy_within(last * dim..(last + 1) * dim, row * dim);
+            }
+            if self.residency.has_int8() {
+                self.quantized
+                    .copy_within(last * dim..(last + 1) * dim, row * dim);
+            }
             let moved = self.ids[last].clone();
             self.rows.insert(moved, row);
         }
-        self.vectors.truncate(last * dim);
-        self.quantized.truncate(last * dim);
+        if self.residency.has_f32() {
+            self.vectors.truncate(last * dim);
+        }
+        if self.residency.has_int8() {
+            self.quantized.truncate(last * dim);
+            self.row_scales.swap_remove(row);
+        }
         self.ids.swap_remove(row);
         self.tags.swap_remove(row);
         true
     }
 
-    /// Bulk load: appends f32 rows decoded from little-endian bytes without
-    /// quantizing; `finish_bulk` must run before the index is searched.
-    /// Duplicated ids fall back to `upsert` semantics.
-    pub(crate) fn bulk_push_le(
+    /// Adds a row given as little-endian f32 bytes (the layout of the
+    /// embeddings tree), decoded into `scratch` so no `Vec` is allocated per row.
+    pub(crate) fn push_le(
         &mut self,
         id: CaseId,
         embedding_le: &[u8],
         tags: &CaseTags,
+        scratch: &mut Vec<f32>,
     ) -> Result<(), IndexError> {
         if embedding_le.len() != self.dim * 4 {
             return Err(IndexError::DimMismatch {
@@ -449,55 +558,77 @@ impl FlatIndex {
                 found: embedding_le.len() / 4,
             });
         }
-        if self.rows.contains_key(&id) {
-            let v = decode_le(embedding_le);
-            self.finish_bulk();
-            return self.upsert(id, &v, tags);
-        }
-        let start = self.vectors.len();
-        self.vectors.extend(
+        scratch.clear();
+        scratch.extend(
             embedding_le
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         );
-        match max_abs_finite(&self.vectors[start..]) {
-            Ok(m) => self.max_abs = self.max_abs.max(m),
-            Err(e) => {
-                self.vectors.truncate(start);
-                return Err(e);
+        self.upsert(id, scratch, tags)
+    }
+
+    /// Interns the tags of a row loaded from the index cache.
+    pub(crate) fn row_tags_for(&mut self, tags: &CaseTags) -> RowTagsHandle {
+        RowTagsHandle(self.intern_tags(tags))
+    }
+
+    /// Replaces the whole content with rows loaded from the index cache.
+    /// `vectors` must hold the f32 rows if they are resident; `quantized`
+    /// (int8 rows and steps) may be omitted, and is then derived from `vectors`.
+    pub(crate) fn load_rows(
+        &mut self,
+        ids: Vec<CaseId>,
+        tags: Vec<RowTagsHandle>,
+        vectors: Vec<f32>,
+        quantized: Option<(Vec<i8>, Vec<f32>)>,
+    ) -> Result<(), String> {
+        let n = ids.len();
+        if tags.len() != n {
+            return Err(format!("{} tag rows for {n} ids", tags.len()));
+        }
+        let (quantized, row_scales) = match (self.residency.has_int8(), quantized) {
+            (false, _) => (Vec::new(), Vec::new()),
+            (true, Some((q, s))) => (q, s),
+            (true, None) if vectors.len() == n * self.dim => {
+                quantize_rows(&vectors, self.dim, self.scan_threads)
+            }
+            (true, None) => return Err("no rows to derive the int8 copy from".to_owned()),
+        };
+        if self.residency.has_f32() && vectors.len() != n * self.dim {
+            return Err(format!("{} f32 values for {n} rows", vectors.len()));
+        }
+        if self.residency.has_int8() && (quantized.len() != n * self.dim || row_scales.len() != n) {
+            return Err(format!(
+                "{} int8 values and {} steps for {n} rows",
+                quantized.len(),
+                row_scales.len()
+            ));
+        }
+        let mut rows = HashMap::with_capacity(n);
+        for (row, id) in ids.iter().enumerate() {
+            if rows.insert(id.clone(), row).is_some() {
+                return Err(format!("case {id} appears twice"));
             }
         }
-        let row_tags = self.intern_tags(tags);
-        self.tags.push(row_tags);
-        self.rows.insert(id.clone(), self.ids.len());
-        self.ids.push(id);
+        self.ids = ids;
+        self.rows = rows;
+        self.tags = tags.into_iter().map(|t| t.0).collect();
+        self.vectors = if self.residency.has_f32() {
+            vectors
+        } else {
+            Vec::new()
+        };
+        self.quantized = quantized;
+        self.row_scales = row_scales;
         Ok(())
     }
 
-    pub(crate) fn finish_bulk(&mut self) {
-        if self.quantized.len() != self.vectors.len() {
-            self.requantize_all();
-        }
-    }
-
-    fn requantize_all(&mut self) {
-        self.quantized.resize(self.vectors.len(), 0);
-        let inv = 1.0 / self.int8_scale();
-        let threads = self.threads_for(self.vectors.len() * 4);
-        if threads <= 1 {
-            quantize_into(&self.vectors, &mut self.quantized, inv);
-            return;
-        }
-        let rows_per = self.ids.len().div_ceil(threads).max(1) * self.dim;
-        std::thread::scope(|s| {
-            for (src, dst) in self
-                .vectors
-                .chunks(rows_per)
-                .zip(self.quantized.chunks_mut(rows_per))
-            {
-                s.spawn(move || quantize_into(src, dst, inv));
-            }
-        });
+    /// Each row's id and filter fields, in row order (for the index cache).
+    pub(crate) fn row_tags(&self) -> impl Iterator<Item = (&CaseId, CaseTags)> {
+        self.ids
+            .iter()
+            .zip(&self.tags)
+            .map(|(id, t)| (id, self.expand_tags(t)))
     }
 
     fn threads_for(&self, bytes_per_scan: usize) -> usize {
@@ -545,6 +676,12 @@ impl FlatIndex {
         for q in queries {
             self.check(q.as_ref())?;
         }
+        if !self.residency.supports(kind) {
+            return Err(IndexError::KindNotResident {
+                requested: kind,
+                resident: self.residency,
+            });
+        }
         if k == 0 || self.is_empty() || queries.is_empty() {
             return Ok(vec![Vec::new(); queries.len()]);
         }
@@ -553,10 +690,9 @@ impl FlatIndex {
             ScoreKind::F32 => {
                 let qs: Vec<&[f32]> = queries.iter().map(AsRef::as_ref).collect();
                 let factors = vec![1.0; qs.len()];
-                self.scan_parallel(&self.vectors, &qs, &factors, k, &filter, 4)
+                self.scan_parallel(&self.vectors, None, &qs, &factors, k, &filter, 4)
             }
             ScoreKind::Int8 => {
-                let row_scale = self.int8_scale();
                 let mut quantized = Vec::with_capacity(queries.len());
                 let mut factors = Vec::with_capacity(queries.len());
                 for q in queries {
@@ -568,10 +704,11 @@ impl FlatIndex {
                     let mut qi = vec![0i8; self.dim];
                     quantize_into(q, &mut qi, 1.0 / q_scale);
                     quantized.push(qi);
-                    factors.push(row_scale * q_scale);
+                    factors.push(q_scale);
                 }
                 let qs: Vec<&[i8]> = quantized.iter().map(Vec::as_slice).collect();
-                self.scan_parallel(&self.quantized, &qs, &factors, k, &filter, 1)
+                let steps = Some(self.row_scales.as_slice());
+                self.scan_parallel(&self.quantized, steps, &qs, &factors, k, &filter, 1)
             }
         };
         Ok(tops.into_iter().map(|t| self.hits(t)).collect())
@@ -592,9 +729,11 @@ impl FlatIndex {
         hits
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn scan_parallel<T: SpatialSimilarity + Sync>(
         &self,
         data: &[T],
+        row_steps: Option<&[f32]>,
         queries: &[&[T]],
         factors: &[f32],
         k: usize,
@@ -604,17 +743,18 @@ impl FlatIndex {
         let n = self.ids.len();
         let threads = self.threads_for(n * self.dim * elem_bytes);
         if threads <= 1 {
-            return self.scan(data, queries, factors, k, filter, 0..n);
+            return self.scan(data, row_steps, queries, factors, k, filter, 0..n);
         }
         let per = n.div_ceil(threads);
         let mut parts: Vec<Vec<TopK>> = std::thread::scope(|s| {
             let handles: Vec<_> = (1..threads)
                 .map(|t| {
                     let range = (t * per).min(n)..((t + 1) * per).min(n);
-                    s.spawn(move || self.scan(data, queries, factors, k, filter, range))
+                    s.spawn(move || self.scan(data, row_steps, queries, factors, k, filter, range))
                 })
                 .collect();
-            let mut parts = vec![self.scan(data, queries, factors, k, filter, 0..per.min(n))];
+            let mut parts =
+                vec![self.scan(data, row_steps, queries, factors, k, filter, 0..per.min(n))];
             for h in handles {
                 match h.join() {
                     Ok(p) => parts.push(p),
@@ -634,9 +774,11 @@ impl FlatIndex {
         merged
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn scan<T: SpatialSimilarity>(
         &self,
         data: &[T],
+        row_steps: Option<&[f32]>,
         queries: &[&[T]],
         factors: &[f32],
         k: usize,
@@ -652,11 +794,12 @@ impl FlatIndex {
             if !filter.pass(&self.tags[row]) {
                 continue;
             }
+            let step = row_steps.map_or(1.0, |s| s[row]);
             for ((q, top), factor) in queries.iter().zip(tops.iter_mut()).zip(factors) {
                 // Lengths are equal by construction; None cannot happen, and
                 // -inf would only ever rank the row last.
                 let dot = T::dot(row_vec, q).unwrap_or(f64::NEG_INFINITY);
-                top.offer(dot as f32 * factor, row);
+                top.offer(dot as f32 * (factor * step), row);
             }
         }
         tops
@@ -681,17 +824,60 @@ fn max_abs_finite(v: &[f32]) -> Result<f32, IndexError> {
     }
 }
 
-fn quantize_into(src: &[f32], dst: &mut [i8], inv_scale: f32) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = (x * inv_scale).round().clamp(-I8_LEVELS, I8_LEVELS) as i8;
+/// The int8 step for a row whose largest |component| is `row_max`.
+fn step_for(row_max: f32) -> f32 {
+    if row_max > 0.0 {
+        row_max / I8_LEVELS
+    } else {
+        1.0
     }
 }
 
-fn decode_le(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+/// Int8 rows and their steps for a row-major f32 buffer, split over threads
+/// (this runs at open when the cache holds only f32 rows).
+fn quantize_rows(vectors: &[f32], dim: usize, threads: usize) -> (Vec<i8>, Vec<f32>) {
+    let n = vectors.len() / dim;
+    let mut quantized = vec![0i8; vectors.len()];
+    let mut steps = vec![0f32; n];
+    let work = |src: &[f32], dst: &mut [i8], steps: &mut [f32]| {
+        for ((row, out), step) in src
+            .chunks_exact(dim)
+            .zip(dst.chunks_exact_mut(dim))
+            .zip(steps.iter_mut())
+        {
+            // Cache rows were checked when they were indexed and the cache
+            // is checksummed; clamping keeps a bug from producing an inf step.
+            let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs())).min(f32::MAX);
+            *step = step_for(max);
+            quantize_into(row, out, 1.0 / *step);
+        }
+    };
+    let threads = if vectors.len() * 4 < PARALLEL_MIN_BYTES {
+        1
+    } else {
+        threads.max(1)
+    };
+    let rows_per = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for ((src, dst), st) in vectors
+            .chunks(rows_per * dim)
+            .zip(quantized.chunks_mut(rows_per * dim))
+            .zip(steps.chunks_mut(rows_per))
+        {
+            s.spawn(move || work(src, dst, st));
+        }
+    });
+    (quantized, steps)
+}
+
+fn quantize_into(src: &[f32], dst: &mut [i8], inv_scale: f32) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        // Round half away from zero via add-and-truncate: `f32::round` is a
+        // libm call per element on baseline x86-64 (no SSE4.1), which made
+        // quantizing 100k x 2048 take 1.5 s; this form vectorises.
+        let y = (x * inv_scale).clamp(-I8_LEVELS, I8_LEVELS);
+        *d = (y + 0.5f32.copysign(y)) as i8;
+    }
 }
 
 #[cfg(test)]

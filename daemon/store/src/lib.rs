@@ -3,17 +3,29 @@
 //!
 //! # On disk (sled, kept behind [`CaseStore`])
 //!
-//! One sled database with three trees:
+//! One sled database with four trees:
 //!
-//! * `meta`: the format version and the encoder identity (model id and
-//!   embedding dimension). Opening with another encoder or format fails with
+//! * `meta`: the format version, the encoder identity (model id and
+//!   embedding dimension) and the write generation (bumped by every write,
+//!   in the write's own transaction). Opening with another encoder or format fails with
 //!   [`StoreError::ModelMismatch`] / [`StoreError::FormatMismatch`], whose
 //!   message says how to re-embed; embeddings of two models are never mixed.
 //! * `cases`: case id -> everything except the embedding (diagnosis, source,
 //!   metadata, thumbnail JPEG, model id, timestamps), postcard-encoded.
 //! * `embeddings`: case id -> the filter fields (diagnosis code, source,
 //!   site, confirmed flag) followed by the raw little-endian f32 embedding.
-//!   Opening the store reads only this tree, so it never decodes thumbnails.
+//!   A scan at open reads only this tree, so it never decodes thumbnails.
+//! * `changes`: write generation -> ids that write touched, so a stale index
+//!   cache can be brought up to date; pruned once a cache covers it.
+//!
+//! Next to them, `index-f32.cache` / `index-int8.cache` hold the in-memory
+//! index's rows as one contiguous, checksummed file each, labelled with the
+//! generation they were written at (after a scan at open, by
+//! [`CaseStore::checkpoint`], and when the store is dropped). Opening reads
+//! the cache of the resident copy in one sequential pass, then replays the
+//! writes sled has beyond it; a missing, garbled, foreign or too-new cache
+//! (or a gap in the change log) falls back to a scan of `embeddings`. sled
+//! stays the source of truth: the cache can only make open faster.
 //!
 //! Every value starts with a layout version byte and a CRC-32, so garbled
 //! bytes are reported as [`StoreError::CorruptCase`] for that case (and the
@@ -36,14 +48,17 @@
 //! # The index
 //!
 //! [`FlatIndex`] holds every embedding in one contiguous row-major f32
-//! buffer plus an int8 copy quantized with one global scale (max |x| of the
-//! data / 127, see [`FlatIndex::int8_scale`]). Search is exact brute force by
+//! buffer and/or an int8 copy quantized with one step per row (max |x| of
+//! the row / 127), as chosen by [`Residency`] at open (`CaseStore::open`
+//! keeps both; a handheld daemon should keep only int8, see [`Residency`]).
+//! Search is exact brute force by
 //! inner product with simsimd's runtime-dispatched kernels (AVX2/AVX-512/
 //! NEON/SVE), over either copy ([`ScoreKind`]), keeping the top `k` in a
 //! small heap; large scans are split across cores. [`CaseFilter`] restricts
 //! results by diagnosis codes, source, anatomical site and confirmed labels.
 //! `search_batch` scores several queries per pass over the buffer.
 
+mod cache;
 mod case;
 mod codec;
 pub mod index;
@@ -53,7 +68,8 @@ pub use case::{
     Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, Sex, MAX_CASE_ID_BYTES,
     MAX_DIAGNOSIS_CODE_BYTES, MAX_SITE_BYTES,
 };
-pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, ScoreKind, SearchHit};
+pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 pub use store::{
-    CaseCounts, CaseStore, CorruptEntry, OpenReport, StoreError, StoreIdentity, FORMAT_VERSION,
+    CaseCounts, CaseStore, CorruptEntry, IndexSource, OpenOptions, OpenReport, StoreError,
+    StoreIdentity, FORMAT_VERSION,
 };

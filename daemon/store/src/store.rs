@@ -1,6 +1,6 @@
 //! `CaseStore`: the cases in sled plus the in-memory `FlatIndex` over them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -11,19 +11,30 @@ use sled::Transactional;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::cache::{self, CacheKind, Miss};
 use crate::case::{Case, CaseError, CaseId, CaseSource};
 use crate::codec;
-use crate::index::{CaseFilter, FlatIndex, IndexError, ScoreKind, SearchHit};
+use crate::index::{CaseFilter, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 
 /// Version of the on-disk layout (tree names, meta keys, value layouts).
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2 added the write generation and the `changes` tree that validate the
+/// index cache. Version 1 stores are upgraded in place when opened (they
+/// lack only those); the bump keeps a version-1 build, which would write
+/// without bumping the generation and so make a cache look current, from
+/// opening an upgraded store.
+pub const FORMAT_VERSION: u32 = 2;
 
 const META_TREE: &str = "meta";
 const CASES_TREE: &str = "cases";
 const EMBEDDINGS_TREE: &str = "embeddings";
+/// Write generation -> ids that write touched (see `cache`).
+const CHANGES_TREE: &str = "changes";
 const KEY_FORMAT: &str = "format_version";
 const KEY_MODEL: &str = "model_id";
 const KEY_DIM: &str = "embedding_dim";
+/// Number of acknowledged-or-attempted writes; bumped in each write's transaction.
+const KEY_GENERATION: &str = "generation";
 
 /// sled's page cache. Its default (1 GiB) would sit on top of the index's
 /// own copy of every embedding; reads after open are mostly single cases.
@@ -152,12 +163,49 @@ pub struct CorruptEntry {
     pub reason: String,
 }
 
+/// Where `open` got the index from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IndexSource {
+    /// The index cache was current.
+    Cache { generation: u64 },
+    /// The index cache was older than sled; the writes since were replayed
+    /// by re-reading the cases they touched from sled.
+    CacheReplayed {
+        cache_generation: u64,
+        writes_replayed: u64,
+        cases_reread: usize,
+    },
+    /// Every embedding row was read from sled, for this reason.
+    Scan { reason: String },
+}
+
+impl Default for IndexSource {
+    fn default() -> Self {
+        IndexSource::Scan {
+            reason: String::new(),
+        }
+    }
+}
+
 /// What `open` found.
 #[derive(Clone, Debug, Default)]
 pub struct OpenReport {
     pub cases_indexed: usize,
     pub corrupt: Vec<CorruptEntry>,
     pub elapsed: Duration,
+    pub index_source: IndexSource,
+}
+
+/// How to open a store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Which copies of the embeddings stay in memory; searches with a kind
+    /// that is not resident fail with `IndexError::KindNotResident`.
+    pub residency: Residency,
+    /// Leave the index cache as it is when the store is dropped (the next
+    /// open then replays the writes made since). For short-lived tools that
+    /// must not spend the time, and for tests of the replay.
+    pub no_cache_on_close: bool,
 }
 
 /// Case counts for the library overview (searchable cases only).
@@ -184,9 +232,28 @@ pub struct CaseStore {
     /// background thread. We fsync this handle after every flush so an
     /// acknowledged case also survives a power cut.
     log_file: std::fs::File,
-    /// Serialises writers so the index applies writes in the order sled did.
-    writer: Mutex<()>,
+    /// Serialises writers so the index applies writes in the order sled
+    /// did, and guards what the index cache needs to know.
+    writer: Mutex<WriterState>,
+    meta: sled::Tree,
+    changes: sled::Tree,
     report: OpenReport,
+    cache_on_close: bool,
+}
+
+struct WriterState {
+    /// sled's write generation, as of the last write this instance committed.
+    generation: u64,
+    /// The generation the cache files of the resident kinds were written or
+    /// loaded at (`None`: unknown or none).
+    cached_generation: Option<u64>,
+    /// False once a write failed after sled may have committed it, or the
+    /// index could not apply one: the index may then differ from sled, and
+    /// it must not be written as a cache labelled with sled's generation.
+    index_matches_sled: bool,
+    /// Rows left out of the index because they do not decode; written into
+    /// the cache so a cached open reports them like a scan would.
+    corrupt: BTreeMap<String, CorruptEntry>,
 }
 
 impl std::fmt::Debug for CaseStore {
@@ -199,8 +266,20 @@ impl std::fmt::Debug for CaseStore {
 }
 
 impl CaseStore {
-    /// Opens (or creates) the store at `path` for the encoder `identity`.
+    /// Opens (or creates) the store at `path` for the encoder `identity`,
+    /// keeping both the f32 and the int8 rows in memory.
     pub fn open(path: impl AsRef<Path>, identity: StoreIdentity) -> Result<Self, StoreError> {
+        Self::open_with(path, identity, OpenOptions::default())
+    }
+
+    /// Opens (or creates) the store. The index comes from the index cache
+    /// when it is valid (plus a replay of the writes made after it), else
+    /// from a scan of every embedding row, after which the cache is rewritten.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        identity: StoreIdentity,
+        options: OpenOptions,
+    ) -> Result<Self, StoreError> {
         let started = Instant::now();
         let path = path.as_ref().to_path_buf();
         if identity.embedding_dim == 0 || identity.model_id.is_empty() {
@@ -223,47 +302,50 @@ impl CaseStore {
         let embeddings = db
             .open_tree(EMBEDDINGS_TREE)
             .map_err(storage("opening the embeddings tree"))?;
+        let changes = db
+            .open_tree(CHANGES_TREE)
+            .map_err(storage("opening the changes tree"))?;
 
-        check_or_write_header(&db, &meta, &cases, &embeddings, &path, &identity)?;
+        let generation = check_or_write_header(&db, &meta, &cases, &embeddings, &path, &identity)?;
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| io_error("opening sled's log file for fsync", e))?;
 
-        let mut index = FlatIndex::new(identity.embedding_dim)?;
-        let mut corrupt = Vec::new();
-        for item in embeddings.iter() {
-            let (key, value) = item.map_err(storage("reading the embeddings tree"))?;
-            let id_text = String::from_utf8_lossy(&key).into_owned();
-            let pushed = CaseId::new(id_text.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|id| {
-                    let (tags, raw) = codec::decode_embedding(&value, identity.embedding_dim)?;
-                    index
-                        .bulk_push_le(id, raw, &tags)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(reason) = pushed {
-                warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
-                corrupt.push(CorruptEntry {
-                    id: id_text,
-                    tree: EMBEDDINGS_TREE,
-                    reason,
-                });
+        let residency = options.residency;
+        let primary = primary_cache(residency);
+        let cached = load_cached(
+            &path,
+            &identity,
+            residency,
+            generation,
+            &changes,
+            &embeddings,
+        )?;
+        let (index, corrupt, index_source) = match cached {
+            Ok(loaded) => loaded,
+            Err(miss) => {
+                let reason = miss.to_string();
+                if matches!(miss, Miss::Invalid(_)) {
+                    warn!(%reason, "index cache not used; scanning the embeddings tree");
+                } else {
+                    info!(%reason, "scanning the embeddings tree");
+                }
+                let hint = cache::peek(&path, primary, identity.embedding_dim, &identity.model_id)
+                    .map_or(0, |h| h.count);
+                let (index, corrupt) = scan(&embeddings, &identity, residency, hint)?;
+                (index, corrupt, IndexSource::Scan { reason })
             }
-        }
-        index.finish_bulk();
+        };
         let report = OpenReport {
             cases_indexed: index.len(),
-            corrupt,
+            corrupt: corrupt.values().cloned().collect(),
             elapsed: started.elapsed(),
+            index_source,
         };
-        info!(
-            cases = report.cases_indexed,
-            corrupt = report.corrupt.len(),
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            model_id = %identity.model_id,
-            "case store opened"
-        );
-        Ok(Self {
+        let cached_generation = match &report.index_source {
+            IndexSource::Cache { generation } => Some(*generation),
+            _ => None,
+        };
+        let store = Self {
             path,
             identity,
             db,
@@ -271,9 +353,98 @@ impl CaseStore {
             embeddings,
             index: RwLock::new(index),
             log_file,
-            writer: Mutex::new(()),
+            writer: Mutex::new(WriterState {
+                generation,
+                cached_generation,
+                index_matches_sled: true,
+                corrupt,
+            }),
+            meta,
+            changes,
             report,
-        })
+            cache_on_close: !options.no_cache_on_close,
+        };
+        // A scan is the slow path this cache exists to avoid; pay the write
+        // now rather than scanning again if the process dies before close.
+        if matches!(store.report.index_source, IndexSource::Scan { .. }) {
+            if let Err(e) = store.checkpoint() {
+                warn!(error = %e, "could not write the index cache; the next open will scan again");
+            }
+        }
+        info!(
+            cases = store.report.cases_indexed,
+            corrupt = store.report.corrupt.len(),
+            elapsed_ms = store.report.elapsed.as_millis() as u64,
+            source = ?store.report.index_source,
+            ?residency,
+            model_id = %store.identity.model_id,
+            "case store opened"
+        );
+        Ok(store)
+    }
+
+    /// Writes the index cache if the index changed since it was written
+    /// (`Ok(false)`: nothing to do, or the index may differ from sled after
+    /// a failed write and must not be cached). Called at open after a scan
+    /// and when the store is dropped; call it after a large ingest so that a
+    /// crash before close does not cost a rescan. Writers wait meanwhile;
+    /// searches do not.
+    pub fn checkpoint(&self) -> Result<bool, StoreError> {
+        let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        if !state.index_matches_sled {
+            warn!("index cache not written: a failed write may have left the index behind sled");
+            return Ok(false);
+        }
+        if state.cached_generation == Some(state.generation) {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let index = self.read_index()?;
+        let corrupt: Vec<CorruptEntry> = state.corrupt.values().cloned().collect();
+        let mut bytes = 0;
+        for kind in cache_kinds(index.residency()) {
+            bytes += cache::write(
+                &self.path,
+                kind,
+                &index,
+                state.generation,
+                &self.identity.model_id,
+                &corrupt,
+            )
+            .map_err(|e| io_error("writing the index cache", e))?;
+        }
+        drop(index);
+        state.cached_generation = Some(state.generation);
+        self.prune_changes()?;
+        info!(
+            generation = state.generation,
+            bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "index cache written"
+        );
+        Ok(true)
+    }
+
+    /// Drops change-log entries that no cache file still needs. Not flushed:
+    /// if the removal is lost, the entries are merely replayed for nothing.
+    fn prune_changes(&self) -> Result<(), StoreError> {
+        let dim = self.identity.embedding_dim;
+        let model = &self.identity.model_id;
+        let oldest = [CacheKind::F32, CacheKind::Int8]
+            .into_iter()
+            .filter_map(|kind| cache::peek(&self.path, kind, dim, model))
+            .map(|h| h.generation)
+            .min();
+        let Some(oldest) = oldest else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        for key in self.changes.range(..=oldest.to_be_bytes()).keys() {
+            batch.remove(key.map_err(storage("pruning the change log"))?);
+        }
+        self.changes
+            .apply_batch(batch)
+            .map_err(storage("pruning the change log"))
     }
 
     pub fn identity(&self) -> &StoreIdentity {
@@ -323,38 +494,62 @@ impl CaseStore {
             })?;
             encoded.push((case.id.as_str(), record, codec::encode_embedding(case)));
         }
-        let _writer = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        (&self.cases, &self.embeddings)
-            .transaction(|(c, e)| -> ConflictableTransactionResult<()> {
+        let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        let change = codec::encode_change(&ids);
+        let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let generation = state.generation + 1;
+        (&self.cases, &self.embeddings, &self.meta, &self.changes)
+            .transaction(|(c, e, m, ch)| -> ConflictableTransactionResult<()> {
                 for (key, record, row) in &encoded {
                     c.insert(key.as_bytes(), record.as_slice())?;
                     e.insert(key.as_bytes(), row.as_slice())?;
                 }
+                m.insert(KEY_GENERATION, &generation.to_le_bytes())?;
+                ch.insert(&generation.to_be_bytes(), change.as_slice())?;
                 Ok(())
             })
             .map_err(transaction("writing cases"))?;
-        self.flush("flushing inserted cases")?;
+        // Committed in sled's memory: even if the flush fails, sled may
+        // persist it, so the next write must use the next generation.
+        state.generation = generation;
+        if let Err(e) = self.flush("flushing inserted cases") {
+            state.index_matches_sled = false;
+            return Err(e);
+        }
         // Only now may searches see the cases: a hit is always a durable case.
         let mut index = self.write_index()?;
         for case in cases {
-            index.upsert(case.id.clone(), &case.embedding, &codec::tags_of(case))?;
+            if let Err(e) = index.upsert(case.id.clone(), &case.embedding, &codec::tags_of(case)) {
+                state.index_matches_sled = false;
+                return Err(e.into());
+            }
+            state.corrupt.remove(case.id.as_str());
         }
-        debug!(cases = cases.len(), "cases inserted");
+        debug!(cases = cases.len(), generation, "cases inserted");
         Ok(())
     }
 
     /// Deletes a case; `Ok(false)` if it was not there. Flushed before returning.
     pub fn remove(&self, id: &CaseId) -> Result<bool, StoreError> {
-        let _writer = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let existed = (&self.cases, &self.embeddings)
-            .transaction(|(c, e)| -> ConflictableTransactionResult<bool> {
+        let change = codec::encode_change(&[id.as_str()]);
+        let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let generation = state.generation + 1;
+        let existed = (&self.cases, &self.embeddings, &self.meta, &self.changes)
+            .transaction(|(c, e, m, ch)| -> ConflictableTransactionResult<bool> {
                 let had_case = c.remove(id.as_str().as_bytes())?.is_some();
                 let had_row = e.remove(id.as_str().as_bytes())?.is_some();
+                m.insert(KEY_GENERATION, &generation.to_le_bytes())?;
+                ch.insert(&generation.to_be_bytes(), change.as_slice())?;
                 Ok(had_case || had_row)
             })
             .map_err(transaction("removing a case"))?;
-        self.flush("flushing a removal")?;
+        state.generation = generation;
+        if let Err(e) = self.flush("flushing a removal") {
+            state.index_matches_sled = false;
+            return Err(e);
+        }
         self.write_index()?.remove(id);
+        state.corrupt.remove(id.as_str());
         Ok(existed)
     }
 
@@ -491,9 +686,9 @@ impl CaseStore {
         Ok(self.read_index()?.search_batch(queries, k, filter, kind)?)
     }
 
-    /// The int8 quantization step currently used by `ScoreKind::Int8`.
-    pub fn int8_scale(&self) -> Result<f32, StoreError> {
-        Ok(self.read_index()?.int8_scale())
+    /// Which embedding copies are in memory (chosen at open).
+    pub fn residency(&self) -> Result<Residency, StoreError> {
+        Ok(self.read_index()?.residency())
     }
 
     /// Threads a large index scan may use (default: all cores).
@@ -546,7 +741,7 @@ fn check_or_write_header(
     embeddings: &sled::Tree,
     path: &Path,
     identity: &StoreIdentity,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let read = |key: &str| meta.get(key).map_err(storage("reading the store header"));
     let bad = |reason: &str| StoreError::BadHeader {
         path: path.to_path_buf(),
@@ -565,17 +760,32 @@ fn check_or_write_header(
         batch.insert(KEY_FORMAT, &FORMAT_VERSION.to_le_bytes());
         batch.insert(KEY_MODEL, identity.model_id.as_bytes());
         batch.insert(KEY_DIM, &(identity.embedding_dim as u64).to_le_bytes());
+        batch.insert(KEY_GENERATION, &0u64.to_le_bytes());
         meta.apply_batch(batch)
             .map_err(storage("writing the store header"))?;
         db.flush().map_err(storage("flushing the store header"))?;
         info!(model_id = %identity.model_id, dim = identity.embedding_dim, "new case store created");
-        return Ok(());
+        return Ok(0);
     };
     let format: [u8; 4] = format
         .as_ref()
         .try_into()
         .map_err(|_| bad("format version is not 4 bytes"))?;
-    let found = u32::from_le_bytes(format);
+    let mut found = u32::from_le_bytes(format);
+    if found == 1 {
+        // Version 1 differs only by lacking the generation (and the change
+        // log, created empty on open). Stamping both keys in one flushed
+        // batch means no version-1 build writes to this store again.
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_FORMAT, &FORMAT_VERSION.to_le_bytes());
+        batch.insert(KEY_GENERATION, &0u64.to_le_bytes());
+        meta.apply_batch(batch)
+            .map_err(storage("upgrading the store header"))?;
+        db.flush()
+            .map_err(storage("flushing the upgraded store header"))?;
+        info!(path = %path.display(), "store upgraded from format 1 to 2");
+        found = FORMAT_VERSION;
+    }
     if found != FORMAT_VERSION {
         return Err(StoreError::FormatMismatch {
             path: path.to_path_buf(),
@@ -602,7 +812,207 @@ fn check_or_write_header(
             encoder_dim: identity.embedding_dim,
         });
     }
-    Ok(())
+    let generation = read(KEY_GENERATION)?.ok_or_else(|| bad("write generation missing"))?;
+    let generation: [u8; 8] = generation
+        .as_ref()
+        .try_into()
+        .map_err(|_| bad("write generation is not 8 bytes"))?;
+    Ok(u64::from_le_bytes(generation))
+}
+
+/// The cache file `open` loads for this residency. `Both` loads the f32
+/// rows and derives the int8 copy, which is cheaper than reading and
+/// checksumming a second file.
+fn primary_cache(residency: Residency) -> CacheKind {
+    match residency {
+        Residency::Int8 => CacheKind::Int8,
+        Residency::F32 | Residency::Both => CacheKind::F32,
+    }
+}
+
+/// The cache files a checkpoint writes: one per resident copy, so a later
+/// open with either residency finds its file.
+fn cache_kinds(residency: Residency) -> Vec<CacheKind> {
+    match residency {
+        Residency::F32 => vec![CacheKind::F32],
+        Residency::Int8 => vec![CacheKind::Int8],
+        Residency::Both => vec![CacheKind::F32, CacheKind::Int8],
+    }
+}
+
+type Indexed = (FlatIndex, BTreeMap<String, CorruptEntry>, IndexSource);
+
+/// The index from the cache file plus the writes sled has that the cache
+/// lacks. `Ok(Err(miss))`: fall back to a scan; `Err`: sled itself failed.
+fn load_cached(
+    path: &Path,
+    identity: &StoreIdentity,
+    residency: Residency,
+    generation: u64,
+    changes: &sled::Tree,
+    embeddings: &sled::Tree,
+) -> Result<Result<Indexed, Miss>, StoreError> {
+    let dim = identity.embedding_dim;
+    let loaded = match cache::load(path, primary_cache(residency), dim, &identity.model_id) {
+        Ok(loaded) => loaded,
+        Err(miss) => return Ok(Err(miss)),
+    };
+    let cache_generation = loaded.generation;
+    if cache_generation > generation {
+        // Written after writes sled no longer has (e.g. the database was
+        // restored from an older backup): it could hold removed cases.
+        return Ok(Err(Miss::Invalid(format!(
+            "written at generation {cache_generation}, newer than the database's {generation}"
+        ))));
+    }
+    let mut index = FlatIndex::with_residency(dim, residency)?;
+    let tags = loaded.tags.iter().map(|t| index.row_tags_for(t)).collect();
+    if let Err(why) = index.load_rows(loaded.ids, tags, loaded.vectors, loaded.quantized) {
+        return Ok(Err(Miss::Invalid(why)));
+    }
+    let mut corrupt: BTreeMap<String, CorruptEntry> = loaded
+        .corrupt
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    if cache_generation == generation {
+        return Ok(Ok((
+            index,
+            corrupt,
+            IndexSource::Cache {
+                generation: cache_generation,
+            },
+        )));
+    }
+    // Every write since the cache, in order and without gaps; a missing
+    // entry means the cache cannot be brought up to date.
+    let mut touched = BTreeSet::new();
+    let mut expected = cache_generation + 1;
+    for item in changes.range((cache_generation + 1).to_be_bytes()..) {
+        let (key, value) = item.map_err(storage("reading the change log"))?;
+        let key: [u8; 8] = match key.as_ref().try_into() {
+            Ok(key) => key,
+            Err(_) => return Ok(Err(Miss::Invalid("garbled change-log key".into()))),
+        };
+        let g = u64::from_be_bytes(key);
+        if g > generation {
+            break;
+        }
+        if g != expected {
+            return Ok(Err(Miss::Invalid(format!(
+                "change log lacks write {expected}"
+            ))));
+        }
+        match codec::decode_change(&value) {
+            Ok(ids) => touched.extend(ids),
+            Err(why) => {
+                return Ok(Err(Miss::Invalid(format!(
+                    "change-log entry {g} is corrupt: {why}"
+                ))))
+            }
+        }
+        expected += 1;
+    }
+    if expected != generation + 1 {
+        return Ok(Err(Miss::Invalid(format!(
+            "change log lacks write {expected}"
+        ))));
+    }
+    // sled is the truth: each touched case is indexed as sled has it now.
+    let mut scratch = Vec::with_capacity(dim);
+    for id_text in &touched {
+        let Ok(id) = CaseId::new(id_text.clone()) else {
+            return Ok(Err(Miss::Invalid(format!(
+                "change log names an invalid id {id_text:?}"
+            ))));
+        };
+        corrupt.remove(id_text);
+        let row = embeddings
+            .get(id_text.as_bytes())
+            .map_err(storage("reading the embeddings tree"))?;
+        let Some(row) = row else {
+            index.remove(&id);
+            continue;
+        };
+        let pushed = codec::decode_embedding(&row, dim).and_then(|(tags, raw)| {
+            index
+                .push_le(id.clone(), raw, &tags, &mut scratch)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(reason) = pushed {
+            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            index.remove(&id);
+            corrupt.insert(
+                id_text.clone(),
+                CorruptEntry {
+                    id: id_text.clone(),
+                    tree: EMBEDDINGS_TREE,
+                    reason,
+                },
+            );
+        }
+    }
+    Ok(Ok((
+        index,
+        corrupt,
+        IndexSource::CacheReplayed {
+            cache_generation,
+            writes_replayed: generation - cache_generation,
+            cases_reread: touched.len(),
+        },
+    )))
+}
+
+/// The index from every row of the embeddings tree (the fallback).
+fn scan(
+    embeddings: &sled::Tree,
+    identity: &StoreIdentity,
+    residency: Residency,
+    size_hint: usize,
+) -> Result<(FlatIndex, BTreeMap<String, CorruptEntry>), StoreError> {
+    let dim = identity.embedding_dim;
+    let mut index = FlatIndex::with_residency(dim, residency)?;
+    index.reserve(size_hint);
+    let mut corrupt = BTreeMap::new();
+    let mut scratch = Vec::with_capacity(dim);
+    for item in embeddings.iter() {
+        let (key, value) = item.map_err(storage("reading the embeddings tree"))?;
+        let id_text = String::from_utf8_lossy(&key).into_owned();
+        let pushed = CaseId::new(id_text.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|id| {
+                let (tags, raw) = codec::decode_embedding(&value, dim)?;
+                index
+                    .push_le(id, raw, &tags, &mut scratch)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(reason) = pushed {
+            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            corrupt.insert(
+                id_text.clone(),
+                CorruptEntry {
+                    id: id_text,
+                    tree: EMBEDDINGS_TREE,
+                    reason,
+                },
+            );
+        }
+    }
+    Ok((index, corrupt))
+}
+
+impl Drop for CaseStore {
+    /// A clean close leaves a current index cache, so the next open is one
+    /// sequential read. Errors are only logged: the cache is an optimisation
+    /// and sled already holds every acknowledged write.
+    fn drop(&mut self) {
+        if !self.cache_on_close {
+            return;
+        }
+        if let Err(e) = self.checkpoint() {
+            warn!(error = %e, "index cache not written at close; the next open replays or scans");
+        }
+    }
 }
 
 #[cfg(test)]

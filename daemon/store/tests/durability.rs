@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{identity, make_case, Rng};
-use dermascope_store::{CaseFilter, CaseId, CaseStore, ScoreKind};
+use dermascope_store::{CaseFilter, CaseId, CaseStore, IndexSource, ScoreKind};
 
 const DIM: usize = 128;
 const ROLE: &str = "DERMASCOPE_STORE_CHILD";
@@ -97,6 +97,13 @@ fn child_ingest() {
     let mut i = 0;
     while Instant::now() < deadline {
         i += 1;
+        // Some kills must land while the index cache is being written.
+        if i % 40 == 0 {
+            if let Err(e) = store.checkpoint() {
+                eprintln!("checkpoint failed: {e}");
+                std::process::exit(4);
+            }
+        }
         let roll = rng.below(10);
         if roll < 6 {
             let id = format!("r{run:02}-{i:05}");
@@ -163,8 +170,13 @@ impl Ledger {
 /// `search_ids` are also found first by their own embedding (checking all
 /// of them after every run would make the test quadratic); acknowledged
 /// removals stayed removed; the two trees agree.
-fn verify(dir: &Path, ledger: &Ledger, search_ids: &[String]) -> Result<usize, String> {
+fn verify(
+    dir: &Path,
+    ledger: &Ledger,
+    search_ids: &[String],
+) -> Result<(usize, IndexSource), String> {
     let store = CaseStore::open(dir, identity(DIM)).map_err(|e| format!("reopen failed: {e}"))?;
+    let source = store.open_report().index_source.clone();
     if !store.open_report().corrupt.is_empty() {
         return Err(format!(
             "corrupt rows after crash: {:?}",
@@ -219,7 +231,15 @@ fn verify(dir: &Path, ledger: &Ledger, search_ids: &[String]) -> Result<usize, S
             "trees disagree after crash (non-atomic write?): {problems:?}"
         ));
     }
-    store.len().map_err(|e| e.to_string())
+    // The index (from cache, replay or scan) must hold exactly sled's cases.
+    let on_disk = store.ids().map_err(|e| e.to_string())?.len();
+    let indexed = store.len().map_err(|e| e.to_string())?;
+    if on_disk != indexed {
+        return Err(format!(
+            "index holds {indexed} cases, sled {on_disk} (opened via {source:?})"
+        ));
+    }
+    Ok((indexed, source))
 }
 
 fn crash_test() -> Result<(), String> {
@@ -228,6 +248,7 @@ fn crash_test() -> Result<(), String> {
     let mut rng = Rng(20_240_611);
     let mut ledger = Ledger::default();
     let mut killed_while_writing = 0;
+    let mut replayed_opens = 0;
     for run in 0..CRASH_RUNS {
         let delay = Duration::from_millis(5 + rng.below(250));
         let mut child = Command::new(&exe)
@@ -268,13 +289,21 @@ fn crash_test() -> Result<(), String> {
         for _ in 0..64.min(older.len()) {
             search_ids.push(older[rng.below(older.len() as u64) as usize].clone());
         }
-        let total = verify(dir.path(), &ledger, &search_ids)
+        let (total, source) = verify(dir.path(), &ledger, &search_ids)
             .map_err(|e| format!("run {run} (killed after {delay:?}, status {status}): {e}"))?;
+        if matches!(source, IndexSource::CacheReplayed { .. }) {
+            replayed_opens += 1;
+        }
         println!(
-            "crash run {run:2}: killed after {:3} ms, {acks:3} new acks, {} acknowledged live cases verified, {total} in store",
+            "crash run {run:2}: killed after {:3} ms, {acks:3} new acks, {} acknowledged live cases verified, {total} in store, index via {source:?}",
             delay.as_millis(),
             ledger.present.len()
         );
+    }
+    if replayed_opens < CRASH_RUNS / 4 {
+        return Err(format!(
+            "only {replayed_opens} reopens replayed a stale index cache; the test proved little"
+        ));
     }
     if killed_while_writing < CRASH_RUNS / 2 || ledger.present.len() < 100 {
         return Err(format!(
@@ -400,7 +429,7 @@ fn full_disk_test() -> Result<(), String> {
         return Err("limit too tight: no case was acknowledged before the error".into());
     }
     let all: Vec<String> = ledger.present.iter().cloned().collect();
-    let total = verify(dir.path(), &ledger, &all)?;
+    let (total, _) = verify(dir.path(), &ledger, &all)?;
     println!(
         "full disk: reopened, {} acknowledged cases verified, {total} in store",
         ledger.present.len()

@@ -1,10 +1,12 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use common::{identity, make_case, MODEL};
 use dermascope_store::{
-    CaseFilter, CaseId, CaseSource, CaseStore, ScoreKind, StoreError, StoreIdentity,
+    CaseFilter, CaseId, CaseSource, CaseStore, IndexError, IndexSource, OpenOptions, Residency,
+    ScoreKind, StoreError, StoreIdentity, FORMAT_VERSION,
 };
 
 const DIM: usize = 48;
@@ -21,6 +23,63 @@ fn raw_sled(path: &std::path::Path) -> sled::Db {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     panic!("sled::open kept failing: {last:?}");
+}
+
+const F32_CACHE: &str = "index-f32.cache";
+const INT8_CACHE: &str = "index-int8.cache";
+
+fn remove_caches(dir: &Path) {
+    for name in [F32_CACHE, INT8_CACHE] {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+fn reopen(dir: &Path) -> CaseStore {
+    reopen_with(dir, OpenOptions::default())
+}
+
+fn reopen_with(dir: &Path, options: OpenOptions) -> CaseStore {
+    // The previous handle's sled lock is released from a background thread.
+    let mut last = None;
+    for _ in 0..100 {
+        match CaseStore::open_with(dir, identity(DIM), options) {
+            Ok(store) => return store,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("reopen kept failing: {last:?}");
+}
+
+/// Every expected case is its own nearest neighbour with both kinds, and
+/// the store holds nothing else.
+fn assert_serves_exactly(store: &CaseStore, expected: &[dermascope_store::Case]) {
+    assert_eq!(store.len().unwrap(), expected.len());
+    for case in expected {
+        for kind in [ScoreKind::F32, ScoreKind::Int8] {
+            let hits = store
+                .search(&case.embedding, 1, &CaseFilter::any(), kind)
+                .unwrap();
+            assert_eq!(hits[0].id, case.id, "{kind:?}");
+            assert!((hits[0].score - 1.0).abs() < 0.02, "{}", hits[0].score);
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 fn ids(n: usize) -> Vec<String> {
@@ -207,7 +266,7 @@ fn other_formats_and_foreign_databases_are_refused() {
             err,
             StoreError::FormatMismatch {
                 found: 99,
-                expected: 1,
+                expected: FORMAT_VERSION,
                 ..
             }
         ),
@@ -254,8 +313,17 @@ fn garbled_values_are_reported_per_case_and_the_store_still_opens() {
         rows.insert(garbled_row.as_str(), bytes).unwrap();
         db.flush().unwrap();
     }
+    // Raw edits bypass the write generation, as bit rot would, so the cache
+    // (checksummed, written before the damage) would still be served; this
+    // test is about what a scan of damaged sled values reports.
+    remove_caches(dir.path());
     let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
     let report = store.open_report();
+    assert!(
+        matches!(report.index_source, IndexSource::Scan { .. }),
+        "{:?}",
+        report.index_source
+    );
     assert_eq!(report.cases_indexed, 9);
     assert_eq!(report.corrupt.len(), 1);
     assert_eq!(report.corrupt[0].id, garbled_row.as_str());
@@ -303,4 +371,215 @@ fn garbled_values_are_reported_per_case_and_the_store_still_opens() {
     // Re-inserting the case repairs it.
     store.insert(&cases[7]).unwrap();
     assert_eq!(store.get(&cases[7].id).unwrap().as_ref(), Some(&cases[7]));
+}
+
+#[test]
+fn a_valid_cache_is_used_and_a_missing_truncated_or_garbled_one_falls_back_to_a_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<_> = ids(60).iter().map(|id| make_case(id, DIM)).collect();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert_batch(&cases).unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.open_report().index_source,
+        IndexSource::Cache { generation: 1 }
+    );
+    assert_serves_exactly(&store, &cases);
+    drop(store);
+
+    remove_caches(dir.path());
+    let store = reopen(dir.path());
+    match &store.open_report().index_source {
+        IndexSource::Scan { reason } => assert!(reason.contains("no index cache"), "{reason}"),
+        other => panic!("expected a scan, got {other:?}"),
+    }
+    assert_serves_exactly(&store, &cases);
+    drop(store);
+    // The scan rewrote the cache.
+    assert!(dir.path().join(F32_CACHE).exists());
+    assert!(dir.path().join(INT8_CACHE).exists());
+
+    let path = dir.path().join(F32_CACHE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let store = reopen(dir.path());
+    match &store.open_report().index_source {
+        IndexSource::Scan { reason } => assert!(reason.contains("checksum"), "{reason}"),
+        other => panic!("expected a scan, got {other:?}"),
+    }
+    assert_serves_exactly(&store, &cases);
+    drop(store);
+
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let store = reopen(dir.path());
+    assert!(
+        matches!(store.open_report().index_source, IndexSource::Scan { .. }),
+        "{:?}",
+        store.open_report().index_source
+    );
+    assert_serves_exactly(&store, &cases);
+    drop(store);
+
+    std::fs::write(&path, b"not a cache").unwrap();
+    let store = reopen(dir.path());
+    assert!(matches!(
+        store.open_report().index_source,
+        IndexSource::Scan { .. }
+    ));
+    assert_serves_exactly(&store, &cases);
+}
+
+#[test]
+fn int8_residency_reads_its_own_cache_and_refuses_f32_scoring() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<_> = ids(30).iter().map(|id| make_case(id, DIM)).collect();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert_batch(&cases).unwrap();
+    }
+    let options = OpenOptions {
+        residency: Residency::Int8,
+        ..OpenOptions::default()
+    };
+    let store = reopen_with(dir.path(), options);
+    assert_eq!(
+        store.open_report().index_source,
+        IndexSource::Cache { generation: 1 }
+    );
+    assert_eq!(store.residency().unwrap(), Residency::Int8);
+    let hits = store
+        .search(&cases[3].embedding, 1, &CaseFilter::any(), ScoreKind::Int8)
+        .unwrap();
+    assert_eq!(hits[0].id, cases[3].id);
+    let err = store
+        .search(&cases[3].embedding, 1, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Index(IndexError::KindNotResident {
+                requested: ScoreKind::F32,
+                resident: Residency::Int8
+            })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Residency::Both"), "{err}");
+}
+
+#[test]
+fn a_stale_cache_is_brought_up_to_date_and_never_resurrects_or_loses_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = tempfile::tempdir().unwrap();
+    let mut cases: Vec<_> = ids(40).iter().map(|id| make_case(id, DIM)).collect();
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert_batch(&cases).unwrap();
+    }
+    // The whole store as of generation 1, cache included.
+    copy_dir(dir.path(), old.path());
+    {
+        // As if killed: the writes below never reach the cache.
+        let options = OpenOptions {
+            no_cache_on_close: true,
+            ..OpenOptions::default()
+        };
+        let store = reopen_with(dir.path(), options);
+        let added: Vec<_> = (0..10)
+            .map(|i| make_case(&format!("new-{i}"), DIM))
+            .collect();
+        for case in &added[..4] {
+            store.insert(case).unwrap();
+        }
+        store.insert_batch(&added[4..]).unwrap();
+        for case in cases.drain(..5) {
+            assert!(store.remove(&case.id).unwrap());
+        }
+        let mut replaced = cases[0].clone();
+        replaced.embedding = make_case("replacement", DIM).embedding;
+        store.insert(&replaced).unwrap();
+        cases[0] = replaced;
+        cases.extend(added);
+    }
+    // The cache is stale: generation 1, while sled is at 1 + 4 + 1 + 5 + 1.
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.open_report().index_source,
+        IndexSource::CacheReplayed {
+            cache_generation: 1,
+            writes_replayed: 11,
+            cases_reread: 16
+        }
+    );
+    assert_serves_exactly(&store, &cases);
+    let removed = make_case(&ids(40)[2], DIM);
+    let hits = store
+        .search(&removed.embedding, 1, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert_ne!(hits[0].id, removed.id);
+    drop(store);
+
+    // The close wrote a current cache and pruned the change log, so the old
+    // cache can no longer be brought up to date: it must be rescanned.
+    for name in [F32_CACHE, INT8_CACHE] {
+        std::fs::copy(old.path().join(name), dir.path().join(name)).unwrap();
+    }
+    let store = reopen(dir.path());
+    match &store.open_report().index_source {
+        IndexSource::Scan { reason } => assert!(reason.contains("change log"), "{reason}"),
+        other => panic!("expected a scan, got {other:?}"),
+    }
+    assert_serves_exactly(&store, &cases);
+    drop(store);
+
+    // A cache newer than the database (the store restored from the older
+    // copy, the cache not) would hold cases sled no longer has.
+    for name in [F32_CACHE, INT8_CACHE] {
+        std::fs::copy(dir.path().join(name), old.path().join(name)).unwrap();
+    }
+    let store = reopen(old.path());
+    match &store.open_report().index_source {
+        IndexSource::Scan { reason } => assert!(reason.contains("newer"), "{reason}"),
+        other => panic!("expected a scan, got {other:?}"),
+    }
+    let original: Vec<_> = ids(40).iter().map(|id| make_case(id, DIM)).collect();
+    assert_serves_exactly(&store, &original);
+}
+
+#[test]
+fn a_format_1_store_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = make_case("a", DIM);
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert(&case).unwrap();
+    }
+    remove_caches(dir.path());
+    {
+        let db = raw_sled(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format_version", &1u32.to_le_bytes()).unwrap();
+        meta.remove("generation").unwrap();
+        db.open_tree("changes").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_serves_exactly(&store, std::slice::from_ref(&case));
+    store.insert(&make_case("b", DIM)).unwrap();
+    drop(store);
+    let db = raw_sled(dir.path());
+    let meta = db.open_tree("meta").unwrap();
+    assert_eq!(
+        meta.get("format_version").unwrap().unwrap().as_ref(),
+        &FORMAT_VERSION.to_le_bytes()
+    );
+    assert_eq!(
+        meta.get("generation").unwrap().unwrap().as_ref(),
+        &1u64.to_le_bytes()
+    );
 }

@@ -168,23 +168,70 @@ fn int8_recall_at_10_is_high_and_scores_approximate_inner_products() {
 }
 
 #[test]
-fn int8_scale_is_recorded_from_the_data_and_grows() {
+fn int8_steps_are_per_row_so_an_outlier_row_changes_no_other_row() {
     let mut index = FlatIndex::new(4).unwrap();
-    index
-        .upsert(id(0), &[0.5, -0.5, 0.5, -0.5], &tags_for(0))
+    let first = [0.5, -0.5, 0.5, -0.5];
+    index.upsert(id(0), &first, &tags_for(0)).unwrap();
+    assert!((index.int8_step(&id(0)).unwrap() - 0.5 / 127.0).abs() < 1e-9);
+    let before = index
+        .search(&first, 1, &CaseFilter::any(), ScoreKind::Int8)
         .unwrap();
-    assert!((index.int8_scale() - 0.5 / 127.0).abs() < 1e-9);
+    let (rows_before, _) = index.int8_rows().unwrap();
+    let row0_before = rows_before[..4].to_vec();
     index
         .upsert(id(1), &[0.9, 0.1, 0.3, 0.3], &tags_for(1))
         .unwrap();
-    assert!((index.int8_scale() - 0.9 / 127.0).abs() < 1e-9);
-    // Old rows were requantized with the new scale: scores still match f32.
-    let q = [0.5, -0.5, 0.5, -0.5];
-    let hits = index
-        .search(&q, 2, &CaseFilter::any(), ScoreKind::Int8)
+    assert!((index.int8_step(&id(1)).unwrap() - 0.9 / 127.0).abs() < 1e-9);
+    assert!((index.int8_step(&id(0)).unwrap() - 0.5 / 127.0).abs() < 1e-9);
+    assert_eq!(&index.int8_rows().unwrap().0[..4], &row0_before[..]);
+    let after = index
+        .search(&first, 2, &CaseFilter::any(), ScoreKind::Int8)
         .unwrap();
-    assert_eq!(hits[0].id, id(0));
-    assert!((hits[0].score - 1.0).abs() < 0.02, "{}", hits[0].score);
+    assert_eq!(after[0], before[0]);
+    assert!((after[0].score - 1.0).abs() < 0.02, "{}", after[0].score);
+}
+
+#[test]
+fn only_resident_kinds_can_be_scored_and_results_match_both() {
+    let mut rng = Rng(11);
+    let vectors = clustered(&mut rng, 300, 32, 4);
+    let both = build(&vectors);
+    let mut int8 = FlatIndex::with_residency(32, Residency::Int8).unwrap();
+    let mut f32_only = FlatIndex::with_residency(32, Residency::F32).unwrap();
+    for (i, v) in vectors.iter().enumerate() {
+        int8.upsert(id(i), v, &tags_for(i)).unwrap();
+        f32_only.upsert(id(i), v, &tags_for(i)).unwrap();
+    }
+    // Removals must keep each copy's rows aligned with the ids.
+    for i in (0..300).step_by(7) {
+        assert!(int8.remove(&id(i)));
+        assert!(f32_only.remove(&id(i)));
+    }
+    let mut both = both;
+    for i in (0..300).step_by(7) {
+        both.remove(&id(i));
+    }
+    let q = &vectors[5];
+    let any = CaseFilter::any();
+    assert_eq!(
+        int8.search(q, 10, &any, ScoreKind::Int8).unwrap(),
+        both.search(q, 10, &any, ScoreKind::Int8).unwrap()
+    );
+    assert_eq!(
+        f32_only.search(q, 10, &any, ScoreKind::F32).unwrap(),
+        both.search(q, 10, &any, ScoreKind::F32).unwrap()
+    );
+    assert_eq!(
+        int8.search(q, 10, &any, ScoreKind::F32),
+        Err(IndexError::KindNotResident {
+            requested: ScoreKind::F32,
+            resident: Residency::Int8
+        })
+    );
+    assert!(f32_only.search(q, 10, &any, ScoreKind::Int8).is_err());
+    assert!(int8.embedding(&id(5)).is_none());
+    assert!(int8.f32_rows().is_none());
+    assert_eq!(int8.int8_rows().unwrap().0.len(), int8.len() * 32);
 }
 
 #[test]
@@ -373,10 +420,12 @@ fn insert_and_delete_while_other_threads_search() {
     let index = Arc::new(RwLock::new(build(&vectors[..1000])));
     let sentinel = vectors[0].clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let readers: Vec<_> = (0..2)
         .map(|r| {
             let index = Arc::clone(&index);
             let stop = Arc::clone(&stop);
+            let started = Arc::clone(&started);
             let sentinel = sentinel.clone();
             std::thread::spawn(move || {
                 let mut searches = 0;
@@ -397,12 +446,20 @@ fn insert_and_delete_while_other_threads_search() {
                         let truth = dot64(guard.embedding(&h.id).unwrap(), &sentinel);
                         assert!((h.score as f64 - truth).abs() < 0.05);
                     }
+                    if searches == 0 {
+                        started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     searches += 1;
                 }
                 searches
             })
         })
         .collect();
+    // On a loaded machine the readers may not be scheduled before the writer
+    // finishes; wait until both search, so the writes really interleave.
+    while started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        std::thread::yield_now();
+    }
     for (i, v) in vectors.iter().enumerate().skip(1000) {
         let mut guard = index.write().unwrap();
         guard.upsert(id(i), v, &tags_for(i)).unwrap();
