@@ -6,9 +6,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use dermascope_encoder::Encoder;
 
-use crate::{paths, EncoderArgs};
+use crate::EncoderArgs;
 
 #[derive(Args, Debug)]
 pub struct EmbedArgs {
@@ -23,9 +22,7 @@ pub struct EmbedArgs {
 }
 
 pub fn run(args: &EmbedArgs) -> anyhow::Result<ExitCode> {
-    let bundle = paths::encoder_bundle(args.encoder.bundle.as_ref());
-    let encoder = Encoder::load(&bundle, &args.encoder.options())
-        .with_context(|| format!("loading the encoder from {}", bundle.display()))?;
+    let encoder = args.encoder.load(None)?;
     if !args.json {
         println!(
             "encoder {} ({}), {} dims",

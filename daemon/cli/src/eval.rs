@@ -8,20 +8,20 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use dermascope_encoder::Encoder;
 use dermascope_eval::{
     grouped_split, knn_vote, precision_at_k, ClassificationReport, Neighbour, Vote,
 };
 use dermascope_store::{
-    CaseFilter, CaseSource, CaseStore, CaseTags, Diagnosis, FlatIndex, ScoreKind, StoreIdentity,
+    CaseFilter, CaseSource, CaseStore, CaseTags, Diagnosis, FlatIndex, ScoreKind,
 };
 use serde::Serialize;
 
 use crate::ingest::ingest;
 use crate::labels::{read_labels, LabelledImage};
-use crate::{paths, EncoderArgs};
+use crate::{open_store_at, EncoderArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -91,23 +91,12 @@ struct Labelled {
 }
 
 fn retrieval(args: &RetrievalArgs) -> anyhow::Result<ExitCode> {
-    let bundle = paths::encoder_bundle(args.encoder.bundle.as_ref());
-    let mut options = args.encoder.options();
-    options.threads = 1;
-    let encoder = Encoder::load(&bundle, &options)
-        .with_context(|| format!("loading the encoder from {}", bundle.display()))?;
+    let encoder = args.encoder.load(Some(1))?;
     let store_path = args
         .store
         .clone()
         .unwrap_or_else(|| PathBuf::from("var/eval").join(encoder.model_id()));
-    let store = CaseStore::open(
-        &store_path,
-        StoreIdentity {
-            model_id: encoder.model_id().to_string(),
-            embedding_dim: encoder.dim(),
-        },
-    )
-    .with_context(|| format!("opening the evaluation store at {}", store_path.display()))?;
+    let store = open_store_at(&store_path, &encoder)?;
 
     let references = embedded_rows(
         &store,

@@ -16,7 +16,7 @@ use image::codecs::jpeg::JpegEncoder;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::labels::{read_labels, LabelledImage, RejectedRow};
-use crate::{open_store, paths, EncoderArgs, StoreArgs};
+use crate::{open_store, EncoderArgs, StoreArgs};
 
 /// Cases per flush: small enough that a kill loses little work, large enough
 /// that fsync does not dominate.
@@ -65,13 +65,9 @@ pub struct IngestSummary {
 }
 
 pub fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
-    let bundle = paths::encoder_bundle(args.encoder.bundle.as_ref());
     // Parallelism comes from embedding several photographs at once, one
     // thread each, rather than from splitting one photograph's products.
-    let mut options = args.encoder.options();
-    options.threads = 1;
-    let encoder = Encoder::load(&bundle, &options)
-        .with_context(|| format!("loading the encoder from {}", bundle.display()))?;
+    let encoder = args.encoder.load(Some(1))?;
     let store = open_store(&args.store, &encoder)?;
     let labels = read_labels(&args.labels)?;
     let mut summary = ingest(

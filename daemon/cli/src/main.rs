@@ -61,9 +61,12 @@ impl StoreArgs {
 
 /// Opens the case store for `encoder`'s embeddings.
 pub fn open_store(args: &StoreArgs, encoder: &Encoder) -> anyhow::Result<CaseStore> {
-    let path = args.path();
+    open_store_at(&args.path(), encoder)
+}
+
+pub fn open_store_at(path: &std::path::Path, encoder: &Encoder) -> anyhow::Result<CaseStore> {
     let store = CaseStore::open(
-        &path,
+        path,
         StoreIdentity {
             model_id: encoder.model_id().to_string(),
             embedding_dim: encoder.dim(),
@@ -97,6 +100,19 @@ pub struct EncoderArgs {
 }
 
 impl EncoderArgs {
+    /// Loads the encoder these flags name. Commands that embed several
+    /// photographs in parallel pass `per_image_threads = Some(1)` and use
+    /// `threads` as their worker count instead.
+    pub fn load(&self, per_image_threads: Option<usize>) -> anyhow::Result<Encoder> {
+        let bundle = paths::encoder_bundle(self.bundle.as_ref());
+        let mut options = self.options();
+        if let Some(threads) = per_image_threads {
+            options.threads = threads;
+        }
+        Encoder::load(&bundle, &options)
+            .with_context(|| format!("loading the encoder from {}", bundle.display()))
+    }
+
     pub fn options(&self) -> EncoderOptions {
         EncoderOptions {
             variant: match &self.variant {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use dermascope_encoder::{Encoder, EncoderManifest};
+use dermascope_encoder::EncoderManifest;
 use dermascope_store::{CaseFilter, CaseStore, ScoreKind, StoreIdentity};
 
 use crate::ingest::SourceArg;
@@ -42,9 +42,7 @@ pub struct SearchArgs {
 }
 
 pub fn search(args: &SearchArgs) -> anyhow::Result<ExitCode> {
-    let bundle = paths::encoder_bundle(args.encoder.bundle.as_ref());
-    let encoder = Encoder::load(&bundle, &args.encoder.options())
-        .with_context(|| format!("loading the encoder from {}", bundle.display()))?;
+    let encoder = args.encoder.load(None)?;
     let store = open_store(&args.store, &encoder)?;
     let bytes =
         std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
