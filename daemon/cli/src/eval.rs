@@ -15,7 +15,7 @@ use dermascope_eval::{
     grouped_split, knn_vote, precision_at_k, ClassificationReport, Neighbour, Vote,
 };
 use dermascope_store::{
-    CaseFilter, CaseSource, CaseStore, CaseTags, Diagnosis, FlatIndex, ScoreKind,
+    CaseFilter, CaseSource, CaseStore, CaseTags, Diagnosis, FlatIndex, Residency, ScoreKind,
 };
 use serde::Serialize;
 
@@ -96,7 +96,8 @@ fn retrieval(args: &RetrievalArgs) -> anyhow::Result<ExitCode> {
         .store
         .clone()
         .unwrap_or_else(|| PathBuf::from("var/eval").join(encoder.model_id()));
-    let store = open_store_at(&store_path, &encoder)?;
+    // The store is only an embedding cache here; scoring uses its own index.
+    let store = open_store_at(&store_path, &encoder, Residency::Int8)?;
 
     let references = embedded_rows(
         &store,

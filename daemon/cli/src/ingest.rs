@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::Args;
 use dermascope_encoder::{decode_rgb, DecodeBudget, Encoder};
-use dermascope_store::{Case, CaseMetadata, CaseSource, CaseStore};
+use dermascope_store::{Case, CaseMetadata, CaseSource, CaseStore, Residency};
 use image::codecs::jpeg::JpegEncoder;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -68,7 +68,8 @@ pub fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
     // Parallelism comes from embedding several photographs at once, one
     // thread each, rather than from splitting one photograph's products.
     let encoder = args.encoder.load(Some(1))?;
-    let store = open_store(&args.store, &encoder)?;
+    // Ingest never scores: the smallest copy keeps the index current.
+    let store = open_store(&args.store, &encoder, Residency::Int8)?;
     let labels = read_labels(&args.labels)?;
     let mut summary = ingest(
         &store,

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
-use dermascope_store::{CaseStore, StoreIdentity};
+use dermascope_store::{CaseStore, OpenOptions, Residency, StoreIdentity};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,17 +59,31 @@ impl StoreArgs {
     }
 }
 
-/// Opens the case store for `encoder`'s embeddings.
-pub fn open_store(args: &StoreArgs, encoder: &Encoder) -> anyhow::Result<CaseStore> {
-    open_store_at(&args.path(), encoder)
+/// Opens the case store for `encoder`'s embeddings, keeping only the index
+/// copy the command scores with: both copies of 100k cases take 2.2 s and
+/// 1 GB to load, one takes 0.2 s (int8) or 0.9 s (f32).
+pub fn open_store(
+    args: &StoreArgs,
+    encoder: &Encoder,
+    residency: Residency,
+) -> anyhow::Result<CaseStore> {
+    open_store_at(&args.path(), encoder, residency)
 }
 
-pub fn open_store_at(path: &std::path::Path, encoder: &Encoder) -> anyhow::Result<CaseStore> {
-    let store = CaseStore::open(
+pub fn open_store_at(
+    path: &std::path::Path,
+    encoder: &Encoder,
+    residency: Residency,
+) -> anyhow::Result<CaseStore> {
+    let store = CaseStore::open_with(
         path,
         StoreIdentity {
             model_id: encoder.model_id().to_string(),
             embedding_dim: encoder.dim(),
+        },
+        OpenOptions {
+            residency,
+            ..OpenOptions::default()
         },
     )
     .with_context(|| format!("opening the case store at {}", path.display()))?;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use dermascope_encoder::EncoderManifest;
-use dermascope_store::{CaseFilter, CaseStore, ScoreKind, StoreIdentity};
+use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
 
 use crate::ingest::SourceArg;
 use crate::{open_store, paths, EncoderArgs, StoreArgs};
@@ -43,7 +43,12 @@ pub struct SearchArgs {
 
 pub fn search(args: &SearchArgs) -> anyhow::Result<ExitCode> {
     let encoder = args.encoder.load(None)?;
-    let store = open_store(&args.store, &encoder)?;
+    let (kind, residency) = if args.int8 {
+        (ScoreKind::Int8, Residency::Int8)
+    } else {
+        (ScoreKind::F32, Residency::F32)
+    };
+    let store = open_store(&args.store, &encoder, residency)?;
     let bytes =
         std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let embedding = encoder
@@ -63,11 +68,6 @@ pub fn search(args: &SearchArgs) -> anyhow::Result<ExitCode> {
     if args.confirmed {
         filter = filter.confirmed_only();
     }
-    let kind = if args.int8 {
-        ScoreKind::Int8
-    } else {
-        ScoreKind::F32
-    };
     let hits = store.search(embedding.values(), args.k, &filter, kind)?;
     if hits.is_empty() {
         println!("no case matches (the store holds {} cases)", store.len()?);
@@ -113,11 +113,15 @@ pub fn cases(args: &CasesArgs) -> anyhow::Result<ExitCode> {
     let manifest = EncoderManifest::load(&bundle)
         .with_context(|| format!("reading the encoder manifest in {}", bundle.display()))?;
     let path = args.store.path();
-    let store = CaseStore::open(
+    let store = CaseStore::open_with(
         &path,
         StoreIdentity {
             model_id: manifest.model_id.clone(),
             embedding_dim: manifest.output.dim,
+        },
+        OpenOptions {
+            residency: Residency::Int8,
+            ..OpenOptions::default()
         },
     )
     .with_context(|| format!("opening the case store at {}", path.display()))?;
