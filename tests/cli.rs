@@ -32,6 +32,21 @@ fn dermascope(args: &[&str]) -> Output {
         .expect("running dermascope")
 }
 
+/// `dermascope ingest` of `labels` (photographs in `images`) into `store`.
+fn ingest(images: &Path, labels: &Path, store: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "ingest",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    dermascope(&args)
+}
+
 fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -103,18 +118,7 @@ fn ingest_reports_bad_rows_keeps_the_rest_and_resumes() {
     csv.push_str("SYN_odd.jpg,nv,Lo,histo,forty,male,back\n");
     std::fs::write(&labels, csv).unwrap();
     let store = dir.path().join("store");
-    let args = [
-        "ingest",
-        "--images",
-        images.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-        "--threads",
-        "2",
-    ];
-    let first = dermascope(&args);
+    let first = ingest(&images, &labels, &store, &["--threads", "2"]);
     let (out, err) = text(&first);
     assert!(first.status.success(), "{out}\n{err}");
     assert!(
@@ -132,7 +136,7 @@ fn ingest_reports_bad_rows_keeps_the_rest_and_resumes() {
     }
     assert!(err.contains("rejected line 14 (SYN_cut.jpg)"), "{err}");
 
-    let second = dermascope(&args);
+    let second = ingest(&images, &labels, &store, &["--threads", "2"]);
     let (out, _) = text(&second);
     assert!(
         out.contains("ingested 0, already stored 12, rejected 5"),
@@ -161,16 +165,8 @@ fn search_finds_the_same_photograph_first_and_filters_apply() {
     let labels = synthetic_library(dir.path(), 3);
     let images = dir.path().join("images");
     let store = dir.path().join("store");
-    let ingest = dermascope(&[
-        "ingest",
-        "--images",
-        images.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "--store",
-        store.to_str().unwrap(),
-    ]);
-    assert!(ingest.status.success(), "{:?}", text(&ingest));
+    let ingested = ingest(&images, &labels, &store, &[]);
+    assert!(ingested.status.success(), "{:?}", text(&ingested));
 
     let query = images.join("SYN_1001.jpg");
     let search = dermascope(&[
@@ -224,15 +220,7 @@ fn labels_files_the_ingest_cannot_read_are_refused_clearly() {
     }
     std::fs::write(&utf16, bytes).unwrap();
     for (file, expect) in [(&no_label, "lacks the column(s) label"), (&utf16, "UTF-16")] {
-        let output = dermascope(&[
-            "ingest",
-            "--images",
-            dir.path().to_str().unwrap(),
-            "--labels",
-            file.to_str().unwrap(),
-            "--store",
-            store.to_str().unwrap(),
-        ]);
+        let output = ingest(dir.path(), file, &store, &[]);
         let (_, err) = text(&output);
         assert!(!output.status.success());
         assert!(err.contains(expect), "{err}");
@@ -245,25 +233,16 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
     let labels = synthetic_library(dir.path(), 1);
     let images = dir.path().join("images");
     let store = dir.path().join("store");
-    let ingest = |bundle: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_dermascope"))
-            .args([
-                "ingest",
-                "--images",
-                images.to_str().unwrap(),
-                "--labels",
-                labels.to_str().unwrap(),
-            ])
-            .args([
-                "--store",
-                store.to_str().unwrap(),
-                "--bundle",
-                bundle.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
+    // --bundle overrides the DERMASCOPE_MODEL_DIR that `dermascope` sets.
+    let ingest_with = |bundle: &Path| {
+        ingest(
+            &images,
+            &labels,
+            &store,
+            &["--bundle", bundle.to_str().unwrap()],
+        )
     };
-    assert!(ingest(&bundle()).status.success());
+    assert!(ingest_with(&bundle()).status.success());
     // The same graph under another model id stands for any other encoder.
     let other = dir.path().join("other-bundle");
     std::fs::create_dir(&other).unwrap();
@@ -278,7 +257,7 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
         other.join("encoder-fp32.onnx"),
     )
     .unwrap();
-    let refused = ingest(&other);
+    let refused = ingest_with(&other);
     let (_, err) = text(&refused);
     assert!(!refused.status.success());
     assert!(
