@@ -1,0 +1,1 @@
+//! dermascope-adapter (in progress).

@@ -1,0 +1,1 @@
+//! dermascope-device (in progress).

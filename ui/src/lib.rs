@@ -1,0 +1,1 @@
+//! dermascope-ui (in progress).
