@@ -1,0 +1,1 @@
+//! dermascope-quality (in progress).
