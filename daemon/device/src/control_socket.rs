@@ -142,6 +142,10 @@ fn serve_client(
     let mut replies = client.try_clone()?;
     let mut reader = BufReader::new(client);
     let mut line = Vec::new();
+    // After an over-long line, input is dropped up to the next newline;
+    // closing instead would reset the connection before the client could
+    // read why.
+    let mut skipping = false;
     loop {
         if stop.load(Ordering::SeqCst) {
             return Ok(());
@@ -150,9 +154,15 @@ fn serve_client(
         let budget = (MAX_LINE_BYTES + 1).saturating_sub(line.len()) as u64;
         match (&mut reader).take(budget).read_until(b'\n', &mut line) {
             Ok(0) => return Ok(()),
+            Ok(_) if skipping => {
+                skipping = !line.ends_with(b"\n");
+                line.clear();
+            }
             Ok(_) if line.len() > MAX_LINE_BYTES && !line.ends_with(b"\n") => {
+                tracing::warn!("control socket: rejected an over-long line");
                 writeln!(replies, "error: line longer than {MAX_LINE_BYTES} bytes")?;
-                return Ok(());
+                skipping = true;
+                line.clear();
             }
             Ok(_) => {
                 // Without a newline read_until stopped at end of stream: the

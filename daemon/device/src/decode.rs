@@ -31,7 +31,7 @@ pub fn yuyv_to_rgb(
     sequence: u64,
 ) -> Result<Vec<u8>, CaptureError> {
     let corrupt = |reason: String| CaptureError::CorruptFrame { sequence, reason };
-    if width == 0 || height == 0 || width % 2 != 0 {
+    if width == 0 || height == 0 || !width.is_multiple_of(2) {
         return Err(corrupt(format!(
             "YUYV frame of {width}x{height} (width must be even and non-zero)"
         )));
