@@ -68,7 +68,9 @@ fn probe(args: &Args) -> Result<(), String> {
         print_error(&e);
         "could not open the camera".to_string()
     })?;
-    println!("format {}", camera.negotiated());
+    if let Some(format) = camera.negotiated() {
+        println!("format {format}");
+    }
 
     let wanted = args.disconnect_after.unwrap_or(args.frames);
     let mut captured = 0u64;

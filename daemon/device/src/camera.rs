@@ -110,7 +110,7 @@ pub struct V4l2Source {
     config: CameraConfig,
     session: Option<Session>,
     /// Last format granted; kept across disconnects for `describe`.
-    negotiated: NegotiatedFormat,
+    negotiated: Option<NegotiatedFormat>,
     sequence: u64,
     backoff: Duration,
     next_attempt: Instant,
@@ -135,19 +135,31 @@ impl V4l2Source {
     /// neither MJPEG nor YUYV) or `Io`.
     pub fn open(config: CameraConfig) -> Result<Self, CaptureError> {
         let session = Session::open(&config)?;
-        let negotiated = session.format;
         Ok(Self {
-            backoff: config.reopen_backoff_min,
-            config,
+            negotiated: Some(session.format),
             session: Some(session),
-            negotiated,
-            sequence: 0,
-            next_attempt: Instant::now(),
+            ..Self::waiting_for(config)
         })
     }
 
-    /// The format the driver granted at the last (re)open.
-    pub fn negotiated(&self) -> NegotiatedFormat {
+    /// A source that opens the camera on the first
+    /// [`FrameSource::next_frame`] and, while it is absent or busy, keeps
+    /// trying on later calls with the reopen backoff: for a daemon that may
+    /// start before the camera is plugged in or enumerated.
+    pub fn waiting_for(config: CameraConfig) -> Self {
+        Self {
+            backoff: config.reopen_backoff_min,
+            config,
+            session: None,
+            negotiated: None,
+            sequence: 0,
+            next_attempt: Instant::now(),
+        }
+    }
+
+    /// The format the driver granted at the last successful (re)open, if
+    /// there was one.
+    pub fn negotiated(&self) -> Option<NegotiatedFormat> {
         self.negotiated
     }
 
@@ -163,7 +175,7 @@ impl V4l2Source {
         match Session::open(&self.config) {
             Ok(session) => {
                 tracing::info!(device = %self.device_name(), format = %session.format, "camera reopened");
-                self.negotiated = session.format;
+                self.negotiated = Some(session.format);
                 self.session = Some(session);
                 self.backoff = self.config.reopen_backoff_min;
                 Ok(())
@@ -223,7 +235,10 @@ impl FrameSource for V4l2Source {
     }
 
     fn describe(&self) -> String {
-        format!("v4l2 {} {}", self.config.device.display(), self.negotiated)
+        match self.negotiated {
+            Some(format) => format!("v4l2 {} {format}", self.config.device.display()),
+            None => format!("v4l2 {} (not opened yet)", self.config.device.display()),
+        }
     }
 }
 

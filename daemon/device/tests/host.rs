@@ -224,6 +224,26 @@ fn v4l2_open_of_a_missing_camera_is_not_found() {
 }
 
 #[test]
+fn v4l2_source_waiting_for_an_absent_camera_backs_off_between_attempts() {
+    let mut config = CameraConfig::new(absent_path("/dev/video"));
+    config.reopen_backoff_min = Duration::from_millis(20);
+    config.reopen_backoff_max = Duration::from_millis(40);
+    let mut camera = V4l2Source::waiting_for(config);
+    assert!(camera.negotiated().is_none());
+    assert!(camera.describe().contains("not opened yet"));
+    let start = Instant::now();
+    for _ in 0..4 {
+        assert!(matches!(
+            camera.next_frame(),
+            Err(CaptureError::NotFound { .. })
+        ));
+    }
+    // First attempt at once, then waits of 20, 40 and 40 ms (doubling, capped):
+    // a caller looping on next_frame cannot spin. A lower bound only.
+    assert!(start.elapsed() >= Duration::from_millis(100));
+}
+
+#[test]
 fn v4l2_open_of_something_that_is_not_a_camera_is_unsupported() {
     let file = tempfile::NamedTempFile::new().unwrap();
     match V4l2Source::open(CameraConfig::new(file.path())) {
