@@ -551,7 +551,8 @@ where
     let lines = ((bottom - y) / line_height).clamp(0, 4) as usize;
     paragraph_centred(target, advice, advice_font, TEXT, text_span, y, lines)?;
     if let Some(footer) = footer {
-        label_centred(target, footer, &FONT_8X13, TEXT_DIM, text_span, bottom + 4)?;
+        let font = font_for(footer, &[&FONT_8X13, &FONT_7X13], text_span.size.width, 1);
+        label_centred(target, footer, font, TEXT_DIM, text_span, bottom + 4)?;
     }
     Ok(())
 }
