@@ -3,7 +3,7 @@
 //!
 //! | trait | on the device | on a PC (host) |
 //! |---|---|---|
-//! | [`FrameSource`] | [`V4l2Source`]: V4L2 mmap streaming, MJPEG preferred, YUYV fallback | [`ReplaySource`]: a folder of JPEG/PNG photographs, looped at a set rate |
+//! | [`FrameSource`] | [`V4l2Source`]: V4L2 mmap streaming, MJPEG preferred, YUYV fallback ([`V4l2Source::open`] fails fast, [`V4l2Source::waiting_for`] waits for the camera) | [`ReplaySource`]: a folder of JPEG/PNG photographs, looped at a set rate |
 //! | [`Trigger`] | [`GpioButtons`]: debounced edge interrupts on a push button | [`ControlSocketTrigger`]: lines on a Unix socket; [`ScriptedTrigger`]: a fixed list |
 //! | [`Light`] | [`GpioLight`]: the LED ring on an output pin | [`LoggingLight`]: logs its state |
 //! | [`Display`] | [`FramebufferDisplay`] (`/dev/fb0`) or [`SpiPanelDisplay`] (ST7789/ILI9341) | [`PngSnapshotDisplay`]: PNG files; [`InMemoryDisplay`]: the last screen in memory |
