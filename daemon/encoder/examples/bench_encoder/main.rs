@@ -10,6 +10,14 @@
 //!
 //! `--model FILE` benchmarks an ONNX file outside the manifest (an experiment)
 //! with the bundle's input and output specification.
+//!
+//! `--profile` instead times every node of tract's optimised plan over the
+//! runs and prints where the time goes: by op type, the slowest nodes, and
+//! which matrix-multiply kernel tract picked for each product (the
+//! `OptMatMul` ops name it). The per-node hook adds a little overhead per
+//! node, so the total is a few percent above the plain median.
+
+mod profile;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -25,6 +33,8 @@ struct Args {
     runs: usize,
     warmup: usize,
     outputs: Option<PathBuf>,
+    profile: bool,
+    top: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -37,6 +47,8 @@ fn parse_args() -> Result<Args, String> {
         runs: 20,
         warmup: 2,
         outputs: None,
+        profile: false,
+        top: 25,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +64,8 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => args.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--outputs" => args.outputs = Some(value()?.into()),
             "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
+            "--profile" => args.profile = true,
+            "--top" => args.top = value()?.parse().map_err(|e| format!("--top: {e}"))?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -131,6 +145,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let inputs: Vec<&[f32]> = values.chunks_exact(encoder.input_len()).collect();
     if inputs.is_empty() {
         return Err("no input tensors in --inputs".into());
+    }
+    if args.profile {
+        let path = encoder.manifest().variant_path(&bundle, encoder.variant());
+        let settings = profile::Settings {
+            threads: args.threads,
+            runs: args.runs,
+            warmup: args.warmup,
+            top: args.top,
+        };
+        return profile::run(&path, encoder.manifest(), &inputs, &settings);
     }
     for i in 0..args.warmup {
         encoder.run_tensor(inputs[i % inputs.len()])?;
