@@ -210,6 +210,7 @@ fn case_from_row(
             anatomical_site: row.anatomical_site.clone(),
             fitzpatrick_type: None,
             note: None,
+            lesion_id: row.lesion_id.clone(),
         },
         thumbnail_jpeg,
         model_id: encoder.model_id().to_string(),

@@ -28,6 +28,8 @@ pub enum CaseError {
     InvalidDiagnosisCode { code: String },
     #[error("anatomical site is {len} bytes; at most {MAX_SITE_BYTES} are allowed")]
     SiteTooLong { len: usize },
+    #[error("lesion id is {len} bytes; at most {MAX_SITE_BYTES} are allowed")]
+    LesionIdTooLong { len: usize },
     #[error("embedding has {found} dimensions; this store expects {expected}")]
     DimMismatch { expected: usize, found: usize },
     #[error("embedding component {index} is not finite")]
@@ -216,6 +218,10 @@ pub struct CaseMetadata {
     /// Fitzpatrick skin type, 1..=6.
     pub fitzpatrick_type: Option<u8>,
     pub note: Option<String>,
+    /// The lesion this photograph shows (several photographs, e.g. at
+    /// follow-ups, can show one lesion): evaluations and adapter training
+    /// split by it so that no lesion is on both sides.
+    pub lesion_id: Option<String>,
 }
 
 /// One case of the library.
@@ -269,6 +275,11 @@ impl Case {
         if let Some(site) = &self.metadata.anatomical_site {
             if site.len() > MAX_SITE_BYTES {
                 return Err(CaseError::SiteTooLong { len: site.len() });
+            }
+        }
+        if let Some(lesion) = &self.metadata.lesion_id {
+            if lesion.len() > MAX_SITE_BYTES {
+                return Err(CaseError::LesionIdTooLong { len: lesion.len() });
             }
         }
         if let Some(t) = self.metadata.fitzpatrick_type {

@@ -9,17 +9,44 @@ use serde::{Deserialize, Serialize};
 use crate::case::{Case, CaseId, CaseMetadata, CaseSource, Diagnosis};
 use crate::index::CaseTags;
 
+/// Layout 1 had no lesion id; still read, never written.
 const CASE_LAYOUT_V1: u8 = 1;
+const CASE_LAYOUT_V2: u8 = 2;
 const EMBEDDING_LAYOUT_V1: u8 = 1;
 const HEADER: usize = 5;
 
 const FLAG_CONFIRMED: u8 = 1;
 const FLAG_HAS_SITE: u8 = 2;
 
+/// `CaseMetadata` as layout 1 stored it (postcard is not self-describing,
+/// so the old shape must stay spelled out to stay readable).
+#[derive(Deserialize)]
+struct CaseMetadataV1 {
+    age_years: Option<u16>,
+    sex: Option<crate::case::Sex>,
+    anatomical_site: Option<String>,
+    fitzpatrick_type: Option<u8>,
+    note: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CaseRecordV1 {
+    id: CaseId,
+    diagnosis: Diagnosis,
+    source: CaseSource,
+    metadata: CaseMetadataV1,
+    thumbnail_jpeg: Vec<u8>,
+    model_id: String,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    label_confirmed: bool,
+}
+
 /// Everything of a case except the embedding, which lives only in the
 /// embeddings tree (storing it twice would cost 8 KB per case at dim 2048).
+/// Layout 2 (adds `metadata.lesion_id`).
 #[derive(Serialize, Deserialize)]
-struct CaseRecordV1 {
+struct CaseRecordV2 {
     id: CaseId,
     diagnosis: Diagnosis,
     source: CaseSource,
@@ -93,7 +120,7 @@ fn open(bytes: &[u8], version: u8) -> Result<&[u8], String> {
 }
 
 pub(crate) fn encode_case(case: &Case) -> Result<Vec<u8>, String> {
-    let record = CaseRecordV1 {
+    let record = CaseRecordV2 {
         id: case.id.clone(),
         diagnosis: case.diagnosis.clone(),
         source: case.source,
@@ -105,14 +132,37 @@ pub(crate) fn encode_case(case: &Case) -> Result<Vec<u8>, String> {
         label_confirmed: case.label_confirmed,
     };
     let payload = postcard::to_stdvec(&record).map_err(|e| e.to_string())?;
-    Ok(seal(CASE_LAYOUT_V1, payload.len(), |out| {
+    Ok(seal(CASE_LAYOUT_V2, payload.len(), |out| {
         out.extend_from_slice(&payload)
     }))
 }
 
 pub(crate) fn decode_case(bytes: &[u8]) -> Result<CaseRecord, String> {
-    let payload = open(bytes, CASE_LAYOUT_V1)?;
-    let r: CaseRecordV1 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+    if bytes.first() == Some(&CASE_LAYOUT_V1) {
+        let payload = open(bytes, CASE_LAYOUT_V1)?;
+        let r: CaseRecordV1 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+        let m = r.metadata;
+        return Ok(CaseRecord {
+            id: r.id,
+            diagnosis: r.diagnosis,
+            source: r.source,
+            metadata: CaseMetadata {
+                age_years: m.age_years,
+                sex: m.sex,
+                anatomical_site: m.anatomical_site,
+                fitzpatrick_type: m.fitzpatrick_type,
+                note: m.note,
+                lesion_id: None,
+            },
+            thumbnail_jpeg: r.thumbnail_jpeg,
+            model_id: r.model_id,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            label_confirmed: r.label_confirmed,
+        });
+    }
+    let payload = open(bytes, CASE_LAYOUT_V2)?;
+    let r: CaseRecordV2 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
     Ok(CaseRecord {
         id: r.id,
         diagnosis: r.diagnosis,
@@ -238,4 +288,120 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<Vec<String>, String> {
         rest = &rest[2 + len..];
     }
     Ok(ids)
+}
+
+const ADAPTER_LAYOUT_V1: u8 = 1;
+
+/// The CRC-32 an `embeddings` row carries in its header: identifies the exact
+/// embedding (and tags) an adapter row was computed from.
+pub(crate) fn row_checksum(row: &[u8]) -> Option<u32> {
+    (row.len() >= HEADER).then(|| u32::from_le_bytes([row[1], row[2], row[3], row[4]]))
+}
+
+/// A row of the `adapter_embeddings` tree: which adapter made it, from which
+/// embedding row (its checksum), and the adapter embedding itself.
+pub(crate) fn encode_adapter_row(
+    adapter_id: &str,
+    source_checksum: u32,
+    vector: &[f32],
+) -> Vec<u8> {
+    seal(
+        ADAPTER_LAYOUT_V1,
+        2 + adapter_id.len() + 4 + vector.len() * 4,
+        |out| {
+            out.extend_from_slice(&(adapter_id.len() as u16).to_le_bytes());
+            out.extend_from_slice(adapter_id.as_bytes());
+            out.extend_from_slice(&source_checksum.to_le_bytes());
+            for v in vector {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        },
+    )
+}
+
+pub(crate) struct AdapterRow {
+    pub adapter_id: String,
+    pub source_checksum: u32,
+    pub vector: Vec<f32>,
+}
+
+pub(crate) fn decode_adapter_row(bytes: &[u8]) -> Result<AdapterRow, String> {
+    let payload = open(bytes, ADAPTER_LAYOUT_V1)?;
+    let id_len = payload
+        .get(..2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        .ok_or("adapter row too short")?;
+    let rest = &payload[2..];
+    if rest.len() < id_len + 4 || (rest.len() - id_len - 4) % 4 != 0 {
+        return Err("adapter row has a bad length".to_owned());
+    }
+    let adapter_id = std::str::from_utf8(&rest[..id_len])
+        .map_err(|_| "adapter id is not UTF-8".to_owned())?
+        .to_owned();
+    let c = &rest[id_len..id_len + 4];
+    let source_checksum = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    Ok(AdapterRow {
+        adapter_id,
+        source_checksum,
+        vector: decode_f32_le(&rest[id_len + 4..]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::case::Sex;
+
+    /// Layout 1 as an older build wrote it.
+    #[derive(Serialize)]
+    struct OldMetadata {
+        age_years: Option<u16>,
+        sex: Option<Sex>,
+        anatomical_site: Option<String>,
+        fitzpatrick_type: Option<u8>,
+        note: Option<String>,
+    }
+
+    #[derive(Serialize)]
+    struct OldRecord {
+        id: CaseId,
+        diagnosis: Diagnosis,
+        source: CaseSource,
+        metadata: OldMetadata,
+        thumbnail_jpeg: Vec<u8>,
+        model_id: String,
+        created_at_ms: u64,
+        updated_at_ms: u64,
+        label_confirmed: bool,
+    }
+
+    #[test]
+    fn layout_1_records_still_decode_without_a_lesion_id() {
+        let old = OldRecord {
+            id: CaseId::new("ISIC_1").unwrap(),
+            diagnosis: Diagnosis::from_code("mel").unwrap(),
+            source: CaseSource::Reference,
+            metadata: OldMetadata {
+                age_years: Some(61),
+                sex: Some(Sex::Female),
+                anatomical_site: Some("back".into()),
+                fitzpatrick_type: None,
+                note: None,
+            },
+            thumbnail_jpeg: vec![1, 2, 3],
+            model_id: "m".into(),
+            created_at_ms: 5,
+            updated_at_ms: 6,
+            label_confirmed: true,
+        };
+        let payload = postcard::to_stdvec(&old).unwrap();
+        let bytes = seal(CASE_LAYOUT_V1, payload.len(), |out| {
+            out.extend_from_slice(&payload)
+        });
+        let record = decode_case(&bytes).unwrap();
+        assert_eq!(record.metadata.age_years, Some(61));
+        assert_eq!(record.metadata.anatomical_site.as_deref(), Some("back"));
+        assert_eq!(record.metadata.lesion_id, None);
+        assert_eq!(record.thumbnail_jpeg, [1, 2, 3]);
+    }
 }

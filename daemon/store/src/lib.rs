@@ -3,7 +3,7 @@
 //!
 //! # On disk (sled, kept behind [`CaseStore`])
 //!
-//! One sled database with four trees:
+//! One sled database with five trees:
 //!
 //! * `meta`: the format version, the encoder identity (model id and
 //!   embedding dimension) and the write generation (bumped by every write,
@@ -17,6 +17,10 @@
 //!   A scan at open reads only this tree, so it never decodes thumbnails.
 //! * `changes`: write generation -> ids that write touched, so a stale index
 //!   cache can be brought up to date; pruned once a cache covers it.
+//! * `adapter_embeddings`: case id -> the installed adapter's embedding of
+//!   that case, stamped with the adapter id and the checksum of the
+//!   `embeddings` row it came from, so a new adapter or a replaced case
+//!   makes it stale (see [`CaseStore::attach_adapter_space`]).
 //!
 //! Next to them, `index-f32.cache` / `index-int8.cache` hold the in-memory
 //! index's rows as one contiguous, checksummed file each, labelled with the
@@ -70,6 +74,6 @@ pub use case::{
 };
 pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 pub use store::{
-    CaseCounts, CaseStore, CorruptEntry, IndexSource, OpenOptions, OpenReport, StoreError,
-    StoreIdentity, FORMAT_VERSION,
+    AdapterSpaceStatus, CaseCounts, CaseStore, CorruptEntry, IndexSource, OpenOptions, OpenReport,
+    StoreError, StoreIdentity, FORMAT_VERSION,
 };

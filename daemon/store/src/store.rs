@@ -16,6 +16,9 @@ use crate::case::{Case, CaseError, CaseId, CaseSource};
 use crate::codec;
 use crate::index::{CaseFilter, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 
+mod adapter_space;
+pub use adapter_space::AdapterSpaceStatus;
+
 /// Version of the on-disk layout (tree names, meta keys, value layouts).
 ///
 /// 2 added the write generation and the `changes` tree that validate the
@@ -30,6 +33,8 @@ const CASES_TREE: &str = "cases";
 const EMBEDDINGS_TREE: &str = "embeddings";
 /// Write generation -> ids that write touched (see `cache`).
 const CHANGES_TREE: &str = "changes";
+/// Case id -> adapter embedding (see `adapter_space`).
+const ADAPTER_TREE: &str = "adapter_embeddings";
 const KEY_FORMAT: &str = "format_version";
 const KEY_MODEL: &str = "model_id";
 const KEY_DIM: &str = "embedding_dim";
@@ -110,6 +115,10 @@ pub enum StoreError {
     Storage { op: &'static str, detail: String },
     #[error("search refused: {0}")]
     Index(#[from] IndexError),
+    #[error("no adapter space is attached: install an adapter (`dermascope adapter train`) first")]
+    NoAdapterSpace,
+    #[error("adapter embedding for case {id:?} is empty or not finite")]
+    InvalidAdapterEmbedding { id: String },
     #[error("the in-memory index was poisoned by a panic in another thread; reopen the store")]
     Poisoned,
 }
@@ -239,6 +248,8 @@ pub struct CaseStore {
     changes: sled::Tree,
     report: OpenReport,
     cache_on_close: bool,
+    adapter_rows: sled::Tree,
+    adapter_space: RwLock<Option<adapter_space::AdapterSpace>>,
 }
 
 struct WriterState {
@@ -305,6 +316,9 @@ impl CaseStore {
         let changes = db
             .open_tree(CHANGES_TREE)
             .map_err(storage("opening the changes tree"))?;
+        let adapter_rows = db
+            .open_tree(ADAPTER_TREE)
+            .map_err(storage("opening the adapter embeddings tree"))?;
 
         let generation = check_or_write_header(&db, &meta, &cases, &embeddings, &path, &identity)?;
         let log_file = std::fs::File::open(path.join("db"))
@@ -363,6 +377,8 @@ impl CaseStore {
             changes,
             report,
             cache_on_close: !options.no_cache_on_close,
+            adapter_rows,
+            adapter_space: RwLock::new(None),
         };
         // A scan is the slow path this cache exists to avoid; pay the write
         // now rather than scanning again if the process dies before close.
@@ -525,6 +541,8 @@ impl CaseStore {
             }
             state.corrupt.remove(case.id.as_str());
         }
+        drop(index);
+        self.forget_adapter_embeddings(cases.iter().map(|c| &c.id))?;
         debug!(cases = cases.len(), generation, "cases inserted");
         Ok(())
     }
@@ -550,6 +568,12 @@ impl CaseStore {
         }
         self.write_index()?.remove(id);
         state.corrupt.remove(id.as_str());
+        self.forget_adapter_embeddings(std::iter::once(id))?;
+        // Not part of the transaction: an orphaned adapter row is harmless
+        // and dropped when an adapter space is next attached.
+        if let Err(e) = self.adapter_rows.remove(id.as_str().as_bytes()) {
+            warn!(error = %e, "could not drop a removed case's adapter embedding");
+        }
         Ok(existed)
     }
 

@@ -66,6 +66,7 @@ pub fn make_case(id: &str, dim: usize) -> Case {
             anatomical_site: Some(sites[rng.below(4) as usize].to_owned()),
             fitzpatrick_type: Some(1 + rng.below(6) as u8),
             note: Some(format!("note for {id}")),
+            lesion_id: Some(format!("lesion-{}", rng.below(1000))),
         },
         thumbnail_jpeg,
         model_id: MODEL.to_owned(),
