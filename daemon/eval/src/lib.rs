@@ -10,4 +10,4 @@ pub mod vote;
 
 pub use metrics::{ClassMetrics, ClassificationReport};
 pub use split::{grouped_split, Split};
-pub use vote::{knn_vote, precision_at_k, Neighbour, Vote};
+pub use vote::{knn_distribution, knn_vote, precision_at_k, Neighbour, Vote};

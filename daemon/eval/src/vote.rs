@@ -35,6 +35,32 @@ pub fn knn_vote(neighbours: &[Neighbour], k: usize, vote: Vote) -> Option<String
         .map(|(label, _)| label.to_string())
 }
 
+/// The top `k` neighbours' votes as a distribution over `classes` (sums to 1
+/// unless no neighbour has a label in `classes` or every weight is 0, when
+/// it is all zeros). Used to combine retrieval with a classifier's
+/// probabilities.
+pub fn knn_distribution(
+    neighbours: &[Neighbour],
+    k: usize,
+    vote: Vote,
+    classes: &[String],
+) -> Vec<f64> {
+    let mut votes = vec![0.0f64; classes.len()];
+    for neighbour in neighbours.iter().take(k) {
+        if let Some(i) = classes.iter().position(|c| *c == neighbour.label) {
+            votes[i] += match vote {
+                Vote::Majority => 1.0,
+                Vote::SimilarityWeighted => f64::from(neighbour.similarity.max(0.0)),
+            };
+        }
+    }
+    let total: f64 = votes.iter().sum();
+    if total > 0.0 {
+        votes.iter_mut().for_each(|v| *v /= total);
+    }
+    votes
+}
+
 /// Fraction of the top `k` neighbours that share the query's label.
 pub fn precision_at_k(neighbours: &[Neighbour], k: usize, label: &str) -> f64 {
     if k == 0 {
@@ -51,6 +77,17 @@ pub fn precision_at_k(neighbours: &[Neighbour], k: usize, label: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distribution_weights_by_similarity_and_sums_to_one() {
+        let classes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let neighbours = [n("a", 0.9), n("b", 0.3), n("a", 0.3), n("z", 0.8)];
+        let d = knn_distribution(&neighbours, 3, Vote::SimilarityWeighted, &classes);
+        assert!((d[0] - 0.8).abs() < 1e-6 && (d[1] - 0.2).abs() < 1e-6 && d[2] == 0.0);
+        let d = knn_distribution(&neighbours, 4, Vote::Majority, &classes);
+        assert!((d[0] - 2.0 / 3.0).abs() < 1e-9);
+        assert_eq!(knn_distribution(&[], 5, Vote::Majority, &classes), [0.0; 3]);
+    }
 
     fn n(label: &str, similarity: f32) -> Neighbour {
         Neighbour {
