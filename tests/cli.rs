@@ -267,13 +267,13 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
 }
 
 #[test]
-fn retrieval_evaluation_on_real_dermoscopy() {
+fn evaluation_of_every_method_on_real_dermoscopy() {
     let derm = std::env::var_os("DERMASCOPE_DERM_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/data/derm"));
     if !derm.join("labels.csv").is_file() {
         eprintln!(
-            "SKIPPED retrieval_evaluation_on_real_dermoscopy: {} is absent",
+            "SKIPPED evaluation_of_every_method_on_real_dermoscopy: {} is absent",
             derm.display()
         );
         return;
@@ -291,7 +291,6 @@ fn retrieval_evaluation_on_real_dermoscopy() {
     std::fs::write(&labels, subset).unwrap();
     let output = dermascope(&[
         "eval",
-        "retrieval",
         "--images",
         derm.join("images").to_str().unwrap(),
         "--labels",
@@ -300,6 +299,11 @@ fn retrieval_evaluation_on_real_dermoscopy() {
         dir.path().join("store").to_str().unwrap(),
         "--threads",
         "2",
+        // A 5% slice has only a handful of the rare diagnoses.
+        "--min-cases",
+        "3",
+        "--small-classes",
+        "exclude",
         "--json",
     ]);
     let (out, err) = text(&output);
@@ -308,9 +312,140 @@ fn retrieval_evaluation_on_real_dermoscopy() {
     let queries = json["queries"].as_u64().unwrap();
     let references = json["references"].as_u64().unwrap();
     assert!(queries >= 30 && references >= 120, "{json}");
-    let p1 = json["precision_at_1"].as_f64().unwrap();
+    let p1 = json["retrieval"][0]["precision_at"]["1"].as_f64().unwrap();
     // Seven classes: chance is about 0.2 here; a working encoder is far above.
     assert!(p1 > 0.35, "precision@1 {p1}\n{out}");
-    assert_eq!(json["methods"].as_array().unwrap().len(), 6);
+    let methods = json["methods"].as_array().unwrap();
+    // raw and adapter-space kNN (k=1; 5 and 10 majority and weighted), the
+    // adapter itself, and adapter + kNN.
+    assert_eq!(methods.len(), 12, "{json}");
+    let adapter = methods
+        .iter()
+        .find(|m| m["method"] == "adapter prediction")
+        .unwrap();
+    assert!(
+        adapter["balanced_accuracy"].as_f64().unwrap() > 0.3,
+        "{out}"
+    );
+    assert!(adapter["expected_calibration_error"].as_f64().is_some());
+    let attributes: Vec<&str> = json["breakdowns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["attribute"].as_str().unwrap())
+        .collect();
+    for attribute in ["sex", "age", "site"] {
+        assert!(attributes.contains(&attribute), "no {attribute} breakdown");
+    }
     eprintln!("{out}");
+}
+
+#[test]
+fn adapter_trains_on_stored_cases_is_used_by_search_and_refuses_bad_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = synthetic_library(dir.path(), 14);
+    let images = dir.path().join("images");
+    let store = dir.path().join("store");
+    let adapter = dir.path().join("adapter");
+    let ingested = ingest(&images, &labels, &store, &["--threads", "2"]);
+    assert!(ingested.status.success(), "{}", text(&ingested).1);
+
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "adapter",
+            "train",
+            "--store",
+            store.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--hidden",
+            "32",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        dermascope(&args)
+    };
+    // 14 cases per diagnosis, below a minimum of 20: refused with counts.
+    let trained = train(&["--min-cases", "20"]);
+    let (out, err) = text(&trained);
+    assert!(!trained.status.success(), "{out}");
+    assert!(
+        err.contains("fewer than 20 cases")
+            && err.contains("mel: 14")
+            && err.contains("--small-classes"),
+        "{err}"
+    );
+
+    let trained = train(&[]);
+    let (out, err) = text(&trained);
+    assert!(trained.status.success(), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(report["classes"], serde_json::json!(["mel", "nv", "vasc"]));
+    let validation = &report["validation"];
+    assert!(
+        validation["balanced_accuracy"].as_f64().unwrap() > 0.6,
+        "{out}"
+    );
+    assert!(validation["expected_calibration_error"].as_f64().is_some());
+    assert_eq!(validation["confusion"].as_array().unwrap().len(), 3);
+    assert!(
+        out.contains("adapter space: 42 case embeddings computed"),
+        "{out}"
+    );
+    for file in ["manifest.toml", "adapter.onnx", "report.json", "report.txt"] {
+        assert!(adapter.join(file).is_file(), "{file} missing");
+    }
+
+    // Indexing again has nothing left to do.
+    let indexed = dermascope(&[
+        "adapter",
+        "index",
+        "--store",
+        store.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&indexed);
+    assert!(indexed.status.success(), "{err}");
+    assert!(out.contains("0 case embeddings computed"), "{out}");
+
+    // Search uses the adapter's space and shows its prediction.
+    let found = dermascope(&[
+        "search",
+        images.join("SYN_1003.jpg").to_str().unwrap(),
+        "--store",
+        store.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-k",
+        "3",
+    ]);
+    let (out, err) = text(&found);
+    assert!(found.status.success(), "{err}");
+    assert!(out.contains("not a diagnosis"), "{out}");
+    assert!(out.contains("SYN_1003"), "{out}");
+
+    // A label outside the known diagnoses stops training with the line.
+    let mut csv = std::fs::read_to_string(&labels).unwrap();
+    csv.push_str("SYN_0001.jpg,melanoma?,L77,histo,40,male,back\n");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, csv).unwrap();
+    let refused = dermascope(&[
+        "adapter",
+        "train",
+        "--images",
+        images.to_str().unwrap(),
+        "--labels",
+        bad.to_str().unwrap(),
+        "--adapter",
+        dir.path().join("other").to_str().unwrap(),
+        "--store",
+        dir.path().join("cache").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&refused);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("line 44") && err.contains("not a known diagnosis"),
+        "{err}"
+    );
 }

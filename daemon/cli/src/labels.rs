@@ -39,6 +39,16 @@ pub struct LabelsFile {
 }
 
 const REQUIRED: [&str; 2] = ["image", "label"];
+/// Start of the rejection reason for a label outside the known diagnoses,
+/// which training and evaluation refuse outright (see `RejectedRow::is_unknown_label`).
+const UNKNOWN_LABEL: &str = "unknown label";
+
+impl RejectedRow {
+    /// Whether the row was refused for its diagnosis label alone.
+    pub fn is_unknown_label(&self) -> bool {
+        self.reason.starts_with(UNKNOWN_LABEL)
+    }
+}
 
 pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -117,7 +127,7 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
             let label = field(Some(label_col))?.ok_or("the label column is empty")?;
             let diagnosis = Diagnosis::from_code(&label.to_ascii_lowercase()).map_err(|_| {
                 format!(
-                    "unknown label {label:?} (known: {})",
+                    "{UNKNOWN_LABEL} {label:?} (known: {})",
                     Diagnosis::ham10000_codes().collect::<Vec<_>>().join(", ")
                 )
             })?;

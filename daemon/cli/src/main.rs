@@ -1,6 +1,7 @@
 //! `dermascope`: the daemon and the command line a clinic's IT person or a
 //! fleet operator scripts against.
 
+mod adapter;
 mod embed;
 mod eval;
 mod ingest;
@@ -40,9 +41,12 @@ enum Command {
     Search(search::SearchArgs),
     /// Count the stored cases per diagnosis and source.
     Cases(search::CasesArgs),
-    /// Evaluate retrieval on a labelled folder.
+    /// Compare every method (raw and adapter retrieval, adapter, combined)
+    /// on one lesion-grouped split of a labelled folder.
+    Eval(eval::EvalArgs),
+    /// Train, index and inspect the adapter classifier.
     #[command(subcommand)]
-    Eval(eval::EvalCommand),
+    Adapter(adapter::AdapterCommand),
 }
 
 /// The case store's location.
@@ -147,7 +151,8 @@ fn main() -> ExitCode {
         Command::Ingest(args) => ingest::run(&args),
         Command::Search(args) => search::search(&args),
         Command::Cases(args) => search::cases(&args),
-        Command::Eval(command) => eval::run(&command),
+        Command::Eval(args) => eval::run(&args),
+        Command::Adapter(command) => adapter::run(&command),
     };
     match outcome {
         Ok(code) => code,

@@ -35,3 +35,13 @@ pub fn case_store(flag: Option<&PathBuf>) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("var/cases"))
 }
+
+/// The installed adapter: flag, then `$DERMASCOPE_ADAPTER`, then `var/adapter`.
+pub fn adapter(flag: Option<&PathBuf>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir.clone();
+    }
+    std::env::var_os("DERMASCOPE_ADAPTER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("var/adapter"))
+}

@@ -9,6 +9,7 @@ use clap::Args;
 use dermascope_encoder::EncoderManifest;
 use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
 
+use crate::adapter::{index_adapter_space, load_installed, AdapterDirArgs};
 use crate::ingest::SourceArg;
 use crate::{open_store, paths, EncoderArgs, StoreArgs};
 
@@ -35,6 +36,11 @@ pub struct SearchArgs {
     /// Only cases whose label is confirmed.
     #[arg(long)]
     confirmed: bool,
+    /// Search the raw encoder space even when an adapter is installed.
+    #[arg(long)]
+    raw: bool,
+    #[command(flatten)]
+    adapter: AdapterDirArgs,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -68,7 +74,41 @@ pub fn search(args: &SearchArgs) -> anyhow::Result<ExitCode> {
     if args.confirmed {
         filter = filter.confirmed_only();
     }
-    let hits = store.search(embedding.values(), args.k, &filter, kind)?;
+    // With an adapter installed, similar cases are found in its space (its
+    // embedding was trained to separate the clinic's diagnoses) and its own
+    // prediction is shown beside them.
+    let adapter_dir = args.adapter.path();
+    let adapter = if args.raw
+        || !adapter_dir
+            .join(dermascope_adapter::MANIFEST_FILE)
+            .is_file()
+    {
+        None
+    } else {
+        Some(load_installed(&adapter_dir, &encoder)?)
+    };
+    let hits = match &adapter {
+        Some(adapter) => {
+            let computed = index_adapter_space(&store, adapter)?;
+            if computed > 0 {
+                eprintln!("adapter space: computed {computed} missing case embeddings");
+            }
+            let output = adapter.predict(embedding.values())?;
+            let code = &adapter.classes()[output.predicted];
+            let name = dermascope_store::Diagnosis::from_code(code)
+                .map(|d| d.display_name)
+                .unwrap_or_default();
+            println!(
+                "adapter {}: {} {} (p = {:.2}) -- decision support, not a diagnosis",
+                adapter.adapter_id(),
+                code,
+                name,
+                output.probabilities[output.predicted]
+            );
+            store.search_adapter_space(&output.embedding, args.k, &filter)?
+        }
+        None => store.search(embedding.values(), args.k, &filter, kind)?,
+    };
     if hits.is_empty() {
         println!("no case matches (the store holds {} cases)", store.len()?);
         return Ok(ExitCode::SUCCESS);
