@@ -98,7 +98,10 @@ fn probe(args: &Args) -> Result<(), String> {
         return Ok(());
     };
 
-    request_disconnect(&device)?;
+    // vivid re-creates its nodes as soon as the last handle on the device
+    // closes, so the handle that pulled "Disconnect" stays open until the
+    // driver has reported the camera gone.
+    let _unplugged = request_disconnect(&device)?;
     println!("disconnect requested after {after} frames");
     let mut disconnected = false;
     let mut not_found = 0;
@@ -171,8 +174,9 @@ fn mean_luma(frame: &Frame) -> f64 {
 }
 
 /// Presses vivid's "Disconnect" button control through a second handle on
-/// the device (the driver keeps the first one).
-fn request_disconnect(device: &std::path::Path) -> Result<(), String> {
+/// the device (the driver keeps the first one) and returns that handle:
+/// while it is open, vivid keeps the camera unplugged.
+fn request_disconnect(device: &std::path::Path) -> Result<v4l::Device, String> {
     let handle = v4l::Device::with_path(device)
         .map_err(|e| format!("cannot open {} to disconnect it: {e}", device.display()))?;
     let id = find_control(&handle, "Disconnect")?
@@ -182,7 +186,8 @@ fn request_disconnect(device: &std::path::Path) -> Result<(), String> {
             id,
             value: v4l::control::Value::None,
         })
-        .map_err(|e| format!("setting the Disconnect control failed: {e}"))
+        .map_err(|e| format!("setting the Disconnect control failed: {e}"))?;
+    Ok(handle)
 }
 
 /// Finds a control id by its name with VIDIOC_QUERY_EXT_CTRL.
