@@ -47,7 +47,7 @@ fn split(examples: &[LabelledEmbedding]) -> (Vec<&LabelledEmbedding>, Vec<&Label
     // Every fifth lesion validates; photographs of one lesion stay together.
     examples.iter().partition(|e| {
         let lesion: usize = e.lesion.rsplit('-').next().unwrap().parse().unwrap();
-        lesion % 5 != 0
+        !lesion.is_multiple_of(5)
     })
 }
 

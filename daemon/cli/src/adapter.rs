@@ -63,8 +63,8 @@ pub struct TrainingArgs {
     #[arg(long, default_value_t = 3e-4)]
     learning_rate: f32,
     /// Seed for the split, initialisation and shuffles: same seed, same adapter.
-    #[arg(long = "adapter-seed", default_value_t = 7)]
-    seed: u64,
+    #[arg(long, default_value_t = 7)]
+    adapter_seed: u64,
     #[arg(long, value_enum, default_value = "weights")]
     balance: BalanceArg,
     /// Diagnoses with fewer cases than this go through --small-classes.
@@ -97,7 +97,7 @@ impl TrainingArgs {
             hidden: self.hidden,
             max_epochs: self.epochs,
             learning_rate: self.learning_rate,
-            seed: self.seed,
+            seed: self.adapter_seed,
             balancing: match self.balance {
                 BalanceArg::Weights => Balancing::LossWeights,
                 BalanceArg::Sampling => Balancing::BalancedSampling,

@@ -7,6 +7,7 @@ mod eval;
 mod ingest;
 mod labels;
 mod paths;
+mod run;
 mod search;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ enum Command {
     /// Compare every method (raw and adapter retrieval, adapter, combined)
     /// on one lesion-grouped split of a labelled folder.
     Eval(eval::EvalArgs),
+    /// Run the handheld daemon: button, camera, quality gate, search, screen.
+    Run(run::RunArgs),
+    /// Press a button of a running daemon through its control socket.
+    Press(run::PressArgs),
     /// Train, index and inspect the adapter classifier.
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
@@ -153,6 +158,8 @@ fn main() -> ExitCode {
         Command::Cases(args) => search::cases(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Adapter(command) => adapter::run(&command),
+        Command::Run(args) => run::run(&args),
+        Command::Press(args) => run::press(&args),
     };
     match outcome {
         Ok(code) => code,

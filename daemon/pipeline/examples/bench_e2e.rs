@@ -1,0 +1,266 @@
+//! Trigger-to-results latency of the whole pipeline, by stage.
+//!
+//! `scripts/bench e2e` runs this. A replay camera (30 fps) feeds the daemon's
+//! own loop; a scripted button presses `--captures` times; the screen is
+//! drawn into memory. The library holds `--cases` cases: real embeddings and
+//! thumbnails copied from the evaluation cache (`var/eval/<model id>`, made
+//! by `dermascope eval`) when it has enough, else synthetic ones (say so).
+//!
+//! Prints p50/p95 per stage for the variant asked for and ends with
+//! `e2e p95 ms: X`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dermascope_device::{
+    Display, FrameSource, InMemoryDisplay, LoggingLight, ReplaySource, ScriptedTrigger,
+    TriggerEvent,
+};
+use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
+use dermascope_pipeline::{Analyzer, CameraFeed, Daemon, NoSupervisor, StageTimings};
+use dermascope_quality::QualityThresholds;
+use dermascope_store::{
+    Case, CaseId, CaseMetadata, CaseSource, CaseStore, Diagnosis, OpenOptions, Residency,
+    ScoreKind, StoreIdentity,
+};
+
+struct Args {
+    bundle: PathBuf,
+    variant: Option<String>,
+    captures: u64,
+    cases: usize,
+    threads: usize,
+    replay: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        bundle: PathBuf::from("models/dist/sklesion-xception"),
+        variant: None,
+        captures: 60,
+        cases: 4000,
+        threads: 2,
+        replay: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--bundle" => args.bundle = PathBuf::from(value()?),
+            "--variant" => args.variant = Some(value()?),
+            "--captures" => args.captures = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--cases" => args.cases = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--threads" => args.threads = value()?.parse().map_err(|e| format!("{e}"))?,
+            "--replay" => args.replay = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(args)
+}
+
+fn synthetic_thumbnail(seed: usize) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(96, 72, |x, y| {
+        let d = ((x as i32 - 48).pow(2) + (y as i32 - 36).pow(2)) as usize;
+        if d < 500 + seed % 300 {
+            image::Rgb([90, 50, 40])
+        } else {
+            image::Rgb([220, 170, 150])
+        }
+    });
+    let mut jpeg = Vec::new();
+    let _ = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80).encode_image(&image);
+    jpeg
+}
+
+/// Fills `store` up to `wanted` cases; returns where they came from.
+fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<String, String> {
+    let have = store.len().map_err(|e| e.to_string())?;
+    if have >= wanted {
+        return Ok(format!("{have} cases already in the benchmark store"));
+    }
+    let eval_cache = PathBuf::from("var/eval").join(encoder.model_id());
+    let identity = StoreIdentity {
+        model_id: encoder.model_id().to_string(),
+        embedding_dim: encoder.dim(),
+    };
+    if eval_cache.is_dir() {
+        if let Ok(real) = CaseStore::open_with(
+            &eval_cache,
+            identity.clone(),
+            OpenOptions {
+                residency: Residency::Int8,
+                no_cache_on_close: true,
+            },
+        ) {
+            if real.len().unwrap_or(0) >= wanted {
+                let mut batch = Vec::new();
+                for case in real.cases().take(wanted) {
+                    batch.push(case.map_err(|e| e.to_string())?);
+                    if batch.len() == 500 {
+                        store.insert_batch(&batch).map_err(|e| e.to_string())?;
+                        batch.clear();
+                    }
+                }
+                store.insert_batch(&batch).map_err(|e| e.to_string())?;
+                return Ok(format!(
+                    "{wanted} real dermoscopy cases copied from {}",
+                    eval_cache.display()
+                ));
+            }
+        }
+    }
+    // Synthetic: random unit vectors (the scan costs the same) and drawn thumbnails.
+    let codes: Vec<&str> = Diagnosis::ham10000_codes().collect();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut batch = Vec::new();
+    for i in have..wanted {
+        let mut embedding: Vec<f32> = (0..encoder.dim()).map(|_| next()).collect();
+        let norm = embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
+        embedding.iter_mut().for_each(|v| *v /= norm);
+        batch.push(Case {
+            id: CaseId::new(format!("bench-{i:05}")).map_err(|e| e.to_string())?,
+            embedding,
+            diagnosis: Diagnosis::from_code(codes[i % codes.len()]).map_err(|e| e.to_string())?,
+            source: CaseSource::Reference,
+            metadata: CaseMetadata::default(),
+            thumbnail_jpeg: synthetic_thumbnail(i),
+            model_id: encoder.model_id().to_string(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            label_confirmed: true,
+        });
+        if batch.len() == 500 {
+            store.insert_batch(&batch).map_err(|e| e.to_string())?;
+            batch.clear();
+        }
+    }
+    store.insert_batch(&batch).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{wanted} SYNTHETIC cases (run `dermascope eval` on ../shared/data/derm first for real ones)"
+    ))
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+fn main() -> Result<(), String> {
+    let args = parse_args()?;
+    let options = EncoderOptions {
+        variant: match &args.variant {
+            Some(v) => VariantChoice::Named(v.clone()),
+            None => VariantChoice::Default,
+        },
+        threads: args.threads,
+        ..EncoderOptions::default()
+    };
+    let encoder = Encoder::load(&args.bundle, &options).map_err(|e| e.to_string())?;
+    let variant = encoder.variant().name.clone();
+    let store_dir = PathBuf::from("var/bench/e2e").join(encoder.model_id());
+    let store = CaseStore::open_with(
+        &store_dir,
+        StoreIdentity {
+            model_id: encoder.model_id().to_string(),
+            embedding_dim: encoder.dim(),
+        },
+        OpenOptions {
+            residency: Residency::Int8,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let provenance = fill_library(&store, &encoder, args.cases)?;
+    let replay = match &args.replay {
+        Some(dir) => dir.clone(),
+        None => {
+            let derm = PathBuf::from("../shared/data/derm/images");
+            if derm.is_dir() {
+                derm
+            } else {
+                PathBuf::from("var/demo-lesions")
+            }
+        }
+    };
+    let source = ReplaySource::open(&replay, 30.0).map_err(|e| e.to_string())?;
+    let feed =
+        CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).map_err(|e| e.to_string())?;
+    let mut events: Vec<TriggerEvent> = (0..args.captures).map(|_| TriggerEvent::Capture).collect();
+    events.push(TriggerEvent::Shutdown);
+    let daemon = Daemon {
+        analyzer: Arc::new(Analyzer {
+            encoder,
+            adapter: None,
+            store: Arc::new(store),
+            thresholds: QualityThresholds::default(),
+            top_k: 5,
+            raw_score: ScoreKind::Int8,
+        }),
+        feed,
+        trigger: Box::new(ScriptedTrigger::new(events)),
+        light: Box::new(LoggingLight::new()),
+        display: Box::new(InMemoryDisplay::new(320, 240)) as Box<dyn Display>,
+        burst: 3,
+        camera_timeout: Duration::from_secs(3),
+        live_view: Duration::ZERO,
+    };
+    // Let the camera thread reach its pace before the first press.
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let summary = daemon
+        .run(&AtomicBool::new(false), &NoSupervisor, None)
+        .map_err(|e| e.to_string())?;
+    let answered: Vec<&StageTimings> = summary
+        .timings
+        .iter()
+        .filter(|t| t.encoder_ms > 0.0)
+        .collect();
+    println!(
+        "e2e: {} captures ({} refused by the quality gate) in {:.1} s; encoder variant {variant}, {} threads; library: {provenance}; replay: {}",
+        summary.captures,
+        summary.rejected,
+        started.elapsed().as_secs_f64(),
+        args.threads,
+        replay.display()
+    );
+    println!("{:<12}{:>10}{:>10}", "stage", "p50 ms", "p95 ms");
+    type Stage = (&'static str, fn(&StageTimings) -> f64);
+    let stages: [Stage; 9] = [
+        ("burst", |t| t.burst_ms),
+        ("quality", |t| t.quality_ms),
+        ("encoder", |t| t.encoder_ms),
+        ("adapter", |t| t.adapter_ms),
+        ("search", |t| t.search_ms),
+        ("thumbnails", |t| t.thumbnails_ms),
+        ("render", |t| t.render_ms),
+        ("present", |t| t.present_ms),
+        ("total", |t| t.total_ms),
+    ];
+    let mut p95_total = f64::NAN;
+    for (name, stage) in stages {
+        let mut values: Vec<f64> = answered.iter().map(|t| stage(t)).collect();
+        let p50 = percentile(&mut values, 50.0);
+        let p95 = percentile(&mut values, 95.0);
+        println!("{name:<12}{p50:>10.1}{p95:>10.1}");
+        if name == "total" {
+            p95_total = p95;
+        }
+    }
+    if answered.is_empty() {
+        return Err("no capture passed the quality gate; nothing measured".into());
+    }
+    println!("e2e p95 ms ({variant}): {p95_total:.1}");
+    Ok(())
+}

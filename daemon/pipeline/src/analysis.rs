@@ -1,0 +1,296 @@
+//! One capture, from a burst of frames to the screen that answers it:
+//! quality gate → encoder → adapter → top-k → thumbnails.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dermascope_adapter::{Adapter, AdapterOutput};
+use dermascope_device::Frame;
+use dermascope_encoder::Encoder;
+use dermascope_quality::{self as quality, QualityThresholds, RejectReason, Verdict};
+use dermascope_store::{CaseFilter, CaseStore, Diagnosis, ScoreKind, SearchHit};
+use dermascope_ui::{MatchView, PredictionView, RejectionView, ResultsView, Screen, Thumbnail};
+use image::RgbImage;
+use serde::Serialize;
+use tracing::warn;
+
+/// Side of the thumbnails drawn on screen and stored with captured cases.
+pub const THUMBNAIL_SIDE: u32 = 96;
+
+/// Where the time of one capture went, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StageTimings {
+    /// Waiting for the burst's frames from the camera.
+    pub burst_ms: f64,
+    pub quality_ms: f64,
+    pub encoder_ms: f64,
+    pub adapter_ms: f64,
+    pub search_ms: f64,
+    /// Reading and decoding the matches' thumbnails.
+    pub thumbnails_ms: f64,
+    /// Drawing the screen into the canvas.
+    pub render_ms: f64,
+    /// Handing the pixels to the display.
+    pub present_ms: f64,
+    /// Trigger to results drawn.
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// What a capture produced that a confirmation can turn into a case.
+#[derive(Clone)]
+pub struct CapturedLesion {
+    pub embedding: Vec<f32>,
+    /// The adapter embedding, when an adapter ran.
+    pub adapter_embedding: Option<Vec<f32>>,
+    pub thumbnail_jpeg: Vec<u8>,
+    /// The adapter's suggestion, else the top match's diagnosis code.
+    pub suggested_code: Option<String>,
+}
+
+/// The outcome of one capture.
+pub struct Analysis {
+    pub screen: Screen,
+    pub timings: StageTimings,
+    pub capture: Option<CapturedLesion>,
+}
+
+/// Everything that turns frames into an answer; shared by the daemon and
+/// the end-to-end benchmark.
+pub struct Analyzer {
+    pub encoder: Encoder,
+    pub adapter: Option<Adapter>,
+    pub store: Arc<CaseStore>,
+    pub thresholds: QualityThresholds,
+    pub top_k: usize,
+    /// Which copy of the raw index to score with (the handheld keeps int8).
+    pub raw_score: ScoreKind,
+}
+
+impl Analyzer {
+    /// Judges the burst and, for the sharpest acceptable frame, finds the
+    /// similar cases. Never fails: trouble becomes a screen.
+    pub fn analyse(&self, frames: &[Arc<Frame>], timings: &mut StageTimings) -> Analysis {
+        let started = Instant::now();
+        let chosen = self.choose_frame(frames);
+        timings.quality_ms = ms(started.elapsed());
+        let frame = match chosen {
+            Ok(frame) => frame,
+            Err(reason) => {
+                return Analysis {
+                    screen: Screen::rejected(reason),
+                    timings: *timings,
+                    capture: None,
+                }
+            }
+        };
+        match self.answer(frame, timings) {
+            Ok(analysis) => analysis,
+            Err(problem) => {
+                warn!(error = %problem, "capture could not be answered");
+                Analysis {
+                    screen: Screen::Error {
+                        title: "Could not search".into(),
+                        what_to_fix: problem,
+                    },
+                    timings: *timings,
+                    capture: None,
+                }
+            }
+        }
+    }
+
+    fn choose_frame<'f>(&self, frames: &'f [Arc<Frame>]) -> Result<&'f Frame, RejectionView> {
+        let mut views = Vec::with_capacity(frames.len());
+        for frame in frames {
+            match quality::Frame::new(frame.width, frame.height, &frame.rgb) {
+                Ok(view) => views.push(view),
+                Err(e) => {
+                    warn!(error = %e, "frame refused by the quality gate");
+                    return Err(RejectionView::CameraError);
+                }
+            }
+        }
+        let reports = quality::assess_burst(&views, &self.thresholds);
+        if let Some(best) = quality::sharpest_accepted(&reports) {
+            return Ok(&frames[best]);
+        }
+        // Every frame refused: tell the clinician the commonest reason.
+        let mut counts = [0usize; 4];
+        for report in &reports {
+            if let Verdict::Reject(reason) = report.verdict {
+                counts[reason_index(reason)] += 1;
+            }
+        }
+        let commonest = (0..4).max_by_key(|&i| counts[i]).unwrap_or(3);
+        Err(match commonest {
+            0 => RejectionView::TooDark,
+            1 => RejectionView::TooBright,
+            2 => RejectionView::NoLesion,
+            _ => RejectionView::Blurry,
+        })
+    }
+
+    fn answer(&self, frame: &Frame, timings: &mut StageTimings) -> Result<Analysis, String> {
+        let photo = RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())
+            .ok_or_else(|| "the camera frame has the wrong size".to_string())?;
+        let started = Instant::now();
+        let embedding = self
+            .encoder
+            .embed_rgb(&photo)
+            .map_err(|e| format!("The encoder failed ({e}). Restart the device."))?
+            .into_values();
+        timings.encoder_ms = ms(started.elapsed());
+
+        let started = Instant::now();
+        let adapted: Option<AdapterOutput> = match &self.adapter {
+            Some(adapter) => match adapter.predict(&embedding) {
+                Ok(out) => Some(out),
+                Err(e) => {
+                    warn!(error = %e, "adapter failed; showing raw matches");
+                    None
+                }
+            },
+            None => None,
+        };
+        timings.adapter_ms = ms(started.elapsed());
+
+        let started = Instant::now();
+        let filter = CaseFilter::any();
+        let hits = match &adapted {
+            Some(out) => self
+                .store
+                .search_adapter_space(&out.embedding, self.top_k, &filter),
+            None => self
+                .store
+                .search(&embedding, self.top_k, &filter, self.raw_score),
+        }
+        .map_err(|e| format!("The case library could not be searched ({e})."))?;
+        timings.search_ms = ms(started.elapsed());
+
+        let started = Instant::now();
+        let matches = self.match_views(&hits);
+        let query = thumbnail_of(&photo);
+        timings.thumbnails_ms = ms(started.elapsed());
+
+        let prediction = match (&adapted, &self.adapter) {
+            (Some(out), Some(adapter)) => {
+                adapter
+                    .classes()
+                    .get(out.predicted)
+                    .map(|code| PredictionView {
+                        diagnosis: display_name(code),
+                        probability: out.probabilities[out.predicted],
+                    })
+            }
+            _ => None,
+        };
+        let suggested_code = match (&adapted, &self.adapter) {
+            (Some(out), Some(adapter)) => adapter.classes().get(out.predicted).cloned(),
+            _ => hits.first().and_then(|hit| {
+                self.store
+                    .get(&hit.id)
+                    .ok()
+                    .flatten()
+                    .map(|c| c.diagnosis.code)
+            }),
+        };
+        let thumbnail_jpeg = jpeg_thumbnail(&photo).unwrap_or_default();
+        let query = query.map_err(|e| format!("The photograph could not be shown ({e})."))?;
+        Ok(Analysis {
+            screen: Screen::Results(ResultsView {
+                query,
+                matches,
+                prediction,
+            }),
+            timings: *timings,
+            capture: Some(CapturedLesion {
+                embedding,
+                adapter_embedding: adapted.map(|a| a.embedding),
+                thumbnail_jpeg,
+                suggested_code,
+            }),
+        })
+    }
+
+    fn match_views(&self, hits: &[SearchHit]) -> Vec<MatchView> {
+        let mut matches = Vec::with_capacity(hits.len());
+        for hit in hits {
+            let case = match self.store.get(&hit.id) {
+                Ok(Some(case)) => case,
+                Ok(None) => continue, // removed since the search
+                Err(e) => {
+                    warn!(case = %hit.id.as_str(), error = %e, "match skipped");
+                    continue;
+                }
+            };
+            let thumbnail = match decode_thumbnail(&case.thumbnail_jpeg) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(case = %hit.id.as_str(), error = %e, "thumbnail unreadable");
+                    placeholder_thumbnail()
+                }
+            };
+            matches.push(MatchView {
+                diagnosis: case.diagnosis.display_name.clone(),
+                similarity: hit.score,
+                thumbnail,
+                confirmed: case.label_confirmed,
+            });
+        }
+        matches
+    }
+}
+
+fn reason_index(reason: RejectReason) -> usize {
+    match reason {
+        RejectReason::TooDark => 0,
+        RejectReason::TooBright => 1,
+        RejectReason::NoLesion => 2,
+        RejectReason::Blurry => 3,
+    }
+}
+
+/// Plain-words name of a diagnosis code (the code itself when unknown).
+pub fn display_name(code: &str) -> String {
+    Diagnosis::from_code(code)
+        .map(|d| d.display_name)
+        .unwrap_or_else(|_| code.to_string())
+}
+
+fn thumbnail_of(photo: &RgbImage) -> Result<Thumbnail, String> {
+    let small = image::imageops::thumbnail(photo, THUMBNAIL_SIDE, THUMBNAIL_SIDE);
+    let (w, h) = small.dimensions();
+    Thumbnail::new(w, h, small.into_raw()).map_err(|e| e.to_string())
+}
+
+fn decode_thumbnail(jpeg: &[u8]) -> Result<Thumbnail, String> {
+    let image = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
+        .map_err(|e| e.to_string())?
+        .into_rgb8();
+    let (w, h) = image.dimensions();
+    Thumbnail::new(w, h, image.into_raw()).map_err(|e| e.to_string())
+}
+
+fn placeholder_thumbnail() -> Thumbnail {
+    let side = 8;
+    Thumbnail::new(side, side, vec![128; (side * side * 3) as usize])
+        .unwrap_or_else(|_| unreachable_thumbnail())
+}
+
+#[allow(clippy::unwrap_used)]
+fn unreachable_thumbnail() -> Thumbnail {
+    // 1x1 grey is always a valid thumbnail.
+    Thumbnail::new(1, 1, vec![128; 3]).unwrap()
+}
+
+/// The capture's thumbnail as stored with a confirmed case.
+pub fn jpeg_thumbnail(photo: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
+    let small = image::imageops::thumbnail(photo, THUMBNAIL_SIDE, THUMBNAIL_SIDE);
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80).encode_image(&small)?;
+    Ok(jpeg)
+}

@@ -1,0 +1,479 @@
+//! `dermascope.toml`: what `dermascope run` runs on.
+//!
+//! Every section and key has a default (the embedded defaults: replay
+//! camera, control socket, PNG screens, stores under `var/`), so an empty
+//! file or none at all runs the daemon on a PC. Unknown keys are errors, and
+//! every error names the key and what it may be.
+
+use std::path::{Path, PathBuf};
+
+use dermascope_quality::QualityThresholds;
+use serde::Deserialize;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: key `{key}` = {value}: {allowed}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub camera: CameraSection,
+    pub trigger: TriggerSection,
+    pub display: DisplaySection,
+    pub encoder: EncoderSection,
+    pub adapter: AdapterSection,
+    pub store: StoreSection,
+    pub pipeline: PipelineSection,
+    pub quality: QualityThresholds,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraKind {
+    /// The dermatoscope's camera through V4L2.
+    V4l2,
+    /// A folder of photographs, looped (PCs, demos, benchmarks).
+    Replay,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CameraSection {
+    pub source: CameraKind,
+    pub device: PathBuf,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Folder of JPEG/PNG photographs for `source = "replay"`.
+    pub replay_dir: PathBuf,
+    pub replay_fps: f64,
+}
+
+impl Default for CameraSection {
+    fn default() -> Self {
+        Self {
+            source: CameraKind::Replay,
+            device: PathBuf::from("/dev/video0"),
+            width: 640,
+            height: 480,
+            fps: 30,
+            replay_dir: PathBuf::from("var/demo-lesions"),
+            replay_fps: 30.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TriggerKind {
+    /// The scope's push buttons on GPIO.
+    Gpio,
+    /// Lines on a Unix control socket (`capture`, `confirm [label]`, `shutdown`).
+    Socket,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TriggerSection {
+    pub input: TriggerKind,
+    /// BCM pin of the capture button.
+    pub capture_pin: u8,
+    /// BCM pin of the confirm button, if fitted.
+    pub confirm_pin: Option<u8>,
+    pub debounce_ms: u64,
+    /// BCM pin of the LED ring, if it is switched by the daemon.
+    pub led_pin: Option<u8>,
+    /// Control socket for `input = "socket"`.
+    pub socket: PathBuf,
+}
+
+impl Default for TriggerSection {
+    fn default() -> Self {
+        Self {
+            input: TriggerKind::Socket,
+            capture_pin: 17,
+            confirm_pin: None,
+            debounce_ms: 30,
+            led_pin: None,
+            socket: PathBuf::from("var/run/dermascope.sock"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DisplayKind {
+    /// `/dev/fb0` (HDMI or a panel with a kernel driver).
+    Framebuffer,
+    /// An ST7789/ILI9341 panel on SPI.
+    Spi,
+    /// Each screen written as a PNG file.
+    Png,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PanelKind {
+    St7789,
+    Ili9341,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DisplaySection {
+    pub output: DisplayKind,
+    /// Size the screens are drawn at.
+    pub width: u32,
+    pub height: u32,
+    pub framebuffer: PathBuf,
+    pub png_dir: PathBuf,
+    pub panel: PanelKind,
+    pub spi_bus: u8,
+    pub chip_select: u8,
+    pub dc_pin: u8,
+    pub reset_pin: Option<u8>,
+    pub backlight_pin: Option<u8>,
+}
+
+impl Default for DisplaySection {
+    fn default() -> Self {
+        Self {
+            output: DisplayKind::Png,
+            width: 320,
+            height: 240,
+            framebuffer: PathBuf::from("/dev/fb0"),
+            png_dir: PathBuf::from("var/screens"),
+            panel: PanelKind::St7789,
+            spi_bus: 0,
+            chip_select: 0,
+            dc_pin: 25,
+            reset_pin: Some(27),
+            backlight_pin: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncoderSection {
+    /// Encoder bundle; default: the CLI's search order.
+    pub bundle: Option<PathBuf>,
+    /// Variant from the bundle's manifest; default: measured best for the CPU.
+    pub variant: Option<String>,
+    /// Threads for the encoder's matrix products; default 2.
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdapterSection {
+    /// Installed adapter; used when it holds one, ignored when empty.
+    pub dir: PathBuf,
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("var/adapter"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    pub dir: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("var/cases"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Frames taken per button press; the sharpest acceptable one is used.
+    pub burst: u32,
+    /// Similar cases shown.
+    pub top_k: usize,
+    /// Longest wait for the camera during a burst before the capture fails
+    /// with a camera-problem screen.
+    pub camera_timeout_ms: u64,
+    /// Refresh the ready screen with the live view this often (0: never;
+    /// PNG screens default to never, so a PC's disk does not fill).
+    pub live_view_ms: u64,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
+            burst: 3,
+            top_k: 5,
+            camera_timeout_ms: 3000,
+            live_view_ms: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, value: String, allowed: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            value,
+            allowed: allowed.to_string(),
+        };
+        let c = &self.camera;
+        if !(16..=8192).contains(&c.width) {
+            return Err(invalid(
+                "camera.width",
+                c.width.to_string(),
+                "must be 16..=8192 pixels",
+            ));
+        }
+        if !(16..=8192).contains(&c.height) {
+            return Err(invalid(
+                "camera.height",
+                c.height.to_string(),
+                "must be 16..=8192 pixels",
+            ));
+        }
+        if !(1..=120).contains(&c.fps) {
+            return Err(invalid("camera.fps", c.fps.to_string(), "must be 1..=120"));
+        }
+        if !(c.replay_fps > 0.0 && c.replay_fps <= 240.0) {
+            return Err(invalid(
+                "camera.replay_fps",
+                c.replay_fps.to_string(),
+                "must be > 0 and <= 240",
+            ));
+        }
+        let t = &self.trigger;
+        for (key, pin) in [
+            ("trigger.capture_pin", Some(t.capture_pin)),
+            ("trigger.confirm_pin", t.confirm_pin),
+            ("trigger.led_pin", t.led_pin),
+            ("display.dc_pin", Some(self.display.dc_pin)),
+            ("display.reset_pin", self.display.reset_pin),
+            ("display.backlight_pin", self.display.backlight_pin),
+        ] {
+            if let Some(pin) = pin {
+                if pin > 27 {
+                    return Err(invalid(
+                        key,
+                        pin.to_string(),
+                        "must be a BCM GPIO number 0..=27",
+                    ));
+                }
+            }
+        }
+        if t.debounce_ms > 1000 {
+            return Err(invalid(
+                "trigger.debounce_ms",
+                t.debounce_ms.to_string(),
+                "must be 0..=1000",
+            ));
+        }
+        let d = &self.display;
+        if !(64..=1920).contains(&d.width) {
+            return Err(invalid(
+                "display.width",
+                d.width.to_string(),
+                "must be 64..=1920",
+            ));
+        }
+        if !(64..=1080).contains(&d.height) {
+            return Err(invalid(
+                "display.height",
+                d.height.to_string(),
+                "must be 64..=1080",
+            ));
+        }
+        if let Some(threads) = self.encoder.threads {
+            if !(1..=64).contains(&threads) {
+                return Err(invalid(
+                    "encoder.threads",
+                    threads.to_string(),
+                    "must be 1..=64",
+                ));
+            }
+        }
+        let p = &self.pipeline;
+        if !(1..=16).contains(&p.burst) {
+            return Err(invalid(
+                "pipeline.burst",
+                p.burst.to_string(),
+                "must be 1..=16 frames",
+            ));
+        }
+        if !(1..=20).contains(&p.top_k) {
+            return Err(invalid(
+                "pipeline.top_k",
+                p.top_k.to_string(),
+                "must be 1..=20 cases",
+            ));
+        }
+        if !(100..=60_000).contains(&p.camera_timeout_ms) {
+            return Err(invalid(
+                "pipeline.camera_timeout_ms",
+                p.camera_timeout_ms.to_string(),
+                "must be 100..=60000",
+            ));
+        }
+        let q = &self.quality;
+        for (key, value) in [
+            ("quality.max_clipped_highlights", q.max_clipped_highlights),
+            ("quality.max_crushed_shadows", q.max_crushed_shadows),
+            ("quality.min_lesion_contrast", q.min_lesion_contrast),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(invalid(key, value.to_string(), "must be a fraction 0..=1"));
+            }
+        }
+        if !(q.min_focus >= 0.0 && q.min_focus.is_finite()) {
+            return Err(invalid(
+                "quality.min_focus",
+                q.min_focus.to_string(),
+                "must be >= 0",
+            ));
+        }
+        if !(0.0..=255.0).contains(&q.min_mean_luma)
+            || !(0.0..=255.0).contains(&q.max_mean_luma)
+            || q.min_mean_luma >= q.max_mean_luma
+        {
+            return Err(invalid(
+                "quality.min_mean_luma/max_mean_luma",
+                format!("{}/{}", q.min_mean_luma, q.max_mean_luma),
+                "must be 0..=255 with min < max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("dermascope.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.camera.source, CameraKind::Replay);
+        assert_eq!(config.display.output, DisplayKind::Png);
+    }
+
+    #[test]
+    fn device_configuration_parses() {
+        let config = parse(
+            r#"
+            [camera]
+            source = "v4l2"
+            device = "/dev/video2"
+            [trigger]
+            input = "gpio"
+            capture_pin = 5
+            led_pin = 6
+            [display]
+            output = "spi"
+            panel = "ili9341"
+            [encoder]
+            threads = 4
+            variant = "int8"
+            [quality]
+            min_focus = 12.0
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.camera.source, CameraKind::V4l2);
+        assert_eq!(config.trigger.led_pin, Some(6));
+        assert_eq!(config.display.panel, PanelKind::Ili9341);
+        assert_eq!(config.quality.min_focus, 12.0);
+        assert_eq!(
+            config.quality.max_mean_luma,
+            QualityThresholds::default().max_mean_luma
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_allowed_values() {
+        let err = parse("[camera]\nsource = \"usb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source") && err.contains("v4l2") && err.contains("replay"),
+            "{err}"
+        );
+        let err = parse("[display]\noutput = \"hdmi\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("framebuffer") && err.contains("spi") && err.contains("png"),
+            "{err}"
+        );
+        let err = parse("[camera]\nwidht = 640\n").unwrap_err().to_string();
+        assert!(err.contains("widht") && err.contains("width"), "{err}");
+        let err = parse("[pipeline]\nburst = 0\n").unwrap_err().to_string();
+        assert!(
+            err.contains("pipeline.burst") && err.contains("1..=16"),
+            "{err}"
+        );
+        let err = parse("[trigger]\ncapture_pin = 40\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("trigger.capture_pin") && err.contains("0..=27"),
+            "{err}"
+        );
+        let err = parse("[quality]\nmax_clipped_highlights = 2.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quality.max_clipped_highlights"), "{err}");
+        let err = parse("[camera]\nfps = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("fps"), "{err}");
+        let err = parse("[sync]\nurl = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("sync") && err.contains("camera"), "{err}");
+    }
+}

@@ -1,0 +1,430 @@
+//! The daemon's loop: wait for the button, capture, answer, show; confirm
+//! captures into cases on a writer thread; stop cleanly on request.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dermascope_device::{Display, Light, Trigger, TriggerError, TriggerEvent};
+use dermascope_store::{Case, CaseId, CaseMetadata, CaseSource, Diagnosis};
+use dermascope_ui::{Canvas, RejectionView, Screen, StatusView, SyncState, Thumbnail};
+use tracing::{debug, error, info, warn};
+
+use crate::analysis::{Analyzer, CapturedLesion, StageTimings};
+use crate::feed::{BurstError, CameraFeed, CameraHealth};
+
+/// What the daemon tells its supervisor (systemd on the device).
+pub trait Supervisor {
+    /// Start-up finished; `status` is one human-readable line.
+    fn ready(&self, status: &str);
+    /// Still alive (called at least every `LOOP_TICK`).
+    fn alive(&self);
+    /// Shutting down.
+    fn stopping(&self);
+}
+
+/// For tests, benchmarks and a PC without systemd.
+pub struct NoSupervisor;
+
+impl Supervisor for NoSupervisor {
+    fn ready(&self, _: &str) {}
+    fn alive(&self) {}
+    fn stopping(&self) {}
+}
+
+/// Longest the loop sleeps waiting for the button, so the watchdog, the
+/// shutdown flag and the camera state are looked at this often.
+pub const LOOP_TICK: Duration = Duration::from_millis(250);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("the trigger failed: {0}; check the button wiring or the control socket")]
+    Trigger(#[from] TriggerError),
+    #[error("the display failed: {0}")]
+    Display(String),
+}
+
+/// The daemon's parts, already opened.
+pub struct Daemon {
+    pub analyzer: Arc<Analyzer>,
+    pub feed: CameraFeed,
+    pub trigger: Box<dyn Trigger>,
+    pub light: Box<dyn Light>,
+    pub display: Box<dyn Display>,
+    pub burst: usize,
+    pub camera_timeout: Duration,
+    /// 0: never refresh the live view.
+    pub live_view: Duration,
+}
+
+/// What a run did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub captures: u64,
+    pub rejected: u64,
+    pub confirmed: u64,
+    /// Per-capture stage timings, oldest first (the last 1,000).
+    pub timings: VecDeque<StageTimings>,
+    /// What the screen showed, oldest first (the last 1,000), as
+    /// [`screen_label`] names it: what tests and logs check.
+    pub screens: VecDeque<String>,
+}
+
+/// A short name for a screen: `ready`, `capturing`, `results:N`,
+/// `rejected:<reason>`, `error:<title>`.
+pub fn screen_label(screen: &Screen) -> String {
+    match screen {
+        Screen::Ready { .. } => "ready".into(),
+        Screen::Capturing { .. } => "capturing".into(),
+        Screen::Rejected { reason, .. } => format!("rejected:{reason:?}"),
+        Screen::Results(view) => format!("results:{}", view.matches.len()),
+        Screen::Error { title, .. } => format!("error:{title}"),
+    }
+}
+
+/// Confirmed captures go to disk here, so the loop never waits for a flush.
+struct CaseWriter {
+    queue: Option<Sender<(Case, Option<Vec<f32>>)>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CaseWriter {
+    fn start(analyzer: Arc<Analyzer>) -> std::io::Result<Self> {
+        let (queue, cases) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("case-writer".into())
+            .spawn(move || write_cases(&analyzer, cases))?;
+        Ok(Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+
+    fn submit(&self, case: Case, adapter_embedding: Option<Vec<f32>>) {
+        if let Some(queue) = &self.queue {
+            if queue.send((case, adapter_embedding)).is_err() {
+                error!("the case writer has stopped; the capture was not stored");
+            }
+        }
+    }
+
+    /// Waits until every submitted case is flushed.
+    fn finish(mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                error!("the case writer panicked");
+            }
+        }
+    }
+}
+
+fn write_cases(analyzer: &Analyzer, cases: Receiver<(Case, Option<Vec<f32>>)>) {
+    for (case, adapter_embedding) in cases {
+        let id = case.id.clone();
+        match analyzer.store.insert(&case) {
+            Ok(()) => info!(case = %id.as_str(), "capture stored as a case"),
+            Err(e) => {
+                error!(case = %id.as_str(), error = %e, "capture could not be stored");
+                continue;
+            }
+        }
+        if let (Some(vector), Some(adapter)) = (adapter_embedding, &analyzer.adapter) {
+            if let Err(e) = analyzer
+                .store
+                .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
+            {
+                warn!(case = %id.as_str(), error = %e, "adapter embedding not stored; recomputed at next start");
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// Runs until `shutdown` is set, a shutdown event arrives, or
+    /// `max_captures` captures were answered (benchmarks and tests).
+    pub fn run(
+        mut self,
+        shutdown: &AtomicBool,
+        supervisor: &dyn Supervisor,
+        max_captures: Option<u64>,
+    ) -> Result<RunSummary, DaemonError> {
+        let writer = CaseWriter::start(Arc::clone(&self.analyzer))
+            .map_err(|e| DaemonError::Display(format!("cannot start the case writer: {e}")))?;
+        let mut summary = RunSummary::default();
+        let mut last_capture: Option<CapturedLesion> = None;
+        let mut camera_shown = CameraHealth::Streaming;
+        let mut last_live = Instant::now();
+        let screen = self.ready_screen(None);
+        self.show(&screen, &mut summary.screens)?;
+        supervisor.ready(&format!(
+            "ready: {} cases, camera {}",
+            self.analyzer.store.len().unwrap_or(0),
+            self.feed.describe()
+        ));
+        let outcome = loop {
+            supervisor.alive();
+            if shutdown.load(Ordering::Relaxed) {
+                info!("shutdown requested");
+                break Ok(());
+            }
+            if max_captures.is_some_and(|max| summary.captures >= max) {
+                break Ok(());
+            }
+            let event = match self.trigger.wait(LOOP_TICK) {
+                Ok(event) => event,
+                Err(e) => break Err(DaemonError::Trigger(e)),
+            };
+            match event {
+                Some(TriggerEvent::Capture) => {
+                    let (screen, timings, capture) = self.capture(&mut summary.screens);
+                    summary.captures += 1;
+                    if capture.is_none() {
+                        summary.rejected += 1;
+                    }
+                    if summary.timings.len() == 1000 {
+                        summary.timings.pop_front();
+                    }
+                    let mut timings = timings;
+                    let drawn = self.show_timed(&screen, &mut timings, &mut summary.screens);
+                    timings.total_ms += timings.render_ms + timings.present_ms;
+                    info!(
+                        total_ms = timings.total_ms,
+                        encoder_ms = timings.encoder_ms,
+                        search_ms = timings.search_ms,
+                        "capture answered"
+                    );
+                    summary.timings.push_back(timings);
+                    last_capture = capture;
+                    drawn?;
+                }
+                Some(TriggerEvent::Confirm { label }) => match last_capture.take() {
+                    Some(capture) => {
+                        match case_from_capture(
+                            &capture,
+                            label.as_deref(),
+                            self.analyzer.encoder.model_id(),
+                        ) {
+                            Ok(case) => {
+                                writer.submit(case, capture.adapter_embedding.clone());
+                                summary.confirmed += 1;
+                            }
+                            Err(message) => {
+                                warn!(%message, "confirmation refused");
+                                last_capture = Some(capture);
+                                self.show(
+                                    &Screen::Error {
+                                        title: "Label not recognised".into(),
+                                        what_to_fix: message,
+                                    },
+                                    &mut summary.screens,
+                                )?;
+                            }
+                        }
+                    }
+                    None => debug!("confirm without a capture to confirm"),
+                },
+                Some(TriggerEvent::Shutdown) => {
+                    info!("shutdown event");
+                    break Ok(());
+                }
+                None => {
+                    let health = self.feed.health();
+                    if health != camera_shown {
+                        let screen = self.ready_screen(Some(&health));
+                        self.show(&screen, &mut summary.screens)?;
+                        camera_shown = health;
+                    } else if !self.live_view.is_zero()
+                        && last_live.elapsed() >= self.live_view
+                        && health == CameraHealth::Streaming
+                    {
+                        last_live = Instant::now();
+                        let screen = self.ready_screen(None);
+                        self.show(&screen, &mut summary.screens)?;
+                    }
+                }
+            }
+        };
+        supervisor.stopping();
+        writer.finish();
+        match self.analyzer.store.checkpoint() {
+            Ok(_) => info!("case store flushed"),
+            Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
+        }
+        outcome.map(|()| summary)
+    }
+
+    fn capture(
+        &mut self,
+        log: &mut VecDeque<String>,
+    ) -> (Screen, StageTimings, Option<CapturedLesion>) {
+        let started = Instant::now();
+        let mut timings = StageTimings::default();
+        if let Err(e) = self.light.set(true) {
+            warn!(error = %e, "light ring did not switch on");
+        }
+        let burst_len = u32::try_from(self.burst).unwrap_or(u32::MAX);
+        // The clinician sees that the device is busy and must hold still.
+        let _ = self.show(
+            &Screen::Capturing {
+                frames_taken: 0,
+                burst_len,
+            },
+            log,
+        );
+        let frames = self.feed.burst(self.burst, self.camera_timeout);
+        if let Err(e) = self.light.set(false) {
+            warn!(error = %e, "light ring did not switch off");
+        }
+        timings.burst_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let frames = match frames {
+            Ok(frames) => frames,
+            Err(e) => {
+                warn!(error = %e, "capture failed");
+                let what_to_do = match e {
+                    BurstError::Failed(_) => {
+                        "The camera cannot be used. Check the cable, then restart the device."
+                    }
+                    BurstError::Timeout { .. } => RejectionView::CameraError.default_advice(),
+                };
+                timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+                return (
+                    Screen::Rejected {
+                        reason: RejectionView::CameraError,
+                        what_to_do: what_to_do.to_string(),
+                    },
+                    timings,
+                    None,
+                );
+            }
+        };
+        let analysis = self.analyzer.analyse(&frames, &mut timings);
+        let mut timings = analysis.timings;
+        timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+        (analysis.screen, timings, analysis.capture)
+    }
+
+    fn ready_screen(&self, health: Option<&CameraHealth>) -> Screen {
+        match health {
+            Some(CameraHealth::Interrupted(reason)) => Screen::Error {
+                title: "Camera not available".into(),
+                what_to_fix: format!(
+                    "{reason}. Check the camera cable; it is retried every second."
+                ),
+            },
+            Some(CameraHealth::Failed(reason)) => Screen::Error {
+                title: "Camera cannot be used".into(),
+                what_to_fix: format!("{reason}. Restart the device; if it repeats, call service."),
+            },
+            _ => Screen::Ready {
+                live: if self.live_view.is_zero() {
+                    None
+                } else {
+                    self.feed.latest().and_then(|frame| live_thumbnail(&frame))
+                },
+                hint: "Place the scope on the lesion and press the button.".into(),
+            },
+        }
+    }
+
+    fn status(&self) -> StatusView {
+        let counts = self.analyzer.store.counts().ok();
+        let captured = counts
+            .as_ref()
+            .and_then(|c| c.by_source.get(&CaseSource::Captured).copied())
+            .unwrap_or(0);
+        StatusView {
+            // Sync with the fleet service is not part of this daemon yet:
+            // every captured case is still waiting to be uploaded.
+            sync: SyncState::Offline,
+            pending_uploads: u32::try_from(captured).unwrap_or(u32::MAX),
+            cases_in_library: counts.map_or(0, |c| u32::try_from(c.total).unwrap_or(u32::MAX)),
+            clock: None,
+        }
+    }
+
+    fn show(&mut self, screen: &Screen, log: &mut VecDeque<String>) -> Result<(), DaemonError> {
+        let mut timings = StageTimings::default();
+        self.show_timed(screen, &mut timings, log)
+    }
+
+    fn show_timed(
+        &mut self,
+        screen: &Screen,
+        timings: &mut StageTimings,
+        log: &mut VecDeque<String>,
+    ) -> Result<(), DaemonError> {
+        if log.len() == 1000 {
+            log.pop_front();
+        }
+        log.push_back(screen_label(screen));
+        let started = Instant::now();
+        let (width, height) = self.display.size();
+        let mut canvas = Canvas::new(width, height)
+            .map_err(|e| DaemonError::Display(format!("cannot draw at {width}x{height}: {e}")))?;
+        let status = self.status();
+        if let Err(e) = dermascope_ui::render(&mut canvas, &status, screen) {
+            return Err(DaemonError::Display(format!("drawing failed: {e:?}")));
+        }
+        timings.render_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let started = Instant::now();
+        let presented = self.display.present(width, height, canvas.pixels());
+        timings.present_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match presented {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_retryable() => {
+                // One lost screen is not worth stopping the device for.
+                warn!(error = %e, "screen not shown");
+                Ok(())
+            }
+            Err(e) => Err(DaemonError::Display(e.to_string())),
+        }
+    }
+}
+
+fn live_thumbnail(frame: &dermascope_device::Frame) -> Option<Thumbnail> {
+    let image = image::RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())?;
+    let small = image::imageops::thumbnail(&image, 160, 120);
+    let (w, h) = small.dimensions();
+    Thumbnail::new(w, h, small.into_raw()).ok()
+}
+
+/// A confirmed capture as a case: the clinician's label when given
+/// (confirmed), else the suggestion (unconfirmed, for later review).
+fn case_from_capture(
+    capture: &CapturedLesion,
+    label: Option<&str>,
+    model_id: &str,
+) -> Result<Case, String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (code, confirmed) = match label {
+        Some(label) => (label.to_ascii_lowercase(), true),
+        None => (
+            capture
+                .suggested_code
+                .clone()
+                .ok_or("no label given and no suggestion to keep")?,
+            false,
+        ),
+    };
+    let diagnosis = Diagnosis::from_code(&code).map_err(|e| e.to_string())?;
+    let id = CaseId::new(format!("capture-{now}")).map_err(|e| e.to_string())?;
+    Ok(Case {
+        id,
+        embedding: capture.embedding.clone(),
+        diagnosis,
+        source: CaseSource::Captured,
+        metadata: CaseMetadata::default(),
+        thumbnail_jpeg: capture.thumbnail_jpeg.clone(),
+        model_id: model_id.to_string(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        label_confirmed: confirmed,
+    })
+}

@@ -1,0 +1,31 @@
+//! The capture pipeline of the handheld: button → best sharp frame of a
+//! burst → encoder → adapter → top-k similar cases → screen.
+//!
+//! It runs on the hardware traits of `dermascope-device` and never knows
+//! whether it drives a real camera, button and panel or the host stand-ins
+//! (replay folder, control socket, PNG files).
+//!
+//! Threads and what they may wait on:
+//!
+//! * **camera** ([`CameraFeed`]): dequeues frames continuously and keeps the
+//!   latest; it never waits on anything else. An absent camera is retried
+//!   every second while the screen says so.
+//! * **loop** ([`Daemon::run`]): waits on the trigger (at most
+//!   [`LOOP_TICK`], so the watchdog and the shutdown flag are served), the
+//!   camera's next frames, the encoder and the in-memory index. It never
+//!   waits on a disk flush of a confirmed case, nor on the network.
+//! * **case writer**: stores confirmed captures (flush + fsync) behind the
+//!   loop's back; shutdown waits for it.
+
+pub mod analysis;
+pub mod config;
+mod daemon;
+mod feed;
+pub mod hardware;
+
+pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
+pub use config::{Config, ConfigError};
+pub use daemon::{
+    screen_label, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor, LOOP_TICK,
+};
+pub use feed::{BurstError, CameraFeed, CameraHealth};

@@ -1,0 +1,282 @@
+//! The daemon's loop on the host implementations: a replay camera, a
+//! scripted button, an in-memory screen, the real encoder and a real store.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dermascope_device::{
+    Display, FrameSource, InMemoryDisplay, LoggingLight, ReplaySource, ScriptedTrigger,
+    TriggerEvent,
+};
+use dermascope_encoder::{Encoder, EncoderOptions};
+use dermascope_pipeline::{hardware, Analyzer, CameraFeed, Config, Daemon, NoSupervisor};
+use dermascope_quality::QualityThresholds;
+use dermascope_store::{
+    Case, CaseId, CaseMetadata, CaseSource, CaseStore, Diagnosis, ScoreKind, StoreIdentity,
+};
+use image::{Rgb, RgbImage};
+
+fn bundle() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/dist/sklesion-xception");
+    assert!(
+        dir.join("manifest.toml").is_file(),
+        "run models/build first"
+    );
+    dir
+}
+
+/// A sharp pigmented blob on skin, like the quality gate expects a lesion.
+fn lesion(seed: u32, blur: f32) -> RgbImage {
+    let cx = 160.0 + (seed % 5) as f32 * 6.0;
+    let cy = 120.0 + (seed % 3) as f32 * 5.0;
+    let image = RgbImage::from_fn(320, 240, |x, y| {
+        let dx = x as f32 - cx;
+        let dy = y as f32 - cy;
+        let d = (dx * dx + dy * dy).sqrt();
+        // A speckled, irregular border gives the gate fine detail to see.
+        let speckle = ((x * 7 + y * 13 + seed) % 17) as f32 * 3.0;
+        if d < 55.0 + 8.0 * (dx.atan2(dy) * 5.0).sin() {
+            Rgb([
+                (90.0 + speckle) as u8,
+                (50.0 + speckle) as u8,
+                (35.0 + speckle / 2.0) as u8,
+            ])
+        } else {
+            Rgb([
+                220,
+                (165.0 + speckle / 3.0) as u8,
+                (145.0 + speckle / 4.0) as u8,
+            ])
+        }
+    });
+    if blur > 0.0 {
+        image::imageops::blur(&image, blur)
+    } else {
+        image
+    }
+}
+
+fn write_images(dir: &Path, count: u32, blur: f32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..count {
+        lesion(i, blur)
+            .save(dir.join(format!("frame{i:02}.png")))
+            .unwrap();
+    }
+}
+
+fn library(dir: &Path, encoder: &Encoder) -> Arc<CaseStore> {
+    let store = CaseStore::open(
+        dir,
+        StoreIdentity {
+            model_id: encoder.model_id().to_string(),
+            embedding_dim: encoder.dim(),
+        },
+    )
+    .unwrap();
+    let mut cases = Vec::new();
+    for (i, code) in ["nv", "mel", "bkl", "nv", "mel", "df"].iter().enumerate() {
+        let photo = lesion(i as u32 + 20, 0.0);
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+            .encode_image(&image::imageops::thumbnail(&photo, 96, 72))
+            .unwrap();
+        cases.push(Case {
+            id: CaseId::new(format!("ref-{i}")).unwrap(),
+            embedding: encoder.embed_rgb(&photo).unwrap().into_values(),
+            diagnosis: Diagnosis::from_code(code).unwrap(),
+            source: CaseSource::Reference,
+            metadata: CaseMetadata::default(),
+            thumbnail_jpeg: jpeg,
+            model_id: encoder.model_id().to_string(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            label_confirmed: true,
+        });
+    }
+    store.insert_batch(&cases).unwrap();
+    Arc::new(store)
+}
+
+fn daemon(
+    feed: CameraFeed,
+    store: Arc<CaseStore>,
+    encoder: Encoder,
+    events: Vec<TriggerEvent>,
+) -> (Daemon, dermascope_device::PresentedScreens) {
+    let display = InMemoryDisplay::new(320, 240);
+    let presented = display.presented();
+    let analyzer = Analyzer {
+        encoder,
+        adapter: None,
+        store,
+        thresholds: QualityThresholds::default(),
+        top_k: 5,
+        raw_score: ScoreKind::Int8,
+    };
+    (
+        Daemon {
+            analyzer: Arc::new(analyzer),
+            feed,
+            trigger: Box::new(ScriptedTrigger::new(events)),
+            light: Box::new(LoggingLight::new()),
+            display: Box::new(display) as Box<dyn Display>,
+            burst: 3,
+            camera_timeout: Duration::from_secs(3),
+            live_view: Duration::ZERO,
+        },
+        presented,
+    )
+}
+
+fn encoder() -> Encoder {
+    Encoder::load(&bundle(), &EncoderOptions::default()).unwrap()
+}
+
+#[test]
+fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("replay"), 4, 0.0);
+    let encoder = encoder();
+    let store = library(&dir.path().join("store"), &encoder);
+    let source = ReplaySource::open(dir.path().join("replay"), 30.0).unwrap();
+    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let events = vec![
+        TriggerEvent::Capture,
+        TriggerEvent::Confirm {
+            label: Some("mel".into()),
+        },
+        TriggerEvent::Capture,
+        TriggerEvent::Confirm { label: None },
+        TriggerEvent::Shutdown,
+    ];
+    let (daemon, presented) = daemon(feed, Arc::clone(&store), encoder, events);
+    let summary = daemon
+        .run(&AtomicBool::new(false), &NoSupervisor, None)
+        .unwrap();
+    assert_eq!(summary.captures, 2, "{:?}", summary.screens);
+    assert_eq!(summary.confirmed, 2);
+    let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
+    assert_eq!(
+        screens,
+        ["ready", "capturing", "results:5", "capturing", "results:5"]
+    );
+    assert!(presented.count() >= 5);
+    let last = presented.last().unwrap();
+    assert_eq!((last.width, last.height), (320, 240));
+    // Both confirmations were flushed before `run` returned.
+    let counts = store.counts().unwrap();
+    assert_eq!(counts.by_source.get(&CaseSource::Captured), Some(&2));
+    let captured: Vec<Case> = store
+        .cases()
+        .map(Result::unwrap)
+        .filter(|c| c.source == CaseSource::Captured)
+        .collect();
+    assert!(captured
+        .iter()
+        .any(|c| c.diagnosis.code == "mel" && c.label_confirmed));
+    assert!(captured.iter().any(|c| !c.label_confirmed));
+    let t = &summary.timings[0];
+    assert!(t.encoder_ms > 0.0 && t.total_ms >= t.encoder_ms);
+}
+
+#[test]
+fn blurred_frames_are_refused_with_the_reason_and_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("replay"), 3, 6.0);
+    let encoder = encoder();
+    let store = library(&dir.path().join("store"), &encoder);
+    let source = ReplaySource::open(dir.path().join("replay"), 30.0).unwrap();
+    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let events = vec![
+        TriggerEvent::Capture,
+        TriggerEvent::Confirm { label: None },
+        TriggerEvent::Shutdown,
+    ];
+    let (daemon, _) = daemon(feed, Arc::clone(&store), encoder, events);
+    let summary = daemon
+        .run(&AtomicBool::new(false), &NoSupervisor, None)
+        .unwrap();
+    assert_eq!(summary.rejected, 1);
+    assert_eq!(summary.confirmed, 0);
+    assert!(
+        summary.screens.iter().any(|s| s == "rejected:Blurry"),
+        "{:?}",
+        summary.screens
+    );
+    assert_eq!(store.len().unwrap(), 6);
+}
+
+#[test]
+fn absent_camera_is_shown_and_retried_while_the_daemon_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = encoder();
+    let store = library(&dir.path().join("store"), &encoder);
+    let config = Config::parse(
+        "[camera]\nsource = \"v4l2\"\ndevice = \"/dev/video-not-here\"\n",
+        Path::new("test.toml"),
+    )
+    .unwrap();
+    let feed = hardware::start_camera(&config).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let events = vec![TriggerEvent::Capture, TriggerEvent::Shutdown];
+    let (mut daemon, _) = daemon(feed, store, encoder, events);
+    daemon.camera_timeout = Duration::from_millis(300);
+    let summary = daemon
+        .run(&AtomicBool::new(false), &NoSupervisor, None)
+        .unwrap();
+    let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
+    assert!(screens.contains(&"rejected:CameraError"), "{screens:?}");
+    assert_eq!(summary.captures, 1);
+}
+
+#[test]
+fn a_folder_of_corrupt_frames_gives_a_camera_problem_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = dir.path().join("replay");
+    std::fs::create_dir_all(&replay).unwrap();
+    std::fs::write(replay.join("broken.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 0, 1, 2]).unwrap();
+    let encoder = encoder();
+    let store = library(&dir.path().join("store"), &encoder);
+    let source = ReplaySource::open(&replay, 30.0).unwrap();
+    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let (mut daemon, _) = daemon(
+        feed,
+        store,
+        encoder,
+        vec![TriggerEvent::Capture, TriggerEvent::Shutdown],
+    );
+    daemon.camera_timeout = Duration::from_millis(500);
+    let summary = daemon
+        .run(&AtomicBool::new(false), &NoSupervisor, None)
+        .unwrap();
+    assert!(
+        summary.screens.iter().any(|s| s == "rejected:CameraError"),
+        "{:?}",
+        summary.screens
+    );
+}
+
+#[test]
+fn missing_hardware_says_what_to_change() {
+    let gpio = Config::parse("[trigger]\ninput = \"gpio\"\n", Path::new("t.toml")).unwrap();
+    let err = hardware::open_trigger(&gpio).err().unwrap().to_string();
+    assert!(err.contains("input = \"socket\""), "{err}");
+
+    let fb = Config::parse(
+        "[display]\noutput = \"framebuffer\"\nframebuffer = \"/dev/fb-not-here\"\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let err = hardware::open_display(&fb).err().unwrap().to_string();
+    assert!(
+        err.contains("fb-not-here") && err.contains("output = \"png\""),
+        "{err}"
+    );
+
+    let spi = Config::parse("[display]\noutput = \"spi\"\n", Path::new("t.toml")).unwrap();
+    let err = hardware::open_display(&spi).err().unwrap().to_string();
+    assert!(err.contains("output = \"png\""), "{err}");
+}
