@@ -438,6 +438,17 @@ mod tests {
     }
 
     #[test]
+    fn the_config_the_device_image_installs_is_valid() {
+        let shipped = include_str!(
+            "../../../yocto/meta-dermascope/recipes-dermascope/dermascope/files/dermascope.toml"
+        );
+        let config = parse(shipped).unwrap();
+        assert_eq!(config.camera.source, CameraKind::V4l2);
+        assert_eq!(config.trigger.input, TriggerKind::Gpio);
+        assert_eq!(config.display.output, DisplayKind::Spi);
+    }
+
+    #[test]
     fn errors_name_the_key_and_the_allowed_values() {
         let err = parse("[camera]\nsource = \"usb\"\n")
             .unwrap_err()
