@@ -449,3 +449,102 @@ fn adapter_trains_on_stored_cases_is_used_by_search_and_refuses_bad_labels() {
         "{err}"
     );
 }
+
+/// `dermascope run` as a process: reference cases added at start, the
+/// control socket pressed by `dermascope press`, screens written as PNGs,
+/// SIGTERM answered with a clean, flushed stop.
+#[test]
+fn the_daemon_answers_a_press_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = dir.path().join("library");
+    std::fs::create_dir_all(&library).unwrap();
+    let labels = synthetic_library(&library, 4);
+    std::fs::rename(&labels, library.join("labels.csv")).unwrap();
+    let replay = dir.path().join("replay");
+    std::fs::create_dir_all(&replay).unwrap();
+    for i in 0..3 {
+        synthetic_lesion(100 + i, [110, 60, 40])
+            .save(replay.join(format!("frame{i}.png")))
+            .unwrap();
+    }
+    let socket = dir.path().join("control.sock");
+    let screens = dir.path().join("screens");
+    let config = dir.path().join("dermascope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[camera]\nreplay_dir = {replay:?}\n[trigger]\nsocket = {socket:?}\n\
+             [display]\npng_dir = {screens:?}\n[store]\ndir = {store:?}\n\
+             [adapter]\ndir = {adapter:?}\n[quality]\nmin_focus = 0.0\nmin_lesion_contrast = 0.0\n",
+            store = dir.path().join("cases"),
+            adapter = dir.path().join("no-adapter"),
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_dermascope"))
+        .args(["run", "--config", config.to_str().unwrap(), "--cases"])
+        .arg(&library)
+        .env("DERMASCOPE_MODEL_DIR", bundle())
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once the control socket exists (the library is embedded first).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon never became ready"
+        );
+        assert!(daemon.try_wait().unwrap().is_none(), "daemon exited early");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let press = |command: &[&str]| {
+        let mut args = vec!["press", "--socket", socket.to_str().unwrap()];
+        args.extend_from_slice(command);
+        dermascope(&args)
+    };
+    let pressed = press(&["capture"]);
+    assert!(pressed.status.success(), "{:?}", text(&pressed));
+    assert_eq!(text(&pressed).0.trim(), "ok");
+    let unknown = press(&["levitate"]);
+    assert!(!unknown.status.success());
+    // The results screen lands in latest.png; then confirm and stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let shown = std::fs::read_dir(&screens).map_or(0, |d| d.count());
+        if shown >= 4 {
+            break; // ready, capturing, results (+ latest.png)
+        }
+        assert!(std::time::Instant::now() < deadline, "no results screen");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(press(&["confirm", "mel"]).status.success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SIGTERM, as systemd stops the service.
+    let pid = daemon.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = daemon.wait_with_output().unwrap();
+    let (_, err) = text(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("stopped: 1 captures"), "{err}");
+    assert!(err.contains("1 confirmed"), "{err}");
+    let latest = image::open(screens.join("latest.png")).unwrap();
+    assert_eq!((latest.width(), latest.height()), (320, 240));
+    // The confirmed capture was flushed before exit: a new process sees it.
+    let cases = dermascope(&[
+        "cases",
+        "--store",
+        dir.path().join("cases").to_str().unwrap(),
+    ]);
+    let (out, _) = text(&cases);
+    assert!(
+        out.contains("captured") && out.contains("13 cases"),
+        "{out}"
+    );
+}
