@@ -131,6 +131,12 @@ fn daemon(
     )
 }
 
+/// The camera thread over a folder of photographs at 30 fps.
+fn replay_feed(folder: &Path) -> CameraFeed {
+    let source = ReplaySource::open(folder, 30.0).unwrap();
+    CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap()
+}
+
 fn encoder() -> Encoder {
     Encoder::load(&bundle(), &EncoderOptions::default()).unwrap()
 }
@@ -141,8 +147,7 @@ fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
     write_images(&dir.path().join("replay"), 4, 0.0);
     let encoder = encoder();
     let store = library(&dir.path().join("store"), &encoder);
-    let source = ReplaySource::open(dir.path().join("replay"), 30.0).unwrap();
-    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let feed = replay_feed(&dir.path().join("replay"));
     let events = vec![
         TriggerEvent::Capture,
         TriggerEvent::Confirm {
@@ -188,8 +193,7 @@ fn blurred_frames_are_refused_with_the_reason_and_not_stored() {
     write_images(&dir.path().join("replay"), 3, 6.0);
     let encoder = encoder();
     let store = library(&dir.path().join("store"), &encoder);
-    let source = ReplaySource::open(dir.path().join("replay"), 30.0).unwrap();
-    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let feed = replay_feed(&dir.path().join("replay"));
     let events = vec![
         TriggerEvent::Capture,
         TriggerEvent::Confirm { label: None },
@@ -240,8 +244,7 @@ fn a_folder_of_corrupt_frames_gives_a_camera_problem_not_a_hang() {
     std::fs::write(replay.join("broken.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 0, 1, 2]).unwrap();
     let encoder = encoder();
     let store = library(&dir.path().join("store"), &encoder);
-    let source = ReplaySource::open(&replay, 30.0).unwrap();
-    let feed = CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).unwrap();
+    let feed = replay_feed(&replay);
     let (mut daemon, _) = daemon(
         feed,
         store,
