@@ -147,7 +147,7 @@ fn report(nodes: &[NodeProfile], wall: Duration, settings: &Settings) {
         entry.2 += node.macs;
     }
     let mut by_op: Vec<_> = by_op.into_iter().collect();
-    by_op.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+    by_op.sort_by_key(|(_, (_, spent, _))| std::cmp::Reverse(*spent));
     println!("\nby op type:");
     println!(
         "{:<28}{:>6}{:>11}{:>8}{:>10}{:>9}",
@@ -193,7 +193,7 @@ fn report(nodes: &[NodeProfile], wall: Duration, settings: &Settings) {
     }
 
     let mut slowest: Vec<&NodeProfile> = nodes.iter().collect();
-    slowest.sort_by(|a, b| b.spent.cmp(&a.spent));
+    slowest.sort_by_key(|node| std::cmp::Reverse(node.spent));
     println!("\ntop {} nodes:", settings.top);
     println!(
         "{:>9}{:>7}{:>9}  {:<20} {:<40} kernel",
