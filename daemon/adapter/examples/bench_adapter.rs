@@ -87,6 +87,8 @@ fn main() -> Result<(), String> {
         trained.history.len()
     );
     println!("adapter training s: {training_s:.2}");
-    println!("adapter inference ms (1 embedding, tract, median of {runs}): {median:.3} (p95 {p95:.3})");
+    println!(
+        "adapter inference ms (1 embedding, tract, median of {runs}): {median:.3} (p95 {p95:.3})"
+    );
     Ok(())
 }

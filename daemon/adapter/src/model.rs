@@ -220,7 +220,7 @@ fn linear(x: &ArrayView2<f32>, weight: &Array2<f32>, bias: &Array1<f32>) -> Arra
     x.dot(&weight.t()) + bias
 }
 
-/// Exact GELU, as ONNX `Gelu` (approximate = "none") and PyTorch's default.
+/// Exact GELU (PyTorch's default), spelled with `Erf` in the exported graph.
 pub(crate) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }

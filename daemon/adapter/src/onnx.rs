@@ -1,8 +1,9 @@
 //! Writing a trained adapter as an ONNX graph, with tract-onnx's own
 //! protobuf types (so what we write is exactly what tract reads).
 //!
-//! Opset 20 for `Gelu`; `LayerNormalization` (opset 17) and 1-D `Conv` over
-//! a length-one sequence, as the reference architecture has them. Two
+//! Opset 18, the newest tract 0.23 is tested against: GELU is spelled out
+//! with `Erf` (ONNX's own `Gelu` op needs opset 20), `LayerNormalization`
+//! (opset 17) and 1-D `Conv` over a length-one sequence are native. Two
 //! outputs: `logits` and `adapter_embedding` (not normalised; the daemon
 //! L2-normalises it for search).
 
@@ -14,8 +15,8 @@ use crate::model::{AdapterWeights, LAYER_NORM_EPS, PROJECTION_WIDTH};
 pub const INPUT_NAME: &str = "embedding";
 pub const LOGITS_NAME: &str = "logits";
 pub const EMBEDDING_NAME: &str = "adapter_embedding";
-const OPSET: i64 = 20;
-const IR_VERSION: i64 = 9;
+const OPSET: i64 = 18;
+const IR_VERSION: i64 = 8;
 
 fn float_tensor(
     name: &str,
@@ -85,13 +86,16 @@ fn float_attribute(name: &str, value: f32) -> pb::AttributeProto {
     }
 }
 
-fn string_attribute(name: &str, value: &str) -> pb::AttributeProto {
-    pb::AttributeProto {
-        name: name.to_string(),
-        r#type: pb::attribute_proto::AttributeType::String as i32,
-        s: value.as_bytes().to_vec(),
-        ..Default::default()
-    }
+/// Exact GELU, x · ½ · (1 + erf(x / √2)), as the training side computes it.
+fn gelu(input: &str, output: &str) -> [pb::NodeProto; 5] {
+    let name = |step: &str| format!("{output}_{step}");
+    [
+        node("Div", &[input, "sqrt_2"], &name("scaled"), vec![]),
+        node("Erf", &[&name("scaled")], &name("erf"), vec![]),
+        node("Add", &[&name("erf"), "one"], &name("shifted"), vec![]),
+        node("Mul", &[input, &name("shifted")], &name("product"), vec![]),
+        node("Mul", &[&name("product"), "half"], output, vec![]),
+    ]
 }
 
 fn value_info(name: &str, dims: &[Option<usize>]) -> pb::ValueInfoProto {
@@ -151,6 +155,9 @@ pub fn export(weights: &AdapterWeights, doc: &str) -> Vec<u8> {
             weights.head_bias.iter().copied(),
         ),
         int64_tensor("sequence_axis", &[2]),
+        float_tensor("sqrt_2", &[], [std::f32::consts::SQRT_2]),
+        float_tensor("half", &[], [0.5]),
+        float_tensor("one", &[], [1.0]),
     ];
     let conv = || {
         vec![
@@ -159,11 +166,12 @@ pub fn export(weights: &AdapterWeights, doc: &str) -> Vec<u8> {
         ]
     };
     let gemm = || vec![int_attribute("transB", 1)];
-    let gelu = || vec![string_attribute("approximate", "none")];
-    let nodes = vec![
+    let mut nodes = vec![
         node("Mul", &[INPUT_NAME, "input_scale"], "scaled", vec![]),
         node("Gemm", &["scaled", "w1", "b1"], "z1", gemm()),
-        node("Gelu", &["z1"], "a1", gelu()),
+    ];
+    nodes.extend(gelu("z1", "a1"));
+    nodes.extend([
         node("Gemm", &["a1", "w2", "b2"], "z2", gemm()),
         node(
             "LayerNormalization",
@@ -181,7 +189,9 @@ pub fn export(weights: &AdapterWeights, doc: &str) -> Vec<u8> {
             vec![],
         ),
         node("Conv", &["sequence", "conv1", "conv1_bias"], "c1", conv()),
-        node("Gelu", &["c1"], "a3", gelu()),
+    ]);
+    nodes.extend(gelu("c1", "a3"));
+    nodes.extend([
         node("Conv", &["a3", "conv2", "conv2_bias"], "c2", conv()),
         node("Squeeze", &["c2", "sequence_axis"], EMBEDDING_NAME, vec![]),
         node(
@@ -190,7 +200,7 @@ pub fn export(weights: &AdapterWeights, doc: &str) -> Vec<u8> {
             LOGITS_NAME,
             gemm(),
         ),
-    ];
+    ]);
     let graph = pb::GraphProto {
         name: "dermascope_adapter".to_string(),
         node: nodes,

@@ -1,10 +1,10 @@
 //! Training an adapter on labelled embeddings, on the device.
 //!
-//! Cross-entropy with AdamW (lr 3e-4, weight decay 0.01), mini-batches in a
+//! Cross-entropy with AdamW (lr 1e-4, weight decay 0.01), mini-batches in a
 //! seeded order, class imbalance handled by loss weights (n / (classes · n_c),
 //! scikit-learn's "balanced") or by class-balanced sampling, and early
 //! stopping on a lesion-grouped validation set: the weights kept are those of
-//! the epoch with the best validation balanced accuracy. The same inputs and
+//! the epoch with the lowest class-weighted validation loss. The same inputs and
 //! seed give bit-identical weights.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,7 +55,11 @@ pub enum Balancing {
     BalancedSampling,
 }
 
-/// Hyper-parameters; the defaults are the reference's.
+/// Hyper-parameters; the defaults are the reference's except the learning
+/// rate: at the reference's 3e-4 the validation loss bottomed out after one
+/// or two epochs on sklesion embeddings (already fine-tuned on HAM10000) and
+/// adapter-space precision@1 averaged 0.855 over three seeds, no better than
+/// raw embeddings; at 1e-4 it averaged 0.865 (docs/evaluation.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainingConfig {
     pub hidden: usize,
@@ -63,7 +67,7 @@ pub struct TrainingConfig {
     pub learning_rate: f32,
     pub weight_decay: f32,
     pub batch_size: usize,
-    /// Epochs without a better validation balanced accuracy before stopping.
+    /// Epochs without a lower validation loss before stopping.
     pub patience: usize,
     pub seed: u64,
     pub balancing: Balancing,
@@ -78,7 +82,7 @@ impl Default for TrainingConfig {
         Self {
             hidden: 254,
             max_epochs: 15,
-            learning_rate: 3e-4,
+            learning_rate: 1e-4,
             weight_decay: 0.01,
             batch_size: 64,
             patience: 4,
@@ -355,12 +359,13 @@ pub fn train(
             "adapter epoch"
         );
         history.push(record);
+        // The class-weighted validation loss picks the epoch: on a few
+        // hundred validation cases balanced accuracy moves in steps of one
+        // rare-class case and picked epoch 1 of one seed and epoch 4 of
+        // another (docs/evaluation.md); the loss is smooth.
         let improved = match &best {
             None => true,
-            Some((best_acc, best_loss, _, _)) => {
-                validation_balanced_accuracy > *best_acc
-                    || (validation_balanced_accuracy == *best_acc && validation_loss < *best_loss)
-            }
+            Some((_, best_loss, _, _)) => validation_loss < *best_loss,
         };
         if improved {
             best = Some((
