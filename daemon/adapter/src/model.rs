@@ -18,6 +18,7 @@
 //! about `1/√d`; scaling by `√d` gives the unit-scale inputs that PyTorch's
 //! default initialisation (which we copy) expects.
 
+use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 use rand::rngs::StdRng;
 use rand::RngExt;
@@ -166,16 +167,16 @@ impl AdapterWeights {
     /// Gradients of the loss whose derivative with respect to the logits is
     /// `d_logits`, in the order of [`AdapterWeights::tensors_mut`].
     pub(crate) fn backward(&self, act: &Activations, d_logits: &Array2<f32>) -> Gradients {
-        let d_head = d_logits.t().dot(&act.embedding);
+        let d_head = dot(d_logits.t(), act.embedding.view());
         let d_head_bias = d_logits.sum_axis(Axis(0));
         let d_embedding = d_logits.dot(&self.head);
 
-        let d_conv2 = d_embedding.t().dot(&act.a3);
+        let d_conv2 = dot(d_embedding.t(), act.a3.view());
         let d_conv2_bias = d_embedding.sum_axis(Axis(0));
         let d_a3 = d_embedding.dot(&self.conv2);
         let d_c1 = d_a3 * act.c1.mapv(gelu_derivative);
 
-        let d_conv1 = d_c1.t().dot(&act.y);
+        let d_conv1 = dot(d_c1.t(), act.y.view());
         let d_conv1_bias = d_c1.sum_axis(Axis(0));
         let d_y = d_c1.dot(&self.conv1);
 
@@ -184,11 +185,11 @@ impl AdapterWeights {
         let d_normalised = &d_y * &self.norm_gain;
         let d_z2 = layer_norm_backward(&d_normalised, &act.normalised, &act.inv_std);
 
-        let d_w2 = d_z2.t().dot(&act.a1);
+        let d_w2 = dot(d_z2.t(), act.a1.view());
         let d_b2 = d_z2.sum_axis(Axis(0));
         let d_a1 = d_z2.dot(&self.w2);
         let d_z1 = d_a1 * act.z1.mapv(gelu_derivative);
-        let d_w1 = d_z1.t().dot(&act.x);
+        let d_w1 = dot(d_z1.t(), act.x.view());
         let d_b1 = d_z1.sum_axis(Axis(0));
 
         Gradients([
@@ -217,7 +218,32 @@ fn into_flat2(a: Array2<f32>) -> Vec<f32> {
 pub(crate) struct Gradients(pub(crate) [Vec<f32>; 12]);
 
 fn linear(x: &ArrayView2<f32>, weight: &Array2<f32>, bias: &Array1<f32>) -> Array2<f32> {
-    x.dot(&weight.t()) + bias
+    dot(x.view(), weight.t()) + bias
+}
+
+/// Products smaller than this many multiply-adds stay on one thread.
+const PARALLEL_MACS: usize = 8 << 20;
+
+/// `a · b`, the output's columns split between two threads when the
+/// product is large (the first layer's 2048-wide products are most of
+/// training). Each column block is computed the same way whatever the
+/// split, so results do not depend on the thread count.
+fn dot(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+    let (rows, inner) = a.dim();
+    let cols = b.ncols();
+    let mut out = Array2::zeros((rows, cols));
+    if rows * inner * cols < PARALLEL_MACS || cols < 2 {
+        general_mat_mul(1.0, &a, &b, 0.0, &mut out);
+        return out;
+    }
+    let half = cols / 2;
+    let (b_left, b_right) = b.split_at(Axis(1), half);
+    let (mut out_left, mut out_right) = out.view_mut().split_at(Axis(1), half);
+    std::thread::scope(|scope| {
+        scope.spawn(|| general_mat_mul(1.0, &a, &b_right, 0.0, &mut out_right));
+        general_mat_mul(1.0, &a, &b_left, 0.0, &mut out_left);
+    });
+    out
 }
 
 /// Exact GELU (PyTorch's default), spelled with `Erf` in the exported graph.
