@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dermascope_adapter::Adapter;
 use dermascope_device::{
     Display, FrameSource, InMemoryDisplay, LoggingLight, ReplaySource, ScriptedTrigger,
     TriggerEvent,
@@ -148,6 +149,46 @@ fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<S
     ))
 }
 
+/// The adapter `dermascope eval` trained (var/eval/<model id>/adapter), with
+/// the library indexed in its space, so the adapter stage is measured too.
+fn install_adapter(store: &CaseStore, encoder: &Encoder) -> Result<Option<Adapter>, String> {
+    let dir = PathBuf::from("var/eval")
+        .join(encoder.model_id())
+        .join("adapter");
+    if !dir.join(dermascope_adapter::MANIFEST_FILE).is_file() {
+        println!(
+            "no adapter in {} (run `dermascope eval` first): adapter stage not measured",
+            dir.display()
+        );
+        return Ok(None);
+    }
+    let adapter =
+        Adapter::load(&dir, encoder.model_id(), encoder.dim()).map_err(|e| e.to_string())?;
+    let status = store
+        .attach_adapter_space(adapter.adapter_id(), adapter.hidden())
+        .map_err(|e| e.to_string())?;
+    for ids in status.missing.chunks(256) {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(case) = store.get(id).map_err(|e| e.to_string())? {
+                rows.push((case.id, case.embedding));
+            }
+        }
+        let outputs = adapter
+            .predict_many(&rows.iter().map(|(_, e)| e.as_slice()).collect::<Vec<_>>())
+            .map_err(|e| e.to_string())?;
+        let adapted: Vec<_> = rows
+            .into_iter()
+            .zip(outputs)
+            .map(|((id, _), out)| (id, out.embedding))
+            .collect();
+        store
+            .put_adapter_embeddings(adapter.adapter_id(), &adapted)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some(adapter))
+}
+
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -183,6 +224,7 @@ fn main() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     let provenance = fill_library(&store, &encoder, args.cases)?;
+    let adapter = install_adapter(&store, &encoder)?;
     let replay = match &args.replay {
         Some(dir) => dir.clone(),
         None => {
@@ -202,7 +244,7 @@ fn main() -> Result<(), String> {
     let daemon = Daemon {
         analyzer: Arc::new(Analyzer {
             encoder,
-            adapter: None,
+            adapter,
             store: Arc::new(store),
             thresholds: QualityThresholds::default(),
             top_k: 5,
@@ -216,6 +258,11 @@ fn main() -> Result<(), String> {
         camera_timeout: Duration::from_secs(3),
         live_view: Duration::ZERO,
     };
+    let adapter_id = daemon
+        .analyzer
+        .adapter
+        .as_ref()
+        .map_or("none".to_string(), |a| a.adapter_id().to_string());
     // Let the camera thread reach its pace before the first press.
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
@@ -228,7 +275,7 @@ fn main() -> Result<(), String> {
         .filter(|t| t.encoder_ms > 0.0)
         .collect();
     println!(
-        "e2e: {} captures ({} refused by the quality gate) in {:.1} s; encoder variant {variant}, {} threads; library: {provenance}; replay: {}",
+        "e2e: {} captures ({} refused by the quality gate) in {:.1} s; encoder variant {variant}, {} threads; adapter: {adapter_id}; library: {provenance}; replay: {}",
         summary.captures,
         summary.rejected,
         started.elapsed().as_secs_f64(),
