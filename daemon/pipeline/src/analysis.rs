@@ -227,11 +227,16 @@ impl Analyzer {
                     continue;
                 }
             };
+            // A case whose thumbnail does not decode is still a match worth
+            // showing; a grey square stands in for its picture.
             let thumbnail = match decode_thumbnail(&case.thumbnail_jpeg) {
                 Ok(t) => t,
                 Err(e) => {
                     warn!(case = %hit.id.as_str(), error = %e, "thumbnail unreadable");
-                    placeholder_thumbnail()
+                    match Thumbnail::new(1, 1, vec![128; 3]) {
+                        Ok(grey) => grey,
+                        Err(_) => continue,
+                    }
                 }
             };
             matches.push(MatchView {
@@ -273,18 +278,6 @@ fn decode_thumbnail(jpeg: &[u8]) -> Result<Thumbnail, String> {
         .into_rgb8();
     let (w, h) = image.dimensions();
     Thumbnail::new(w, h, image.into_raw()).map_err(|e| e.to_string())
-}
-
-fn placeholder_thumbnail() -> Thumbnail {
-    let side = 8;
-    Thumbnail::new(side, side, vec![128; (side * side * 3) as usize])
-        .unwrap_or_else(|_| unreachable_thumbnail())
-}
-
-#[allow(clippy::unwrap_used)]
-fn unreachable_thumbnail() -> Thumbnail {
-    // 1x1 grey is always a valid thumbnail.
-    Thumbnail::new(1, 1, vec![128; 3]).unwrap()
 }
 
 /// The capture's thumbnail as stored with a confirmed case.

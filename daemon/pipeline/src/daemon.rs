@@ -46,6 +46,8 @@ pub enum DaemonError {
     Trigger(#[from] TriggerError),
     #[error("the display failed: {0}")]
     Display(String),
+    #[error("cannot start the case writer thread: {0}")]
+    Writer(std::io::Error),
 }
 
 /// The daemon's parts, already opened.
@@ -153,31 +155,54 @@ impl Daemon {
         supervisor: &dyn Supervisor,
         max_captures: Option<u64>,
     ) -> Result<RunSummary, DaemonError> {
-        let writer = CaseWriter::start(Arc::clone(&self.analyzer))
-            .map_err(|e| DaemonError::Display(format!("cannot start the case writer: {e}")))?;
+        let writer = CaseWriter::start(Arc::clone(&self.analyzer)).map_err(DaemonError::Writer)?;
         let mut summary = RunSummary::default();
-        let mut last_capture: Option<CapturedLesion> = None;
-        let mut camera_shown = CameraHealth::Streaming;
-        let mut last_live = Instant::now();
         let screen = self.ready_screen(None);
-        self.show(&screen, &mut summary.screens)?;
+        let first = self.show(&screen, &mut summary.screens);
+        // Every way out of the loop goes through the flush below, errors too:
+        // a confirmed case must not be lost because the screen failed.
+        let outcome = match first {
+            Err(e) => Err(e),
+            Ok(()) => self.serve(shutdown, supervisor, max_captures, &writer, &mut summary),
+        };
+        supervisor.stopping();
+        writer.finish();
+        match self.analyzer.store.checkpoint() {
+            Ok(_) => info!("case store flushed"),
+            Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
+        }
+        outcome.map(|()| summary)
+    }
+
+    /// The loop proper, from the first screen to a stop.
+    fn serve(
+        &mut self,
+        shutdown: &AtomicBool,
+        supervisor: &dyn Supervisor,
+        max_captures: Option<u64>,
+        writer: &CaseWriter,
+        summary: &mut RunSummary,
+    ) -> Result<(), DaemonError> {
         supervisor.ready(&format!(
             "ready: {} cases, camera {}",
             self.analyzer.store.len().unwrap_or(0),
             self.feed.describe()
         ));
-        let outcome = loop {
+        let mut last_capture: Option<CapturedLesion> = None;
+        let mut camera_shown = CameraHealth::Streaming;
+        let mut last_live = Instant::now();
+        loop {
             supervisor.alive();
             if shutdown.load(Ordering::Relaxed) {
                 info!("shutdown requested");
-                break Ok(());
+                return Ok(());
             }
             if max_captures.is_some_and(|max| summary.captures >= max) {
-                break Ok(());
+                return Ok(());
             }
             let event = match self.trigger.wait(LOOP_TICK) {
                 Ok(event) => event,
-                Err(e) => break Err(DaemonError::Trigger(e)),
+                Err(e) => return Err(DaemonError::Trigger(e)),
             };
             match event {
                 Some(TriggerEvent::Capture) => {
@@ -216,13 +241,11 @@ impl Daemon {
                             Err(message) => {
                                 warn!(%message, "confirmation refused");
                                 last_capture = Some(capture);
-                                self.show(
-                                    &Screen::Error {
-                                        title: "Label not recognised".into(),
-                                        what_to_fix: message,
-                                    },
-                                    &mut summary.screens,
-                                )?;
+                                let screen = Screen::Error {
+                                    title: "Label not recognised".into(),
+                                    what_to_fix: message,
+                                };
+                                self.show(&screen, &mut summary.screens)?;
                             }
                         }
                     }
@@ -230,7 +253,7 @@ impl Daemon {
                 },
                 Some(TriggerEvent::Shutdown) => {
                     info!("shutdown event");
-                    break Ok(());
+                    return Ok(());
                 }
                 None => {
                     let health = self.feed.health();
@@ -248,14 +271,7 @@ impl Daemon {
                     }
                 }
             }
-        };
-        supervisor.stopping();
-        writer.finish();
-        match self.analyzer.store.checkpoint() {
-            Ok(_) => info!("case store flushed"),
-            Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
         }
-        outcome.map(|()| summary)
     }
 
     fn capture(
