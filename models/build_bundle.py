@@ -164,13 +164,17 @@ def depthwise_conv_names(model_path: Path) -> list[str]:
 
 # What tract 0.23 really executes in int8: QLinearConv with s8 activations and
 # s8 per-channel weights (QDQ convs run in float there; QLinearAdd is a
-# com.microsoft op tract cannot load).
+# com.microsoft op tract cannot load). Depthwise convolutions stay in float:
+# tract computes them in int8 through im2col and a grouped matmul, and in
+# float with a direct kernel, so leaving them out made the int8 plan about
+# twice as fast at the same cosine to fp32 (docs/benchmarks.md).
 DEFAULT_INT8 = Int8Recipe(
     name="int8",
-    description="QOperator: QLinearConv only, s8 activations, s8 per-channel weights",
+    description="QOperator: QLinearConv on the full and pointwise convolutions, depthwise convolutions in float, s8 activations, s8 per-channel weights",
     quant_format=QuantFormat.QOperator,
     per_channel=True,
     activation_type=QuantType.QInt8,
+    float_depthwise=True,
 )
 
 EXPERIMENT_RECIPES = [
@@ -200,15 +204,15 @@ EXPERIMENT_RECIPES = [
         QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QUInt8,
     ),
     Int8Recipe(
-        "qoperator-s8s8-perchannel-pointwise",
-        "QOperator QLinearConv on the full and pointwise convolutions only, depthwise convolutions in float, s8 activations, s8 per-channel weights",
-        QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QInt8, float_depthwise=True,
+        "qoperator-s8s8-perchannel-allconvs",
+        "QOperator QLinearConv on every convolution including the depthwise ones (the shipped int8 until 2026-11-28), s8 activations, s8 per-channel weights",
+        QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QInt8,
     ),
     # tract 0.23 fuses a per-tensor requantization into its int8 matmul kernel
-    # but runs a per-channel one as separate element-wise passes, and computes
-    # int8 depthwise convolutions as im2col + grouped matmul (see the
-    # --profile figures in docs/benchmarks.md); per-tensor weights only cost
-    # accuracy where channel ranges differ most, in the depthwise filters.
+    # but runs a per-channel one as separate element-wise passes (--profile
+    # figures in docs/benchmarks.md): this form runs at fp32 speed, and the
+    # build's cosine says whether per-tensor pointwise weights are faithful
+    # enough (they were not: 0.973 mean).
     Int8Recipe(
         "qoperator-s8s8-pertensor-pointwise",
         "QOperator QLinearConv on the full and pointwise convolutions only, per-tensor s8 weights, depthwise convolutions in float, s8 activations",

@@ -38,20 +38,21 @@ pub const BUILD_COMMAND: &str = "models/build";
 /// The variant run when the configuration does not name one.
 ///
 /// Decided by measurement (figures in `docs/benchmarks.md`). On x86_64
-/// (`scripts/bench encoder`), tract 0.23.9's int8 plan is about 4x slower than
-/// its fp32 one: the per-channel requantization after every `QLinearConv`
-/// runs as separate element-wise passes and int8 depthwise convolutions go
-/// through im2col, so the faithful and fast choice there is fp32.
+/// (`scripts/bench encoder`), tract 0.23.9's int8 plan is slower than its
+/// fp32 one: the per-channel requantization after every `QLinearConv` runs as
+/// separate element-wise passes over the accumulator instead of inside the
+/// matmul kernel, so the faithful and fast choice there is fp32.
 pub const DEFAULT_VARIANT: &str = if cfg!(target_arch = "aarch64") {
     DEFAULT_VARIANT_AARCH64
 } else {
     "fp32"
 };
 /// fp32 on the device too (`scripts/bench encoder-aarch64`, qemu-user): the
-/// int8 plan executes 3.3x the instructions of fp32 per embedding on a
-/// Cortex-A72 (Raspberry Pi 4, SMLAL kernel) and 2.7x on a Cortex-A76
-/// (Raspberry Pi 5, SDOT kernel): the plan carries the same requantization
-/// and im2col passes on every architecture.
+/// int8 plan executes 1.96x the instructions of fp32 per embedding on a
+/// Cortex-A72 (Raspberry Pi 4, SMLAL kernel) and 1.25x on a Cortex-A76
+/// (Raspberry Pi 5, SDOT kernel). The A76 figure is close enough that a
+/// timing on a real Pi 5 should confirm it; instruction counts ignore that an
+/// SDOT does four times the multiply-adds of an FMLA.
 const DEFAULT_VARIANT_AARCH64: &str = "fp32";
 
 #[derive(Debug, thiserror::Error)]
