@@ -12,7 +12,8 @@ use dermascope_adapter::{
 };
 use dermascope_encoder::Encoder;
 use dermascope_eval::{grouped_split, ClassificationReport};
-use dermascope_store::{CaseId, CaseStore, Residency};
+use dermascope_pipeline::index_adapter_space;
+use dermascope_store::{CaseStore, Residency};
 use serde::Serialize;
 
 use crate::eval::embedded_rows;
@@ -397,39 +398,4 @@ fn index_command(args: &IndexArgs) -> anyhow::Result<ExitCode> {
 pub fn load_installed(dir: &Path, encoder: &Encoder) -> anyhow::Result<Adapter> {
     Adapter::load(dir, encoder.model_id(), encoder.dim())
         .with_context(|| format!("loading the adapter in {}", dir.display()))
-}
-
-/// Rows per flushed batch while (re)computing: an interruption loses at
-/// most one batch.
-const INDEX_BATCH: usize = 256;
-
-/// Attaches `adapter`'s space to the store and computes what is missing.
-/// Returns how many case embeddings were computed.
-pub fn index_adapter_space(store: &CaseStore, adapter: &Adapter) -> anyhow::Result<usize> {
-    let status = store.attach_adapter_space(adapter.adapter_id(), adapter.hidden())?;
-    let mut computed = 0;
-    for ids in status.missing.chunks(INDEX_BATCH) {
-        let mut embeddings: Vec<(CaseId, Vec<f32>)> = Vec::with_capacity(ids.len());
-        for id in ids {
-            match store.get(id) {
-                Ok(Some(case)) => embeddings.push((case.id, case.embedding)),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(case = %id.as_str(), error = %e, "case skipped"),
-            }
-        }
-        let outputs = adapter.predict_many(
-            &embeddings
-                .iter()
-                .map(|(_, e)| e.as_slice())
-                .collect::<Vec<_>>(),
-        )?;
-        let rows: Vec<(CaseId, Vec<f32>)> = embeddings
-            .into_iter()
-            .zip(outputs)
-            .map(|((id, _), out)| (id, out.embedding))
-            .collect();
-        computed += rows.len();
-        store.put_adapter_embeddings(adapter.adapter_id(), &rows)?;
-    }
-    Ok(computed)
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use dermascope_encoder::{EncoderOptions, VariantChoice};
-use dermascope_pipeline::{hardware, Analyzer, Config, Daemon, Supervisor};
+use dermascope_pipeline::{hardware, index_adapter_space, Analyzer, Config, Daemon, Supervisor};
 use dermascope_store::{CaseSource, Residency, ScoreKind};
 
-use crate::adapter::{index_adapter_space, load_installed};
+use crate::adapter::load_installed;
 use crate::ingest::ingest;
 use crate::labels::read_labels;
 use crate::{open_store_at, paths};

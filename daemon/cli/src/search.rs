@@ -9,7 +9,9 @@ use clap::Args;
 use dermascope_encoder::EncoderManifest;
 use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
 
-use crate::adapter::{index_adapter_space, load_installed, AdapterDirArgs};
+use dermascope_pipeline::index_adapter_space;
+
+use crate::adapter::{load_installed, AdapterDirArgs};
 use crate::ingest::SourceArg;
 use crate::{open_store, paths, EncoderArgs, StoreArgs};
 

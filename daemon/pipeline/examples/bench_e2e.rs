@@ -164,28 +164,7 @@ fn install_adapter(store: &CaseStore, encoder: &Encoder) -> Result<Option<Adapte
     }
     let adapter =
         Adapter::load(&dir, encoder.model_id(), encoder.dim()).map_err(|e| e.to_string())?;
-    let status = store
-        .attach_adapter_space(adapter.adapter_id(), adapter.hidden())
-        .map_err(|e| e.to_string())?;
-    for ids in status.missing.chunks(256) {
-        let mut rows = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(case) = store.get(id).map_err(|e| e.to_string())? {
-                rows.push((case.id, case.embedding));
-            }
-        }
-        let outputs = adapter
-            .predict_many(&rows.iter().map(|(_, e)| e.as_slice()).collect::<Vec<_>>())
-            .map_err(|e| e.to_string())?;
-        let adapted: Vec<_> = rows
-            .into_iter()
-            .zip(outputs)
-            .map(|((id, _), out)| (id, out.embedding))
-            .collect();
-        store
-            .put_adapter_embeddings(adapter.adapter_id(), &adapted)
-            .map_err(|e| e.to_string())?;
-    }
+    dermascope_pipeline::index_adapter_space(store, &adapter).map_err(|e| e.to_string())?;
     Ok(Some(adapter))
 }
 

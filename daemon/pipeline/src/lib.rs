@@ -17,12 +17,14 @@
 //! * **case writer**: stores confirmed captures (flush + fsync) behind the
 //!   loop's back; shutdown waits for it.
 
+mod adapter_space;
 pub mod analysis;
 pub mod config;
 mod daemon;
 mod feed;
 pub mod hardware;
 
+pub use adapter_space::{index_adapter_space, AdapterSpaceError};
 pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 pub use config::{Config, ConfigError};
 pub use daemon::{
