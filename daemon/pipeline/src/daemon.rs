@@ -348,17 +348,15 @@ impl Daemon {
     }
 
     fn status(&self) -> StatusView {
-        let counts = self.analyzer.store.counts().ok();
-        let captured = counts
-            .as_ref()
-            .and_then(|c| c.by_source.get(&CaseSource::Captured).copied())
-            .unwrap_or(0);
+        let store = &self.analyzer.store;
         StatusView {
             // Sync with the fleet service is not part of this daemon yet:
-            // every captured case is still waiting to be uploaded.
+            // captured cases wait in the store's outbox.
             sync: SyncState::Offline,
-            pending_uploads: u32::try_from(captured).unwrap_or(u32::MAX),
-            cases_in_library: counts.map_or(0, |c| u32::try_from(c.total).unwrap_or(u32::MAX)),
+            pending_uploads: u32::try_from(store.pending_upload_count()).unwrap_or(u32::MAX),
+            cases_in_library: store
+                .len()
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
             clock: None,
         }
     }

@@ -174,6 +174,8 @@ fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
     // Both confirmations were flushed before `run` returned.
     let counts = store.counts().unwrap();
     assert_eq!(counts.by_source.get(&CaseSource::Captured), Some(&2));
+    // Both wait in the outbox for the fleet sync.
+    assert_eq!(store.pending_upload_count(), 2);
     let captured: Vec<Case> = store
         .cases()
         .map(Result::unwrap)

@@ -3,7 +3,7 @@
 //!
 //! # On disk (sled, kept behind [`CaseStore`])
 //!
-//! One sled database with five trees:
+//! One sled database with six trees:
 //!
 //! * `meta`: the format version, the encoder identity (model id and
 //!   embedding dimension) and the write generation (bumped by every write,
@@ -21,6 +21,8 @@
 //!   that case, stamped with the adapter id and the checksum of the
 //!   `embeddings` row it came from, so a new adapter or a replaced case
 //!   makes it stale (see [`CaseStore::attach_adapter_space`]).
+//! * `outbox`: ids of captured cases not yet uploaded to the fleet service,
+//!   written in the same transaction as the case.
 //!
 //! Next to them, `index-f32.cache` / `index-int8.cache` hold the in-memory
 //! index's rows as one contiguous, checksummed file each, labelled with the

@@ -35,6 +35,8 @@ const EMBEDDINGS_TREE: &str = "embeddings";
 const CHANGES_TREE: &str = "changes";
 /// Case id -> adapter embedding (see `adapter_space`).
 const ADAPTER_TREE: &str = "adapter_embeddings";
+/// Ids of captured cases not yet uploaded to the fleet service (empty values).
+const OUTBOX_TREE: &str = "outbox";
 const KEY_FORMAT: &str = "format_version";
 const KEY_MODEL: &str = "model_id";
 const KEY_DIM: &str = "embedding_dim";
@@ -250,6 +252,7 @@ pub struct CaseStore {
     cache_on_close: bool,
     adapter_rows: sled::Tree,
     adapter_space: RwLock<Option<adapter_space::AdapterSpace>>,
+    outbox: sled::Tree,
 }
 
 struct WriterState {
@@ -319,6 +322,9 @@ impl CaseStore {
         let adapter_rows = db
             .open_tree(ADAPTER_TREE)
             .map_err(storage("opening the adapter embeddings tree"))?;
+        let outbox = db
+            .open_tree(OUTBOX_TREE)
+            .map_err(storage("opening the outbox tree"))?;
 
         let generation = check_or_write_header(&db, &meta, &cases, &embeddings, &path, &identity)?;
         let log_file = std::fs::File::open(path.join("db"))
@@ -379,6 +385,7 @@ impl CaseStore {
             cache_on_close: !options.no_cache_on_close,
             adapter_rows,
             adapter_space: RwLock::new(None),
+            outbox,
         };
         // A scan is the slow path this cache exists to avoid; pay the write
         // now rather than scanning again if the process dies before close.
@@ -514,11 +521,27 @@ impl CaseStore {
         let change = codec::encode_change(&ids);
         let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let generation = state.generation + 1;
-        (&self.cases, &self.embeddings, &self.meta, &self.changes)
-            .transaction(|(c, e, m, ch)| -> ConflictableTransactionResult<()> {
+        let captured: Vec<&str> = cases
+            .iter()
+            .filter(|c| c.source == CaseSource::Captured)
+            .map(|c| c.id.as_str())
+            .collect();
+        (
+            &self.cases,
+            &self.embeddings,
+            &self.meta,
+            &self.changes,
+            &self.outbox,
+        )
+            .transaction(|(c, e, m, ch, o)| -> ConflictableTransactionResult<()> {
                 for (key, record, row) in &encoded {
                     c.insert(key.as_bytes(), record.as_slice())?;
                     e.insert(key.as_bytes(), row.as_slice())?;
+                }
+                // A capture enters the outbox with the case itself, so no
+                // acknowledged capture can miss its upload.
+                for key in &captured {
+                    o.insert(key.as_bytes(), &[])?;
                 }
                 m.insert(KEY_GENERATION, &generation.to_le_bytes())?;
                 ch.insert(&generation.to_be_bytes(), change.as_slice())?;
@@ -552,10 +575,17 @@ impl CaseStore {
         let change = codec::encode_change(&[id.as_str()]);
         let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let generation = state.generation + 1;
-        let existed = (&self.cases, &self.embeddings, &self.meta, &self.changes)
-            .transaction(|(c, e, m, ch)| -> ConflictableTransactionResult<bool> {
+        let existed = (
+            &self.cases,
+            &self.embeddings,
+            &self.meta,
+            &self.changes,
+            &self.outbox,
+        )
+            .transaction(|(c, e, m, ch, o)| -> ConflictableTransactionResult<bool> {
                 let had_case = c.remove(id.as_str().as_bytes())?.is_some();
                 let had_row = e.remove(id.as_str().as_bytes())?.is_some();
+                o.remove(id.as_str().as_bytes())?;
                 m.insert(KEY_GENERATION, &generation.to_le_bytes())?;
                 ch.insert(&generation.to_be_bytes(), change.as_slice())?;
                 Ok(had_case || had_row)
@@ -586,6 +616,37 @@ impl CaseStore {
         flushed.inspect_err(|err| {
             warn!(error = %err, "store flush failed; the write is not acknowledged");
         })
+    }
+
+    /// Captured cases waiting to be uploaded to the fleet service, oldest id
+    /// first. A capture enters this outbox in the same transaction as the
+    /// case; only [`CaseStore::mark_uploaded`] takes it out.
+    pub fn pending_uploads(&self) -> Result<Vec<CaseId>, StoreError> {
+        let mut ids = Vec::new();
+        for key in self.outbox.iter().keys() {
+            let key = key.map_err(storage("reading the outbox"))?;
+            if let Ok(id) = CaseId::new(String::from_utf8_lossy(&key).into_owned()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Number of captured cases waiting to be uploaded (no disk reads).
+    pub fn pending_upload_count(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Takes uploaded cases out of the outbox (flushed before returning).
+    pub fn mark_uploaded(&self, ids: &[CaseId]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(id.as_str().as_bytes());
+        }
+        self.outbox
+            .apply_batch(batch)
+            .map_err(storage("updating the outbox"))?;
+        self.flush("flushing the outbox")
     }
 
     /// The case, read from disk. A case whose bytes do not decode is an

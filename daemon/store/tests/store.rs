@@ -583,3 +583,30 @@ fn a_format_1_store_is_upgraded_in_place() {
         &1u64.to_le_bytes()
     );
 }
+
+#[test]
+fn captured_cases_wait_in_the_outbox_across_reopens_until_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut captured = common::make_case("capture-1", DIM);
+    captured.source = CaseSource::Captured;
+    let mut reference = common::make_case("ref-1", DIM);
+    reference.source = CaseSource::Reference;
+    let mut second = common::make_case("capture-2", DIM);
+    second.source = CaseSource::Captured;
+    {
+        let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+        store.insert_batch(&[captured.clone(), reference]).unwrap();
+        store.insert(&second).unwrap();
+        assert_eq!(store.pending_upload_count(), 2);
+    }
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.pending_uploads().unwrap(),
+        [captured.id.clone(), second.id.clone()]
+    );
+    store.mark_uploaded(&[captured.id.clone()]).unwrap();
+    store.remove(&second.id).unwrap();
+    assert_eq!(store.pending_upload_count(), 0);
+    drop(store);
+    assert!(reopen(dir.path()).pending_uploads().unwrap().is_empty());
+}
