@@ -172,32 +172,26 @@ impl Analyzer {
         timings.search_ms = ms(started.elapsed());
 
         let started = Instant::now();
-        let matches = self.match_views(&hits);
+        let (matches, top_match_code) = self.match_views(&hits);
         let query = thumbnail_of(&photo);
         timings.thumbnails_ms = ms(started.elapsed());
 
-        let prediction = match (&adapted, &self.adapter) {
-            (Some(out), Some(adapter)) => {
-                adapter
-                    .classes()
-                    .get(out.predicted)
-                    .map(|code| PredictionView {
-                        diagnosis: display_name(code),
-                        probability: out.probabilities[out.predicted],
-                    })
-            }
+        // The adapter's class, else the most similar case's diagnosis: shown
+        // as the suggestion, and kept if the clinician confirms without a label.
+        let adapter_class = match (&adapted, &self.adapter) {
+            (Some(out), Some(adapter)) => adapter
+                .classes()
+                .get(out.predicted)
+                .map(|code| (code.clone(), out.probabilities[out.predicted])),
             _ => None,
         };
-        let suggested_code = match (&adapted, &self.adapter) {
-            (Some(out), Some(adapter)) => adapter.classes().get(out.predicted).cloned(),
-            _ => hits.first().and_then(|hit| {
-                self.store
-                    .get(&hit.id)
-                    .ok()
-                    .flatten()
-                    .map(|c| c.diagnosis.code)
-            }),
-        };
+        let prediction = adapter_class
+            .as_ref()
+            .map(|(code, probability)| PredictionView {
+                diagnosis: display_name(code),
+                probability: *probability,
+            });
+        let suggested_code = adapter_class.map(|(code, _)| code).or(top_match_code);
         let thumbnail_jpeg = jpeg_thumbnail(&photo).unwrap_or_default();
         let query = query.map_err(|e| format!("The photograph could not be shown ({e})."))?;
         Ok(Analysis {
@@ -216,8 +210,11 @@ impl Analyzer {
         })
     }
 
-    fn match_views(&self, hits: &[SearchHit]) -> Vec<MatchView> {
+    /// The matches as the screen shows them, and the diagnosis code of the
+    /// most similar one (read here once rather than again for the suggestion).
+    fn match_views(&self, hits: &[SearchHit]) -> (Vec<MatchView>, Option<String>) {
         let mut matches = Vec::with_capacity(hits.len());
+        let mut top_code = None;
         for hit in hits {
             let case = match self.store.get(&hit.id) {
                 Ok(Some(case)) => case,
@@ -239,6 +236,9 @@ impl Analyzer {
                     }
                 }
             };
+            if top_code.is_none() {
+                top_code = Some(case.diagnosis.code.clone());
+            }
             matches.push(MatchView {
                 diagnosis: case.diagnosis.display_name.clone(),
                 similarity: hit.score,
@@ -246,7 +246,7 @@ impl Analyzer {
                 confirmed: case.label_confirmed,
             });
         }
-        matches
+        (matches, top_code)
     }
 }
 
