@@ -33,7 +33,9 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+import equalize
 import export_onnx
+import integer_conv
 import reference_forward
 from dermoscopy_data import CHECK_IMAGES, ImageSource, ImageSplit, Normalization, split_by_lesion, synthetic_split
 from keras_archive import load_image_encoder, normalization_std
@@ -115,8 +117,36 @@ class Int8Recipe:
     # Dynamic quantization: ConvInteger on u8 activations quantized at run
     # time (DynamicQuantizeLinear), float rescale after; no calibration.
     dynamic: bool = False
+    # Static ConvInteger with a float rescale, written by integer_conv.py
+    # rather than onnxruntime's quantizer (which of the other fields apply:
+    # none; it has one form).
+    convinteger: bool = False
+    # Weight equalisation (equalize.py) before per-tensor quantization.
+    equalise_alpha: float | None = None
 
     def quantize(self, fp32: Path, out: Path, calibration: np.ndarray, method: str, cache_dir: Path) -> None:
+        if self.convinteger:
+            ranges = integer_conv.activation_ranges(
+                fp32, TensorReader(calibration), CALIBRATION_METHODS[method], CALIBRATION_CHUNK,
+                cache_dir / f"{method}-conv.json",
+            )
+            onnx.save(integer_conv.to_convinteger(onnx.load(str(fp32)), ranges), out)
+            return
+        cache_suffix = ""
+        if self.equalise_alpha is not None:
+            equalised, report = equalize.equalise(onnx.load(str(fp32)), self.equalise_alpha)
+            log(f"  equalised {report.equalised} convolutions: {report.folded} folded into the next, "
+                f"{report.compensating_muls} with a Mul; largest scale ratio {report.largest_scale_ratio:.1f}")
+            fp32 = out.with_name(out.stem + ".fp32-equalised.onnx")
+            onnx.save(equalised, fp32)
+            cache_suffix = f"-equalised{self.equalise_alpha}"
+        try:
+            self._quantize_with_onnxruntime(fp32, out, calibration, method, cache_dir, cache_suffix)
+        finally:
+            if self.equalise_alpha is not None:
+                fp32.unlink(missing_ok=True)
+
+    def _quantize_with_onnxruntime(self, fp32, out, calibration, method, cache_dir, cache_suffix) -> None:
         exclude = depthwise_conv_names(fp32) if self.float_depthwise else None
         if self.dynamic:
             quantize_dynamic(
@@ -132,7 +162,7 @@ class Int8Recipe:
         # Ranges depend only on the calibration method and the set of
         # calibrated tensors, so variants share one calibration pass.
         tensors = "-".join(t.lower() for t in self.op_types) if self.op_types else "all"
-        cache = cache_dir / f"{method}-{tensors}.json"
+        cache = cache_dir / f"{method}-{tensors}{cache_suffix}.json"
         # The histogram calibrators print progress chatter on stdout.
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
@@ -162,22 +192,35 @@ def depthwise_conv_names(model_path: Path) -> list[str]:
     return names
 
 
-# What tract 0.23 really executes in int8: QLinearConv with s8 activations and
-# s8 per-channel weights (QDQ convs run in float there; QLinearAdd is a
-# com.microsoft op tract cannot load). Depthwise convolutions stay in float:
-# tract computes them in int8 through im2col and a grouped matmul, and in
-# float with a direct kernel, so leaving them out made the int8 plan about
-# twice as fast at the same cosine to fp32 (docs/benchmarks.md).
+# What tract 0.23 really executes in int8 and fast: ConvInteger (s8 x s8,
+# per-channel weights) with a float rescale, on the 1x1 convolutions only
+# (integer_conv.py says why; QDQ convs run in float in tract, and QLinearConv
+# with per-channel weights pays a requantization that costs more than the
+# int8 arithmetic saves). Figures for every form tried: docs/benchmarks.md.
 DEFAULT_INT8 = Int8Recipe(
     name="int8",
-    description="QOperator: QLinearConv on the full and pointwise convolutions, depthwise convolutions in float, s8 activations, s8 per-channel weights",
+    description="ConvInteger on the 1x1 convolutions (s8 activations, per-tensor; s8 weights, per-channel) with a float rescale; depthwise and 3x3 convolutions in float",
     quant_format=QuantFormat.QOperator,
     per_channel=True,
     activation_type=QuantType.QInt8,
-    float_depthwise=True,
+    convinteger=True,
 )
 
 EXPERIMENT_RECIPES = [
+    Int8Recipe(
+        "qoperator-s8s8-perchannel-pointwise",
+        "QOperator: QLinearConv on the full and pointwise convolutions, depthwise convolutions in float, s8 activations, s8 per-channel weights (the shipped int8 until the ConvInteger form)",
+        QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QInt8, float_depthwise=True,
+    ),
+    # Equal weight ranges per row (equalize.py) so per-tensor weights keep
+    # per-channel resolution: at alpha 1 the activations it scales up wreck
+    # the per-tensor output quantization; 0.5 is the best of the trials.
+    Int8Recipe(
+        "qoperator-s8s8-pertensor-equalised",
+        "QOperator QLinearConv on the full and pointwise convolutions, per-tensor s8 weights after weight equalisation (alpha 0.5), depthwise in float, s8 activations",
+        QuantFormat.QOperator, per_channel=False, activation_type=QuantType.QInt8, float_depthwise=True,
+        equalise_alpha=0.5,
+    ),
     Int8Recipe(
         "qoperator-s8s8-pertensor",
         "QOperator QLinearConv only, s8 activations, s8 per-tensor weights",
@@ -387,7 +430,7 @@ def main() -> None:
             log(f"experiments (calibration {chosen}):")
             for method in methods:
                 if method != chosen:
-                    name = f"qoperator-s8s8-perchannel-{method.lower()}"
+                    name = f"convinteger-{method.lower()}"
                     shutil.copyfile(cache_dir / f"int8-{method}.onnx", staging / "experiments" / f"{name}.onnx")
                     experiments.append((name, f"{DEFAULT_INT8.description}, {method} calibration", scores[method]))
             for recipe in EXPERIMENT_RECIPES:

@@ -2,7 +2,7 @@
 
 Every BatchNormalization is folded into the convolution that feeds it, so the
 graph is Conv / Relu / MaxPool / Add only: fewer nodes for tract, and the int8
-quantizer sees conv + bias pairs it can turn into QLinearConv.
+quantizer sees conv + bias pairs it can turn into integer convolutions.
 """
 
 from __future__ import annotations
