@@ -35,25 +35,45 @@ pub use preprocess::{decode_rgb, image_to_tensor, DecodeBudget, MIN_IMAGE_SIDE};
 /// The command that produces the default bundle; named in every "missing" error.
 pub const BUILD_COMMAND: &str = "models/build";
 
-/// The variant run when the configuration does not name one.
+/// The int8 dot-product instruction set this CPU offers tract, if any:
+/// the condition for int8 to be the faster variant.
 ///
-/// Decided by measurement (figures in `docs/benchmarks.md`). On x86_64
-/// (`scripts/bench encoder`), tract 0.23.9's int8 plan is slower than its
-/// fp32 one: the per-channel requantization after every `QLinearConv` runs as
-/// separate element-wise passes over the accumulator instead of inside the
-/// matmul kernel, so the faithful and fast choice there is fp32.
-pub const DEFAULT_VARIANT: &str = if cfg!(target_arch = "aarch64") {
-    DEFAULT_VARIANT_AARCH64
-} else {
-    "fp32"
-};
-/// fp32 on the device too (`scripts/bench encoder-aarch64`, qemu-user): the
-/// int8 plan executes 1.96x the instructions of fp32 per embedding on a
-/// Cortex-A72 (Raspberry Pi 4, SMLAL kernel) and 1.25x on a Cortex-A76
-/// (Raspberry Pi 5, SDOT kernel). The A76 figure is close enough that a
-/// timing on a real Pi 5 should confirm it; instruction counts ignore that an
-/// SDOT does four times the multiply-adds of an FMLA.
-const DEFAULT_VARIANT_AARCH64: &str = "fp32";
+/// Decided by measurement (`scripts/bench encoder`, `scripts/bench
+/// encoder-aarch64`, figures in `docs/benchmarks.md`) on the shipped int8
+/// form, 1 thread:
+///
+/// | CPU | tract's int8 kernel | int8 vs fp32 |
+/// |---|---|---|
+/// | x86_64 with AVX-512 VNNI | `avx512vnni_mmm_i32_8x8` | 124 vs 170-183 ms: 1.4x faster |
+/// | x86_64, AVX2 only | AVX2 i32 | 374 vs 163 ms: 2.3x slower |
+/// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.59x the instructions |
+/// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.28x the instructions |
+///
+/// tract's own probe is asked, so `TRACT_CPU_ISA` (which edits what tract
+/// sees) moves this decision along with tract's kernel choice.
+pub fn int8_dot_product_isa() -> Option<&'static str> {
+    use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
+    let isa = native();
+    [
+        Isa::X86_64Avx512Vnni,
+        Isa::X86_64AvxVnni,
+        Isa::Aarch64DotProd,
+    ]
+    .into_iter()
+    .find(|feature| isa.has(*feature))
+    .map(|feature| feature.name())
+}
+
+/// Why the default variant is what it is; logged when an encoder loads.
+fn default_variant_reason(int8_isa: Option<&str>, int8: Option<&VariantSpec>) -> String {
+    match (int8_isa, int8) {
+        (Some(isa), Some(_)) => format!("this CPU has {isa}: int8 is the faster variant"),
+        (Some(isa), None) => {
+            format!("this CPU has {isa} but the bundle has no validated int8 variant")
+        }
+        (None, _) => "no int8 dot-product instructions here: fp32 is the faster variant".into(),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
@@ -112,8 +132,9 @@ pub enum EncoderError {
 /// Which variant to run.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum VariantChoice {
-    /// [`DEFAULT_VARIANT`] for this architecture, or the bundle's first fp32
-    /// variant if it lacks one by that name.
+    /// int8 where [`int8_dot_product_isa`] finds the instructions that make
+    /// it the faster variant and the bundle's int8 was validated on real
+    /// images; otherwise `fp32` (or the bundle's first fp32 variant).
     #[default]
     Default,
     Named(String),
@@ -205,7 +226,8 @@ impl Encoder {
             });
         }
         let manifest = EncoderManifest::load(bundle_dir)?;
-        let variant = select_variant(&manifest, &options.variant)?.clone();
+        let (variant, variant_reason) = select_variant(&manifest, &options.variant)?;
+        let variant = variant.clone();
         let path = manifest.variant_path(bundle_dir, &variant);
 
         let started = Instant::now();
@@ -308,6 +330,7 @@ impl Encoder {
         tracing::info!(
             model_id = %manifest.model_id,
             variant = %variant.name,
+            variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
             verify_ms = read_and_verify.as_millis() as u64,
@@ -393,23 +416,50 @@ impl Encoder {
 fn select_variant<'m>(
     manifest: &'m EncoderManifest,
     choice: &VariantChoice,
-) -> Result<&'m VariantSpec, EncoderError> {
+) -> Result<(&'m VariantSpec, String), EncoderError> {
     let unknown = |requested: &str| EncoderError::UnknownVariant {
         requested: requested.to_string(),
         available: manifest.variant_names(),
     };
     match choice {
-        VariantChoice::Named(name) => manifest.variant(name).ok_or_else(|| unknown(name)),
-        VariantChoice::Default => manifest
-            .variant(DEFAULT_VARIANT)
-            .or_else(|| {
-                manifest
-                    .variants
-                    .iter()
-                    .find(|v| v.precision == Precision::Fp32)
-            })
-            .ok_or_else(|| unknown(DEFAULT_VARIANT)),
+        VariantChoice::Named(name) => manifest
+            .variant(name)
+            .map(|variant| (variant, "named by the configuration".to_string()))
+            .ok_or_else(|| unknown(name)),
+        VariantChoice::Default => default_variant(manifest, int8_dot_product_isa()),
     }
+}
+
+/// The faster faithful variant for a CPU with `int8_isa` (see
+/// [`int8_dot_product_isa`]), and why.
+fn default_variant<'m>(
+    manifest: &'m EncoderManifest,
+    int8_isa: Option<&str>,
+) -> Result<(&'m VariantSpec, String), EncoderError> {
+    // An int8 file calibrated on synthetic images was never checked against
+    // fp32 on real lesions: never chosen by default.
+    let validated_int8 = manifest
+        .variants
+        .iter()
+        .find(|v| v.precision == Precision::Int8 && v.calibration.as_deref() != Some("synthetic"));
+    let reason = default_variant_reason(int8_isa, validated_int8);
+    if let (Some(_), Some(int8)) = (int8_isa, validated_int8) {
+        return Ok((int8, reason));
+    }
+    manifest
+        .variant("fp32")
+        .or_else(|| {
+            manifest
+                .variants
+                .iter()
+                .find(|v| v.precision == Precision::Fp32)
+        })
+        .or_else(|| manifest.variants.first())
+        .map(|variant| (variant, reason))
+        .ok_or_else(|| EncoderError::UnknownVariant {
+            requested: "fp32".to_string(),
+            available: manifest.variant_names(),
+        })
 }
 
 fn named_outlet_index(
@@ -432,5 +482,79 @@ fn executor_for(threads: usize) -> Option<tract_linalg::multithread::Executor> {
         Some(tract_linalg::multithread::Executor::multithread(threads))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(int8_calibration: &str) -> EncoderManifest {
+        let digest = "0".repeat(64);
+        let text = format!(
+            r#"format = 1
+model_id = "test-encoder"
+license = "MIT"
+[source]
+registry = "pypi"
+package = "test"
+version = "1"
+sha256 = "{digest}"
+[input]
+name = "image"
+layout = "NCHW"
+height = 8
+width = 8
+channel_order = "RGB"
+resize = "bilinear"
+pixel_scale = 1.0
+mean = [0.0, 0.0, 0.0]
+std = [1.0, 1.0, 1.0]
+[output]
+name = "embedding"
+dim = 4
+[[variant]]
+name = "fp32"
+file = "fp32.onnx"
+precision = "fp32"
+sha256 = "{digest}"
+[[variant]]
+name = "int8"
+file = "int8.onnx"
+precision = "int8"
+calibration = "{int8_calibration}"
+sha256 = "{digest}"
+"#
+        );
+        EncoderManifest::parse(&text, Path::new("manifest.toml")).unwrap()
+    }
+
+    #[test]
+    fn int8_is_the_default_only_with_dot_product_instructions() {
+        let bundle = manifest("derm");
+        let (chosen, reason) = default_variant(&bundle, Some("avx512vnni")).unwrap();
+        assert_eq!(chosen.name, "int8", "{reason}");
+        let (chosen, reason) = default_variant(&bundle, Some("dotprod")).unwrap();
+        assert_eq!(chosen.name, "int8", "{reason}");
+        let (chosen, reason) = default_variant(&bundle, None).unwrap();
+        assert_eq!(chosen.name, "fp32");
+        assert!(reason.contains("fp32 is the faster"), "{reason}");
+    }
+
+    #[test]
+    fn an_int8_calibrated_on_synthetic_images_is_never_the_default() {
+        let bundle = manifest("synthetic");
+        let (chosen, reason) = default_variant(&bundle, Some("avx512vnni")).unwrap();
+        assert_eq!(chosen.name, "fp32");
+        assert!(reason.contains("no validated int8"), "{reason}");
+    }
+
+    #[test]
+    fn a_named_variant_wins_over_the_cpu() {
+        let bundle = manifest("derm");
+        let (chosen, _) = select_variant(&bundle, &VariantChoice::Named("fp32".into())).unwrap();
+        assert_eq!(chosen.name, "fp32");
+        let err = select_variant(&bundle, &VariantChoice::Named("int4".into())).unwrap_err();
+        assert!(err.to_string().contains("int4"), "{err}");
     }
 }

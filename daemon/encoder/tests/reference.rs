@@ -68,26 +68,35 @@ fn tract_fp32_matches_onnxruntime_fp32() {
     );
 }
 
-/// int8 is slow in tract on x86_64 (see docs/benchmarks.md), so this runs on
-/// the first four check inputs only; the 100-image figure comes from the build.
+/// The int8 file in tract: faithful to fp32 (the bar, 0.98 mean),
+/// and the same arithmetic as onnxruntime on the same file. The shipped form
+/// (integer_conv.py: ConvInteger, exact int32 accumulation, float rescale)
+/// leaves the two engines apart only where a float lands on the other side of
+/// an int8 rounding boundary (0.9993 or closer on the check inputs when
+/// written); a misread zero point, scale or rounding mode costs far more.
 #[test]
-fn tract_int8_stays_close_to_fp32() {
+fn tract_int8_stays_close_to_fp32_and_to_onnxruntime() {
     let encoder = load("int8");
     let check = check_set(&encoder);
-    let n = check.count.min(4);
-    let mut cosines = Vec::new();
-    for i in 0..n {
+    let mut to_fp32 = Vec::new();
+    let mut worst_to_ort_int8 = 1f32;
+    for i in 0..check.count {
         let input = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
         let ours = encoder.run_tensor(input).unwrap();
         let fp32 = &check.ort_fp32[i * check.dim..(i + 1) * check.dim];
         let ort_int8 = &check.ort_int8[i * check.dim..(i + 1) * check.dim];
-        let to_fp32 = common::cosine(&ours, fp32);
-        let to_ort_int8 = common::cosine(&ours, ort_int8);
-        eprintln!("input {i}: tract int8 vs fp32 cosine {to_fp32:.5}, vs onnxruntime int8 {to_ort_int8:.5}");
-        cosines.push(to_fp32);
+        let cosine_fp32 = common::cosine(&ours, fp32);
+        let cosine_ort_int8 = common::cosine(&ours, ort_int8);
+        eprintln!("input {i}: tract int8 vs fp32 cosine {cosine_fp32:.5}, vs onnxruntime int8 {cosine_ort_int8:.6}");
+        to_fp32.push(cosine_fp32);
+        worst_to_ort_int8 = worst_to_ort_int8.min(cosine_ort_int8);
     }
-    let mean = cosines.iter().sum::<f32>() / n as f32;
+    let mean = to_fp32.iter().sum::<f32>() / to_fp32.len() as f32;
     assert!(mean >= 0.98, "mean int8 vs fp32 cosine {mean}");
+    assert!(
+        worst_to_ort_int8 >= 0.998,
+        "tract int8 vs onnxruntime int8 on the same file: min cosine {worst_to_ort_int8}"
+    );
 }
 
 /// Our decode + resize + normalise must reproduce the build's (Pillow) inputs,
