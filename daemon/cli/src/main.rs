@@ -113,8 +113,9 @@ pub struct EncoderArgs {
     /// then ./models/dist/sklesion-xception, then /usr/share/dermascope/models/sklesion-xception.
     #[arg(long, value_name = "DIR")]
     pub bundle: Option<PathBuf>,
-    /// Encoder variant from the bundle's manifest (fp32, int8); default: the
-    /// measured best for this architecture.
+    /// Encoder variant from the bundle's manifest (fp32, int8); default: int8
+    /// on CPUs with int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI,
+    /// Arm dot product), where it is the faster one, else fp32.
     #[arg(long)]
     pub variant: Option<String>,
     /// Threads for the encoder's matrix products.
