@@ -7,7 +7,10 @@ the residual shortcuts, 98% of the network's multiply-adds) becomes
     ConvInteger(x_q, w_q, x_zero_point) -> int32       s8 x s8, per-channel w
     Cast(float) * (x_scale * w_scale[c]) + bias[c]     float, per channel
 
-instead of onnxruntime's QLinearConv. Two reasons, both measured
+instead of onnxruntime's QLinearConv. Where the input comes straight from a
+depthwise convolution (34 of the 38), the QuantizeLinear is folded into that
+convolution's filter and bias and becomes Clip + Cast to u8, see
+_quantize_in_depthwise. Two reasons for the form, both measured
 (docs/benchmarks.md):
 
 - Speed in tract 0.23: QLinearConv's per-channel output requantization runs
@@ -83,6 +86,45 @@ def _activation_quantization(lowest: float, highest: float) -> tuple[float, int]
     return scale, -128
 
 
+def _depthwise_producer(graph: onnx.GraphProto, tensor: str, initializers) -> onnx.NodeProto | None:
+    """The depthwise convolution that writes `tensor` and nothing else reads
+    (so its output may be rescaled), if any."""
+    readers = [node for node in graph.node if tensor in node.input]
+    for node in graph.node:
+        if node.output and node.output[0] == tensor:
+            weight = initializers.get(node.input[1]) if node.op_type == "Conv" else None
+            if weight is not None and _attribute(node, "group", 1) > 1 and len(readers) == 1:
+                return node
+    return None
+
+
+def _quantize_in_depthwise(depthwise, x_scale, initializers, added, prefix) -> list[onnx.NodeProto]:
+    """Quantize a depthwise convolution's output without QuantizeLinear.
+
+    tract's QuantizeLinear is a scalar loop (17% of the int8 plan). Folding
+    1/scale and the zero point into the depthwise filter and bias leaves
+    Clip (vectorised) and a Cast to u8, which truncates: adding 0.5 first
+    makes that round-half-up, exact because the clipped value is >= 0. u8
+    with zero point 128 holds the same levels as s8 with zero point 0."""
+    zero_point = 128
+    weight = initializers[depthwise.input[1]].astype(np.float64)
+    bias = (initializers[depthwise.input[2]].astype(np.float64) if len(depthwise.input) > 2
+            else np.zeros(weight.shape[0]))
+    added[f"{prefix}.depthwise_weight_q"] = (weight / x_scale).astype(np.float32)
+    added[f"{prefix}.depthwise_bias_q"] = (bias / x_scale + zero_point + 0.5).astype(np.float32)
+    added[f"{prefix}.u8_low"] = np.array(0, np.float32)
+    added[f"{prefix}.u8_high"] = np.array(255, np.float32)
+    added[f"{prefix}.x_zero_point_u8"] = np.array(zero_point, np.uint8)
+    del depthwise.input[1:]
+    depthwise.input.extend([f"{prefix}.depthwise_weight_q", f"{prefix}.depthwise_bias_q"])
+    return [
+        helper.make_node("Clip", [depthwise.output[0], f"{prefix}.u8_low", f"{prefix}.u8_high"],
+                         [f"{prefix}.x_clipped"], name=f"{prefix}.clip"),
+        helper.make_node("Cast", [f"{prefix}.x_clipped"], [f"{prefix}.x_q"], name=f"{prefix}.quantize",
+                         to=TensorProto.UINT8),
+    ]
+
+
 def to_convinteger(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
     """A copy of the folded fp32 graph with every 1x1 convolution in int8."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -91,7 +133,7 @@ def to_convinteger(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]
     unused = set()
     added: dict[str, np.ndarray] = {}
     nodes = []
-    for node in graph.node:
+    for node in list(graph.node):
         weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
         if weight is None or not is_integer_conv(node, weight):
             nodes.append(node)
@@ -108,16 +150,23 @@ def to_convinteger(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]
         unused.update(node.input[1:])
 
         prefix = node.name
-        added[f"{prefix}.x_scale"] = np.array(x_scale, np.float32)
-        added[f"{prefix}.x_zero_point"] = np.array(x_zero_point, np.int8)
+        depthwise = _depthwise_producer(graph, x, initializers) if x_zero_point == 0 else None
+        if depthwise is not None:
+            unused.update(depthwise.input[1:])
+            quantize = _quantize_in_depthwise(depthwise, x_scale, initializers, added, prefix)
+            zero_point_name = f"{prefix}.x_zero_point_u8"
+        else:
+            added[f"{prefix}.x_scale"] = np.array(x_scale, np.float32)
+            added[f"{prefix}.x_zero_point"] = np.array(x_zero_point, np.int8)
+            zero_point_name = f"{prefix}.x_zero_point"
+            quantize = [helper.make_node("QuantizeLinear", [x, f"{prefix}.x_scale", zero_point_name],
+                                         [f"{prefix}.x_q"], name=f"{prefix}.quantize")]
         added[f"{prefix}.weight_q"] = w_q
         added[f"{prefix}.rescale"] = (x_scale * w_scale).reshape(1, -1, 1, 1).astype(np.float32)
         added[f"{prefix}.channel_bias"] = bias.reshape(1, -1, 1, 1).astype(np.float32)
         conv_attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}
-        nodes += [
-            helper.make_node("QuantizeLinear", [x, f"{prefix}.x_scale", f"{prefix}.x_zero_point"],
-                             [f"{prefix}.x_q"], name=f"{prefix}.quantize"),
-            helper.make_node("ConvInteger", [f"{prefix}.x_q", f"{prefix}.weight_q", f"{prefix}.x_zero_point"],
+        nodes += quantize + [
+            helper.make_node("ConvInteger", [f"{prefix}.x_q", f"{prefix}.weight_q", zero_point_name],
                              [f"{prefix}.accumulator"], name=f"{prefix}.conv_integer", **conv_attributes),
             helper.make_node("Cast", [f"{prefix}.accumulator"], [f"{prefix}.accumulator_f32"],
                              name=f"{prefix}.cast", to=TensorProto.FLOAT),

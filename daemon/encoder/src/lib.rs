@@ -44,10 +44,10 @@ pub const BUILD_COMMAND: &str = "models/build";
 ///
 /// | CPU | tract's int8 kernel | int8 vs fp32 |
 /// |---|---|---|
-/// | x86_64 with AVX-512 VNNI | `avx512vnni_mmm_i32_8x8` | 124 vs 170-183 ms: 1.4x faster |
-/// | x86_64, AVX2 only | AVX2 i32 | 374 vs 163 ms: 2.3x slower |
-/// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.59x the instructions |
-/// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.28x the instructions |
+/// | x86_64 with AVX-512 VNNI | `avx512vnni_mmm_i32_8x8` | 113-117 vs 165-169 ms: 1.45x faster |
+/// | x86_64 without VNNI (`TRACT_CPU_ISA`) | AVX2 / AVX-512 i32 | 354 vs 163-208 ms: 1.7-2.2x slower |
+/// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.555x the instructions |
+/// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.24x the instructions |
 ///
 /// tract's own probe is asked, so `TRACT_CPU_ISA` (which edits what tract
 /// sees) moves this decision along with tract's kernel choice.
