@@ -50,7 +50,10 @@ pub const BUILD_COMMAND: &str = "models/build";
 /// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.24x the instructions |
 ///
 /// tract's own probe is asked, so `TRACT_CPU_ISA` (which edits what tract
-/// sees) moves this decision along with tract's kernel choice.
+/// sees) moves this decision along with tract's kernel choice. The figures
+/// hold for the int8 form `models/build` writes (ConvInteger); a bundle whose
+/// int8 file takes another form should be measured, and named in the
+/// configuration if it loses.
 pub fn int8_dot_product_isa() -> Option<&'static str> {
     use tract_onnx::tract_core::tract_linalg::isa::{native, Isa};
     let isa = native();
