@@ -199,7 +199,7 @@ def depthwise_conv_names(model_path: Path) -> list[str]:
 # int8 arithmetic saves). Figures for every form tried: docs/benchmarks.md.
 DEFAULT_INT8 = Int8Recipe(
     name="int8",
-    description="ConvInteger on the 1x1 convolutions (s8 activations, per-tensor; s8 weights, per-channel) with a float rescale; depthwise and 3x3 convolutions in float",
+    description="ConvInteger on the 1x1 convolutions (per-tensor 8-bit activations, quantized inside the preceding depthwise convolution where there is one; s8 per-channel weights) with a float rescale; depthwise and 3x3 convolutions in float",
     quant_format=QuantFormat.QOperator,
     per_channel=True,
     activation_type=QuantType.QInt8,
