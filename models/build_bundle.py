@@ -118,8 +118,8 @@ class Int8Recipe:
     # time (DynamicQuantizeLinear), float rescale after; no calibration.
     dynamic: bool = False
     # Static ConvInteger with a float rescale, written by integer_conv.py
-    # rather than onnxruntime's quantizer (which of the other fields apply:
-    # none; it has one form).
+    # rather than onnxruntime's quantizer; the format fields above do not
+    # apply to it (it has one form).
     convinteger: bool = False
     # Weight equalisation (equalize.py) before per-tensor quantization.
     equalise_alpha: float | None = None
