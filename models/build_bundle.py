@@ -186,8 +186,7 @@ def depthwise_conv_names(model_path: Path) -> list[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     names = []
     for node in model.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if node.op_type == "Conv" and group > 1:
+        if node.op_type == "Conv" and integer_conv.node_attribute(node, "group", 1) > 1:
             names.append(node.name)
     return names
 

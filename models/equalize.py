@@ -40,6 +40,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from integer_conv import node_attribute
+
 # A Relu, MaxPool or GlobalAveragePool output is a positive per-channel scale
 # of its input's, so a scale can be carried through them to the next conv.
 SCALE_EQUIVARIANT = {"Relu", "MaxPool", "GlobalAveragePool"}
@@ -54,13 +56,6 @@ class EqualisationReport:
     folded: int  # of those, compensated inside the following convolutions
     compensating_muls: int  # of those, compensated by an explicit Mul
     largest_scale_ratio: float  # max over convs of max(s) / min(s)
-
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
 
 
 def equalise(model: onnx.ModelProto, alpha: float = 1.0) -> tuple[onnx.ModelProto, EqualisationReport]:
@@ -95,7 +90,7 @@ def equalise(model: onnx.ModelProto, alpha: float = 1.0) -> tuple[onnx.ModelProt
     largest_ratio = 1.0
     for node in list(graph.node):  # the exporter writes nodes in topological order
         new_nodes.append(node)
-        if node.op_type != "Conv" or _attribute(node, "group", 1) != 1:
+        if node.op_type != "Conv" or node_attribute(node, "group", 1) != 1:
             continue
         weight_name = node.input[1]
         weight = weights[weight_name]
@@ -116,7 +111,7 @@ def equalise(model: onnx.ModelProto, alpha: float = 1.0) -> tuple[onnx.ModelProt
                for reader, tensor in readers):
             for reader, _ in readers:
                 reader_weight = weights[reader.input[1]]
-                if _attribute(reader, "group", 1) == 1:
+                if node_attribute(reader, "group", 1) == 1:
                     weights[reader.input[1]] = reader_weight * scale[None, :, None, None]
                 else:  # depthwise: one filter per channel
                     weights[reader.input[1]] = reader_weight * scale[:, None, None, None]

@@ -38,7 +38,8 @@ from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_d
 INT8_MAX = 127
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
+def node_attribute(node: onnx.NodeProto, name: str, default):
+    """An ONNX node's attribute value, or `default` when the node omits it."""
     for attribute in node.attribute:
         if attribute.name == name:
             return helper.get_attribute_value(attribute)
@@ -47,7 +48,7 @@ def _attribute(node: onnx.NodeProto, name: str, default):
 
 def is_integer_conv(node: onnx.NodeProto, weight: np.ndarray) -> bool:
     """1x1 and not grouped: what this form computes in int8."""
-    return node.op_type == "Conv" and _attribute(node, "group", 1) == 1 and weight.shape[2:] == (1, 1)
+    return node.op_type == "Conv" and node_attribute(node, "group", 1) == 1 and weight.shape[2:] == (1, 1)
 
 
 def activation_ranges(fp32: Path, reader, method, chunk: int, cache_file: Path) -> dict[str, tuple[float, float]]:
@@ -93,7 +94,7 @@ def _depthwise_producer(graph: onnx.GraphProto, tensor: str, initializers) -> on
     for node in graph.node:
         if node.output and node.output[0] == tensor:
             weight = initializers.get(node.input[1]) if node.op_type == "Conv" else None
-            if weight is not None and _attribute(node, "group", 1) > 1 and len(readers) == 1:
+            if weight is not None and node_attribute(node, "group", 1) > 1 and len(readers) == 1:
                 return node
     return None
 
