@@ -67,17 +67,6 @@ pub fn int8_dot_product_isa() -> Option<&'static str> {
     .map(|feature| feature.name())
 }
 
-/// Why the default variant is what it is; logged when an encoder loads.
-fn default_variant_reason(int8_isa: Option<&str>, int8: Option<&VariantSpec>) -> String {
-    match (int8_isa, int8) {
-        (Some(isa), Some(_)) => format!("this CPU has {isa}: int8 is the faster variant"),
-        (Some(isa), None) => {
-            format!("this CPU has {isa} but the bundle has no validated int8 variant")
-        }
-        (None, _) => "no int8 dot-product instructions here: fp32 is the faster variant".into(),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum EncoderError {
     #[error("no encoder bundle at {path}: build the default one with `{BUILD_COMMAND}`")]
@@ -445,10 +434,19 @@ fn default_variant<'m>(
         .variants
         .iter()
         .find(|v| v.precision == Precision::Int8 && v.calibration.as_deref() != Some("synthetic"));
-    let reason = default_variant_reason(int8_isa, validated_int8);
-    if let (Some(_), Some(int8)) = (int8_isa, validated_int8) {
-        return Ok((int8, reason));
-    }
+    // The reason is logged when the encoder loads.
+    let reason = match (int8_isa, validated_int8) {
+        (Some(isa), Some(int8)) => {
+            return Ok((
+                int8,
+                format!("this CPU has {isa}: int8 is the faster variant"),
+            ))
+        }
+        (Some(isa), None) => {
+            format!("this CPU has {isa} but the bundle has no validated int8 variant")
+        }
+        (None, _) => "no int8 dot-product instructions here: fp32 is the faster variant".into(),
+    };
     manifest
         .variant("fp32")
         .or_else(|| {
