@@ -17,6 +17,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod depthwise;
 pub mod manifest;
 pub mod preprocess;
 
@@ -29,6 +30,7 @@ use image::RgbImage;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
+pub use depthwise::DepthwiseFusion;
 pub use manifest::{EncoderManifest, Precision, VariantSpec};
 pub use preprocess::{decode_rgb, image_to_tensor, DecodeBudget, MIN_IMAGE_SIDE};
 
@@ -138,6 +140,10 @@ pub struct EncoderOptions {
     /// Threads for tract's matrix products; 1 leaves a core free for capture.
     pub threads: usize,
     pub decode_budget: DecodeBudget,
+    /// Run depthwise convolutions, with the integer (de)quantization around
+    /// them, as one fused op ([`depthwise`]) instead of tract's own ops.
+    /// Off only to compare against stock tract.
+    pub fuse_depthwise: bool,
 }
 
 impl Default for EncoderOptions {
@@ -146,6 +152,7 @@ impl Default for EncoderOptions {
             variant: VariantChoice::Default,
             threads: 1,
             decode_budget: DecodeBudget::default(),
+            fuse_depthwise: true,
         }
     }
 }
@@ -199,6 +206,7 @@ pub struct Encoder {
     input_shape: [usize; 4],
     decode_budget: DecodeBudget,
     load_timings: LoadTimings,
+    depthwise_fusion: DepthwiseFusion,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -284,6 +292,12 @@ impl Encoder {
         let parse = started.elapsed();
 
         let started = Instant::now();
+        let mut typed = typed.into_decluttered().map_err(graph_error)?;
+        let fusion = if options.fuse_depthwise {
+            depthwise::fuse_depthwise_stages(&mut typed).map_err(graph_error)?
+        } else {
+            DepthwiseFusion::default()
+        };
         let optimized = typed.into_optimized().map_err(graph_error)?;
         let output_shape = optimized
             .output_fact(0)
@@ -325,6 +339,7 @@ impl Encoder {
             variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
+            fused_depthwise = fusion.stages,
             verify_ms = read_and_verify.as_millis() as u64,
             parse_ms = parse.as_millis() as u64,
             optimize_ms = optimize.as_millis() as u64,
@@ -337,6 +352,7 @@ impl Encoder {
             input_shape,
             decode_budget: options.decode_budget,
             load_timings,
+            depthwise_fusion: fusion,
         })
     }
 
@@ -354,6 +370,12 @@ impl Encoder {
 
     pub fn dim(&self) -> usize {
         self.manifest.output.dim
+    }
+
+    /// Which depthwise convolutions run as fused stages (all zero when
+    /// [`EncoderOptions::fuse_depthwise`] is off).
+    pub fn depthwise_fusion(&self) -> DepthwiseFusion {
+        self.depthwise_fusion
     }
 
     pub fn load_timings(&self) -> LoadTimings {

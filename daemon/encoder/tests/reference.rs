@@ -11,9 +11,14 @@ use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
 const SIDE: usize = 254;
 
 fn load(variant: &str) -> Encoder {
+    load_with(variant, true)
+}
+
+fn load_with(variant: &str, fuse_depthwise: bool) -> Encoder {
     let options = EncoderOptions {
         variant: VariantChoice::Named(variant.into()),
         threads: 2,
+        fuse_depthwise,
         ..EncoderOptions::default()
     };
     Encoder::load(&common::bundle_dir(), &options).expect("loading the encoder")
@@ -146,4 +151,40 @@ fn preprocessing_matches_the_build() {
         );
     }
     eprintln!("preprocessing vs build: worst mean abs difference {worst_mean_abs:.4}");
+}
+
+/// The fused depthwise stages (`dermascope_encoder::depthwise`) against
+/// tract's own ops on the real graphs: every depthwise convolution of the
+/// Xception is fused, and the embeddings agree. fp32 differs only by the
+/// order of nine additions; in int8 that order can move an activation across
+/// a u8 boundary, which costs about as much as onnxruntime and tract differ
+/// by on the same file.
+#[test]
+fn fused_depthwise_stages_agree_with_stock_tract() {
+    for (variant, floor, with_dequantize, with_quantize) in
+        [("fp32", 0.99999, 0, 0), ("int8", 0.999, 21, 34)]
+    {
+        let fused = load_with(variant, true);
+        let stock = load_with(variant, false);
+        let fusion = fused.depthwise_fusion();
+        assert_eq!(fusion.stages, 34, "{variant}: {fusion:?}");
+        assert_eq!(
+            fusion.with_dequantize, with_dequantize,
+            "{variant}: {fusion:?}"
+        );
+        assert_eq!(fusion.with_quantize, with_quantize, "{variant}: {fusion:?}");
+        assert_eq!(stock.depthwise_fusion().stages, 0);
+        let check = check_set(&fused);
+        let mut worst = 1.0f32;
+        for i in 0..check.count {
+            let input = &check.inputs[i * check.input_len..(i + 1) * check.input_len];
+            let cosine = common::cosine(
+                &fused.run_tensor(input).unwrap(),
+                &stock.run_tensor(input).unwrap(),
+            );
+            worst = worst.min(cosine);
+            assert!(cosine >= floor, "{variant} input {i}: cosine {cosine}");
+        }
+        eprintln!("{variant}: fused vs stock tract, min cosine {worst:.6}");
+    }
 }

@@ -16,6 +16,9 @@
 //! which matrix-multiply kernel tract picked for each product (the
 //! `OptMatMul` ops name it). The per-node hook adds a little overhead per
 //! node, so the total is a few percent above the plain median.
+//!
+//! `--stock-tract` runs tract's own ops for the depthwise convolutions and
+//! the quantization around them instead of the encoder's fused stage.
 
 mod profile;
 
@@ -35,6 +38,7 @@ struct Args {
     outputs: Option<PathBuf>,
     profile: bool,
     top: usize,
+    stock_tract: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -49,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
         outputs: None,
         profile: false,
         top: 25,
+        stock_tract: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
             "--outputs" => args.outputs = Some(value()?.into()),
             "--warmup" => args.warmup = value()?.parse().map_err(|e| format!("--warmup: {e}"))?,
             "--profile" => args.profile = true,
+            "--stock-tract" => args.stock_tract = true,
             "--top" => args.top = value()?.parse().map_err(|e| format!("--top: {e}"))?,
             other => return Err(format!("unknown flag {other}")),
         }
@@ -130,6 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = EncoderOptions {
         variant: VariantChoice::Named(variant),
         threads: args.threads,
+        fuse_depthwise: !args.stock_tract,
         ..EncoderOptions::default()
     };
     let started = Instant::now();
@@ -153,6 +160,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             runs: args.runs,
             warmup: args.warmup,
             top: args.top,
+            fuse_depthwise: !args.stock_tract,
         };
         return profile::run(&path, encoder.manifest(), &inputs, &settings);
     }

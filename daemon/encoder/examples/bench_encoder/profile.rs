@@ -21,6 +21,8 @@ pub struct Settings {
     pub runs: usize,
     pub warmup: usize,
     pub top: usize,
+    /// As `EncoderOptions::fuse_depthwise`.
+    pub fuse_depthwise: bool,
 }
 
 /// What one node of the plan cost over the measured runs.
@@ -50,7 +52,11 @@ pub fn run(
         return Err("--profile expects a graph with a single input".into());
     }
     model.set_input_fact(0, f32::fact(shape).into())?;
-    let optimized = model.into_optimized()?;
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    if settings.fuse_depthwise {
+        dermascope_encoder::depthwise::fuse_depthwise_stages(&mut typed)?;
+    }
+    let optimized = typed.into_optimized()?;
     let executor = (settings.threads > 1)
         .then(|| tract_linalg::multithread::Executor::multithread(settings.threads));
     let plan = optimized.into_runnable_with_options(&RunOptions {
