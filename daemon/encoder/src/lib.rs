@@ -17,9 +17,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod depthwise;
 pub mod manifest;
 pub mod preprocess;
+pub mod stages;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -30,9 +30,9 @@ use image::RgbImage;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
-pub use depthwise::DepthwiseFusion;
 pub use manifest::{EncoderManifest, Precision, VariantSpec};
 pub use preprocess::{decode_rgb, image_to_tensor, DecodeBudget, MIN_IMAGE_SIDE};
+pub use stages::StageFusion;
 
 /// The command that produces the default bundle; named in every "missing" error.
 pub const BUILD_COMMAND: &str = "models/build";
@@ -140,10 +140,10 @@ pub struct EncoderOptions {
     /// Threads for tract's matrix products; 1 leaves a core free for capture.
     pub threads: usize,
     pub decode_budget: DecodeBudget,
-    /// Run depthwise convolutions, with the integer (de)quantization around
-    /// them, as one fused op ([`depthwise`]) instead of tract's own ops.
-    /// Off only to compare against stock tract.
-    pub fuse_depthwise: bool,
+    /// Run depthwise convolutions and max pools, with the integer
+    /// (de)quantization around them, as fused ops ([`stages`]) instead of
+    /// tract's own. Off only to compare against stock tract.
+    pub fuse_stages: bool,
 }
 
 impl Default for EncoderOptions {
@@ -152,7 +152,7 @@ impl Default for EncoderOptions {
             variant: VariantChoice::Default,
             threads: 1,
             decode_budget: DecodeBudget::default(),
-            fuse_depthwise: true,
+            fuse_stages: true,
         }
     }
 }
@@ -206,7 +206,7 @@ pub struct Encoder {
     input_shape: [usize; 4],
     decode_budget: DecodeBudget,
     load_timings: LoadTimings,
-    depthwise_fusion: DepthwiseFusion,
+    stage_fusion: StageFusion,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -293,10 +293,10 @@ impl Encoder {
 
         let started = Instant::now();
         let mut typed = typed.into_decluttered().map_err(graph_error)?;
-        let fusion = if options.fuse_depthwise {
-            depthwise::fuse_depthwise_stages(&mut typed).map_err(graph_error)?
+        let fusion = if options.fuse_stages {
+            stages::fuse_stages(&mut typed).map_err(graph_error)?
         } else {
-            DepthwiseFusion::default()
+            StageFusion::default()
         };
         let optimized = typed.into_optimized().map_err(graph_error)?;
         let output_shape = optimized
@@ -339,7 +339,8 @@ impl Encoder {
             variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
-            fused_depthwise = fusion.stages,
+            fused_depthwise = fusion.depthwise,
+            fused_max_pool = fusion.max_pool,
             verify_ms = read_and_verify.as_millis() as u64,
             parse_ms = parse.as_millis() as u64,
             optimize_ms = optimize.as_millis() as u64,
@@ -352,7 +353,7 @@ impl Encoder {
             input_shape,
             decode_budget: options.decode_budget,
             load_timings,
-            depthwise_fusion: fusion,
+            stage_fusion: fusion,
         })
     }
 
@@ -372,10 +373,10 @@ impl Encoder {
         self.manifest.output.dim
     }
 
-    /// Which depthwise convolutions run as fused stages (all zero when
-    /// [`EncoderOptions::fuse_depthwise`] is off).
-    pub fn depthwise_fusion(&self) -> DepthwiseFusion {
-        self.depthwise_fusion
+    /// Which ops run as fused stages (all zero when
+    /// [`EncoderOptions::fuse_stages`] is off).
+    pub fn stage_fusion(&self) -> StageFusion {
+        self.stage_fusion
     }
 
     pub fn load_timings(&self) -> LoadTimings {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
+use dermascope_encoder::{Encoder, EncoderOptions, StageFusion, VariantChoice};
 
 const SIDE: usize = 254;
 
@@ -14,11 +14,11 @@ fn load(variant: &str) -> Encoder {
     load_with(variant, true)
 }
 
-fn load_with(variant: &str, fuse_depthwise: bool) -> Encoder {
+fn load_with(variant: &str, fuse_stages: bool) -> Encoder {
     let options = EncoderOptions {
         variant: VariantChoice::Named(variant.into()),
         threads: 2,
-        fuse_depthwise,
+        fuse_stages,
         ..EncoderOptions::default()
     };
     Encoder::load(&common::bundle_dir(), &options).expect("loading the encoder")
@@ -153,27 +153,41 @@ fn preprocessing_matches_the_build() {
     eprintln!("preprocessing vs build: worst mean abs difference {worst_mean_abs:.4}");
 }
 
-/// The fused depthwise stages (`dermascope_encoder::depthwise`) against
-/// tract's own ops on the real graphs: every depthwise convolution of the
+/// The fused stages (`dermascope_encoder::stages`) against tract's own ops
+/// on the real graphs: every depthwise convolution and max pool of the
 /// Xception is fused, and the embeddings agree. fp32 differs only by the
 /// order of nine additions; in int8 that order can move an activation across
 /// a u8 boundary, which costs about as much as onnxruntime and tract differ
 /// by on the same file.
 #[test]
-fn fused_depthwise_stages_agree_with_stock_tract() {
-    for (variant, floor, with_dequantize, with_quantize) in
-        [("fp32", 0.99999, 0, 0), ("int8", 0.999, 21, 34)]
-    {
+fn fused_stages_agree_with_stock_tract() {
+    let expected = [
+        (
+            "fp32",
+            0.99999,
+            StageFusion {
+                depthwise: 34,
+                max_pool: 4,
+                ..StageFusion::default()
+            },
+        ),
+        (
+            "int8",
+            0.999,
+            StageFusion {
+                depthwise: 34,
+                depthwise_dequantize: 21,
+                depthwise_quantize: 34,
+                max_pool: 4,
+                max_pool_dequantize: 4,
+            },
+        ),
+    ];
+    for (variant, floor, fusion) in expected {
         let fused = load_with(variant, true);
         let stock = load_with(variant, false);
-        let fusion = fused.depthwise_fusion();
-        assert_eq!(fusion.stages, 34, "{variant}: {fusion:?}");
-        assert_eq!(
-            fusion.with_dequantize, with_dequantize,
-            "{variant}: {fusion:?}"
-        );
-        assert_eq!(fusion.with_quantize, with_quantize, "{variant}: {fusion:?}");
-        assert_eq!(stock.depthwise_fusion().stages, 0);
+        assert_eq!(fused.stage_fusion(), fusion, "{variant}");
+        assert_eq!(stock.stage_fusion(), StageFusion::default());
         let check = check_set(&fused);
         let mut worst = 1.0f32;
         for i in 0..check.count {

@@ -17,8 +17,9 @@
 //! `OptMatMul` ops name it). The per-node hook adds a little overhead per
 //! node, so the total is a few percent above the plain median.
 //!
-//! `--stock-tract` runs tract's own ops for the depthwise convolutions and
-//! the quantization around them instead of the encoder's fused stage.
+//! `--stock-tract` runs tract's own ops for the depthwise convolutions, max
+//! pools and the quantization around them instead of the encoder's fused
+//! stages.
 
 mod profile;
 
@@ -136,7 +137,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = EncoderOptions {
         variant: VariantChoice::Named(variant),
         threads: args.threads,
-        fuse_depthwise: !args.stock_tract,
+        fuse_stages: !args.stock_tract,
         ..EncoderOptions::default()
     };
     let started = Instant::now();
@@ -160,7 +161,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             runs: args.runs,
             warmup: args.warmup,
             top: args.top,
-            fuse_depthwise: !args.stock_tract,
+            fuse_stages: !args.stock_tract,
         };
         return profile::run(&path, encoder.manifest(), &inputs, &settings);
     }

@@ -21,8 +21,8 @@ pub struct Settings {
     pub runs: usize,
     pub warmup: usize,
     pub top: usize,
-    /// As `EncoderOptions::fuse_depthwise`.
-    pub fuse_depthwise: bool,
+    /// As `EncoderOptions::fuse_stages`.
+    pub fuse_stages: bool,
 }
 
 /// What one node of the plan cost over the measured runs.
@@ -53,8 +53,8 @@ pub fn run(
     }
     model.set_input_fact(0, f32::fact(shape).into())?;
     let mut typed = model.into_typed()?.into_decluttered()?;
-    if settings.fuse_depthwise {
-        dermascope_encoder::depthwise::fuse_depthwise_stages(&mut typed)?;
+    if settings.fuse_stages {
+        dermascope_encoder::stages::fuse_stages(&mut typed)?;
     }
     let optimized = typed.into_optimized()?;
     let executor = (settings.threads > 1)

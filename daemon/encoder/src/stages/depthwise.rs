@@ -1,18 +1,5 @@
-//! The depthwise stage of a separable convolution as one fused op.
-//!
-//! Why this exists: tract 0.23.9 has no x86 kernel for depthwise
-//! convolutions (its generic walk runs at 3-5 GMAC/s, a sixth of an int8
-//! embedding), and in the int8 graph it runs every step around one as its
-//! own pass over memory: i32 -> f32 cast, per-channel rescale and bias, Relu,
-//! the depthwise itself, clip, cast to u8. [`fuse_depthwise_stages`] rewrites
-//! the decluttered graph so that each 3x3, stride 1, pad 1 depthwise
-//! convolution becomes one [`DepthwiseStage`] that reads its input once and
-//! writes its output once, with whichever of those steps surround it in the
-//! graph taken inside.
-//!
-//! The arithmetic per element is the graph's own: the same products and sums
-//! in f32 (only their order differs), then the same clip and truncating
-//! cast. The matrix products stay tract's.
+//! The depthwise convolution of a separable convolution, with the
+//! dequantization and Relu before it and the u8 quantization after it.
 
 use std::sync::Arc;
 
@@ -22,42 +9,11 @@ use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// How many depthwise convolutions [`fuse_depthwise_stages`] replaced, and
-/// how many of them took in the integer dequantization before them and the
-/// u8 quantization after them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DepthwiseFusion {
-    pub stages: usize,
-    pub with_dequantize: usize,
-    pub with_quantize: usize,
-}
-
-/// An f32 kept by its bits, so that the op can be compared and hashed as
-/// tract requires of every op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct F32Bits(u32);
-
-impl F32Bits {
-    fn new(value: f32) -> Self {
-        F32Bits(value.to_bits())
-    }
-    fn get(self) -> f32 {
-        f32::from_bits(self.0)
-    }
-}
-
-/// What the stage reads.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum StageInput {
-    /// f32 activations.
-    Float,
-    /// The i32 accumulator of an integer convolution, turned into f32 as
-    /// `acc as f32 * scale[c] + shift[c]`.
-    Dequantize {
-        scale: Arc<Tensor>,
-        shift: Arc<Tensor>,
-    },
-}
+use super::{
+    dequantize_prologue, per_channel, read_once, replace_with_stage, scalar,
+    single_consumer_with_constant, unary_with_constant, values, with_widest_vectors, F32Bits,
+    RowLoader, StageFusion, StageInput, VectorJob,
+};
 
 /// What the stage writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -71,7 +27,7 @@ enum StageOutput {
 }
 
 /// One depthwise 3x3 convolution (stride 1, one pixel of zero padding) over
-/// a `[C, H, W]` or `[N, C, H, W]` tensor, with its optional prologue and
+/// a `[C, H, W]` or `[1, C, H, W]` tensor, with its optional prologue and
 /// epilogue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DepthwiseStage {
@@ -97,12 +53,6 @@ impl DepthwiseStage {
     fn width(&self) -> usize {
         self.shape[self.shape.len() - 1]
     }
-    fn input_datum_type(&self) -> DatumType {
-        match self.input {
-            StageInput::Float => f32::datum_type(),
-            StageInput::Dequantize { .. } => i32::datum_type(),
-        }
-    }
     fn output_datum_type(&self) -> DatumType {
         match self.output {
             StageOutput::Float => f32::datum_type(),
@@ -117,10 +67,6 @@ impl Op for DepthwiseStage {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let input = match self.input {
-            StageInput::Float => "f32",
-            StageInput::Dequantize { .. } => "i32 dequantized",
-        };
         let output = match self.output {
             StageOutput::Float => "f32".to_string(),
             StageOutput::QuantizeU8 { low, high } => {
@@ -128,8 +74,9 @@ impl Op for DepthwiseStage {
             }
         };
         Ok(vec![format!(
-            "shape {:?}, input {input}{}, output {output}",
+            "shape {:?}, input {}{}, output {output}",
             self.shape,
+            self.input.describe(),
             if self.input_relu { " + relu" } else { "" }
         )])
     }
@@ -147,9 +94,9 @@ impl EvalOp for DepthwiseStage {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         ensure!(
-            input.shape() == &*self.shape && input.datum_type() == self.input_datum_type(),
+            input.shape() == &*self.shape && input.datum_type() == self.input.datum_type(),
             "depthwise stage expects {:?} {:?}, got {:?} {:?}",
-            self.input_datum_type(),
+            self.input.datum_type(),
             self.shape,
             input.datum_type(),
             input.shape()
@@ -176,7 +123,7 @@ impl EvalOp for DepthwiseStage {
 impl TypedOp for DepthwiseStage {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1, "depthwise stage has one input");
-        ensure!(inputs[0].datum_type == self.input_datum_type());
+        ensure!(inputs[0].datum_type == self.input.datum_type());
         Ok(tvec!(self.output_datum_type().fact(&*self.shape)))
     }
 
@@ -210,7 +157,7 @@ impl StageSink for u8 {
         for (q, &v) in out.iter_mut().zip(row) {
             // The graph's Max, Min and truncating Cast, in order.
             let clipped = v.max(low).min(high);
-            // SAFETY: `plan_stage` only builds this stage with finite
+            // SAFETY: `quantize_epilogue` only builds this stage with finite
             // 0 <= low <= high <= 255, and `max` maps NaN to `low`, so
             // `clipped` is finite and within u8; the unchecked conversion
             // truncates as the graph's cast does and, unlike `as`, vectorises.
@@ -219,59 +166,50 @@ impl StageSink for u8 {
     }
 }
 
-/// One output plane's worth of reading and writing, independent of types.
-struct PlaneKernel<'a> {
-    height: usize,
-    width: usize,
-    taps: &'a [f32],
-    bias: &'a [f32],
-    input_relu: bool,
-}
-
 impl DepthwiseStage {
     fn run<S: StageSink>(&self, input: &Tensor, output: &mut [S]) -> TractResult<()> {
-        let (channels, height, width) = (self.channels(), self.height(), self.width());
-        let plane = height * width;
-        if plane == 0 || channels == 0 {
+        let plane = self.height() * self.width();
+        if plane == 0 || self.channels() == 0 {
             return Ok(());
         }
-        let kernel = PlaneKernel {
-            height,
-            width,
-            taps: values::<f32>(&self.taps)?,
-            bias: values::<f32>(&self.bias)?,
-            input_relu: self.input_relu,
-        };
+        let (taps, bias) = (values::<f32>(&self.taps)?, values::<f32>(&self.bias)?);
         let total = output.len();
         match &self.input {
             StageInput::Float => {
                 let input = values::<f32>(input)?;
+                let loader = RowLoader::Float {
+                    relu: self.input_relu,
+                };
                 tract_linalg::multithread::par_chunks_mut(output, plane, total, |first, chunk| {
-                    kernel.planes(
+                    with_widest_vectors(Planes {
+                        stage: self,
                         first,
-                        channels,
                         chunk,
-                        |c, src, dst| load_float(src, dst, c, kernel.input_relu),
                         input,
-                        &self.output,
-                    );
+                        taps,
+                        bias,
+                        load: |_, src: &[f32], dst: &mut [f32]| loader.load_f32(src, dst),
+                    });
                     Ok(())
                 })
             }
             StageInput::Dequantize { scale, shift } => {
                 let input = values::<i32>(input)?;
-                let (scale, shift) = (values::<f32>(scale)?, values::<f32>(shift)?);
+                let loader = RowLoader::Dequantize {
+                    scale: values::<f32>(scale)?,
+                    shift: values::<f32>(shift)?,
+                    relu: self.input_relu,
+                };
                 tract_linalg::multithread::par_chunks_mut(output, plane, total, |first, chunk| {
-                    kernel.planes(
+                    with_widest_vectors(Planes {
+                        stage: self,
                         first,
-                        channels,
                         chunk,
-                        |c, src, dst| {
-                            load_dequantized(src, dst, scale[c], shift[c], kernel.input_relu)
-                        },
                         input,
-                        &self.output,
-                    );
+                        taps,
+                        bias,
+                        load: |c, src: &[i32], dst: &mut [f32]| loader.load_i32(c, src, dst),
+                    });
                     Ok(())
                 })
             }
@@ -279,73 +217,31 @@ impl DepthwiseStage {
     }
 }
 
-impl PlaneKernel<'_> {
-    /// Computes the planes `first..` that `chunk` holds, with the widest
-    /// vectors this CPU has: the loops below are written for the compiler
-    /// to vectorise, and these entry points let it use AVX2 or AVX-512
-    /// without building the whole binary for one CPU.
-    fn planes<T: Copy, S: StageSink>(
-        &self,
-        first: usize,
-        channels: usize,
-        chunk: &mut [S],
-        load: impl Fn(usize, &[T], &mut [f32]) + Copy,
-        input: &[T],
-        output: &StageOutput,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has the features the function is built for.
-                return unsafe { self.planes_avx512(first, channels, chunk, load, input, output) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: as above.
-                return unsafe { self.planes_avx2(first, channels, chunk, load, input, output) };
-            }
-        }
-        self.planes_portable(first, channels, chunk, load, input, output)
-    }
+/// The planes `first..` that `chunk` holds. `load` fills one row of channel
+/// `c`'s padded input plane from one input row.
+struct Planes<'a, T, S, L> {
+    stage: &'a DepthwiseStage,
+    first: usize,
+    chunk: &'a mut [S],
+    input: &'a [T],
+    taps: &'a [f32],
+    bias: &'a [f32],
+    load: L,
+}
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx2")]
-    unsafe fn planes_avx512<T: Copy, S: StageSink>(
-        &self,
-        first: usize,
-        channels: usize,
-        chunk: &mut [S],
-        load: impl Fn(usize, &[T], &mut [f32]) + Copy,
-        input: &[T],
-        output: &StageOutput,
-    ) {
-        self.planes_portable(first, channels, chunk, load, input, output)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn planes_avx2<T: Copy, S: StageSink>(
-        &self,
-        first: usize,
-        channels: usize,
-        chunk: &mut [S],
-        load: impl Fn(usize, &[T], &mut [f32]) + Copy,
-        input: &[T],
-        output: &StageOutput,
-    ) {
-        self.planes_portable(first, channels, chunk, load, input, output)
-    }
-
+impl<T: Copy, S: StageSink, L: Fn(usize, &[T], &mut [f32])> VectorJob for Planes<'_, T, S, L> {
     #[inline(always)]
-    fn planes_portable<T: Copy, S: StageSink>(
-        &self,
-        first: usize,
-        channels: usize,
-        chunk: &mut [S],
-        load: impl Fn(usize, &[T], &mut [f32]) + Copy,
-        input: &[T],
-        output: &StageOutput,
-    ) {
-        let (height, width) = (self.height, self.width);
+    fn run(self) {
+        let Planes {
+            stage,
+            first,
+            chunk,
+            input,
+            taps,
+            bias,
+            load,
+        } = self;
+        let (channels, height, width) = (stage.channels(), stage.height(), stage.width());
         let plane = height * width;
         let padded_width = width + 2;
         // The input plane with its zero border (and two spare zeros, which
@@ -361,40 +257,14 @@ impl PlaneKernel<'_> {
                 let start = (y + 1) * padded_width + 1;
                 load(c, src, &mut padded[start..start + width]);
             }
-            let taps: &[f32; 9] = match self.taps[c * 9..c * 9 + 9].try_into() {
+            let taps: &[f32; 9] = match taps[c * 9..c * 9 + 9].try_into() {
                 Ok(taps) => taps,
                 Err(_) => unreachable!("a 9-element slice converts to [f32; 9]"),
             };
-            convolve_plane(&mut sums, &padded, padded_width, taps, self.bias[c]);
+            convolve_plane(&mut sums, &padded, padded_width, taps, bias[c]);
             for (out_row, sum_row) in out_plane.chunks_mut(width).zip(sums.chunks(padded_width)) {
-                S::store(&sum_row[..width], out_row, output);
+                S::store(&sum_row[..width], out_row, &stage.output);
             }
-        }
-    }
-}
-
-#[inline(always)]
-fn load_float(src: &[f32], dst: &mut [f32], _channel: usize, relu: bool) {
-    if relu {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s.max(0.0);
-        }
-    } else {
-        dst.copy_from_slice(src);
-    }
-}
-
-#[inline(always)]
-fn load_dequantized(src: &[i32], dst: &mut [f32], scale: f32, shift: f32, relu: bool) {
-    // The graph's Cast, Mul and Add (and Max), unfused, so that rounding is
-    // the graph's.
-    if relu {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = (s as f32 * scale + shift).max(0.0);
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s as f32 * scale + shift;
         }
     }
 }
@@ -422,13 +292,11 @@ fn convolve_plane(sums: &mut [f32], padded: &[f32], pw: usize, taps: &[f32; 9], 
     }
 }
 
-/// Replaces every 3x3, stride 1, pad 1 f32 depthwise convolution of `model`
-/// (a decluttered typed model) by a [`DepthwiseStage`], taking in the
-/// integer dequantization and Relu before it and the clip and u8 cast after
-/// it where the graph has them and nothing else reads their intermediate
-/// values.
-pub fn fuse_depthwise_stages(model: &mut TypedModel) -> TractResult<DepthwiseFusion> {
-    let mut fusion = DepthwiseFusion::default();
+/// Replaces every 3x3, stride 1, pad 1 f32 depthwise convolution by a
+/// [`DepthwiseStage`], taking in the integer dequantization and Relu before
+/// it and the clip and u8 cast after it where the graph has them and nothing
+/// else reads their intermediate values.
+pub(super) fn fuse(model: &mut TypedModel, fusion: &mut StageFusion) -> TractResult<()> {
     let convolutions: Vec<usize> = model
         .nodes()
         .iter()
@@ -439,18 +307,15 @@ pub fn fuse_depthwise_stages(model: &mut TypedModel) -> TractResult<DepthwiseFus
         let Some(plan) = plan_stage(model, id)? else {
             continue;
         };
-        fusion.stages += 1;
-        fusion.with_dequantize += matches!(plan.op.input, StageInput::Dequantize { .. }) as usize;
-        fusion.with_quantize += matches!(plan.op.output, StageOutput::QuantizeU8 { .. }) as usize;
-        let mut patch = TypedModelPatch::new("dermascope depthwise stage");
-        let tap = patch.tap_model(model, plan.reads)?;
+        fusion.depthwise += 1;
+        fusion.depthwise_dequantize +=
+            matches!(plan.op.input, StageInput::Dequantize { .. }) as usize;
+        fusion.depthwise_quantize +=
+            matches!(plan.op.output, StageOutput::QuantizeU8 { .. }) as usize;
         let name = model.node(id).name.clone();
-        let wire = patch.wire_node(name, plan.op, &[tap])?[0];
-        patch.shunt_outside(model, plan.replaces, wire)?;
-        patch.apply(model)?;
+        replace_with_stage(model, name, plan.op, plan.reads, plan.replaces)?;
     }
-    model.compact()?;
-    Ok(fusion)
+    Ok(())
 }
 
 struct StagePlan {
@@ -525,23 +390,7 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<StagePlan>> {
             reads = x.other;
         }
     }
-    let mut input = StageInput::Float;
-    if let Some(add) = unary_with_constant(model, reads, "Add")? {
-        if let Some(mul) = unary_with_constant(model, add.other, "Mul")? {
-            let cast = model.node(mul.other.node);
-            let from_i32 = cast.op_as::<Cast>().is_some()
-                && read_once(model, mul.other)?
-                && model.outlet_fact(cast.inputs[0])?.datum_type == i32::datum_type();
-            if let (true, Some(scale), Some(shift)) = (
-                from_i32,
-                per_channel(&mul.constant, channels)?,
-                per_channel(&add.constant, channels)?,
-            ) {
-                input = StageInput::Dequantize { scale, shift };
-                reads = cast.inputs[0];
-            }
-        }
-    }
+    let (input, reads) = dequantize_prologue(model, reads, channels)?;
 
     let conv_output = OutletId::new(id, 0);
     let (output, replaces) = match quantize_epilogue(model, conv_output)? {
@@ -595,109 +444,9 @@ fn quantize_epilogue(
     )))
 }
 
-/// A binary op with one constant operand, seen from its output.
-struct WithConstant {
-    /// The non-constant operand.
-    other: OutletId,
-    constant: Arc<Tensor>,
-}
-
-/// The node producing `outlet`, if it is the binary op `name` with one
-/// constant f32 operand and `outlet` has exactly one consumer.
-fn unary_with_constant(
-    model: &TypedModel,
-    outlet: OutletId,
-    name: &str,
-) -> TractResult<Option<WithConstant>> {
-    let node = model.node(outlet.node);
-    if node.op.name() != name || node.inputs.len() != 2 || !read_once(model, outlet)? {
-        return Ok(None);
-    }
-    for (constant, other) in [(1, 0), (0, 1)] {
-        let fact = model.outlet_fact(node.inputs[constant])?;
-        if let Some(value) = &fact.konst {
-            if value.datum_type() == f32::datum_type()
-                && model.outlet_fact(node.inputs[other])?.datum_type == f32::datum_type()
-            {
-                return Ok(Some(WithConstant {
-                    other: node.inputs[other],
-                    constant: value.clone(),
-                }));
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// A binary op with one constant operand, seen from its input.
-struct ConsumerWithConstant {
-    outlet: OutletId,
-    constant: Arc<Tensor>,
-}
-
-/// The only consumer of `outlet`, if it is the binary op `name` with a
-/// constant f32 second operand.
-fn single_consumer_with_constant(
-    model: &TypedModel,
-    outlet: OutletId,
-    name: &str,
-) -> TractResult<Option<ConsumerWithConstant>> {
-    if !read_once(model, outlet)? {
-        return Ok(None);
-    }
-    let only = model.outlet_successors(outlet)[0];
-    let node = model.node(only.node);
-    if node.op.name() != name || node.inputs.len() != 2 {
-        return Ok(None);
-    }
-    let other = node.inputs[1 - only.slot];
-    match &model.outlet_fact(other)?.konst {
-        Some(value) if value.datum_type() == f32::datum_type() => Ok(Some(ConsumerWithConstant {
-            outlet: OutletId::new(node.id, 0),
-            constant: value.clone(),
-        })),
-        _ => Ok(None),
-    }
-}
-
-/// Whether one op, and nothing else (not even the model's outputs), reads
-/// `outlet`: only then may a stage swallow the op producing it.
-fn read_once(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
-    Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
-}
-
-/// `value` as one f32 per channel, if it is a scalar or has `channels`
-/// values along one axis and 1 along the others.
-fn per_channel(value: &Tensor, channels: usize) -> TractResult<Option<Arc<Tensor>>> {
-    if value.datum_type() != f32::datum_type() {
-        return Ok(None);
-    }
-    let values = values::<f32>(value)?;
-    if values.len() == 1 {
-        return Ok(Some(tensor1(&vec![values[0]; channels]).into_arc_tensor()));
-    }
-    let along_one_axis = value.shape().iter().filter(|&&d| d != 1).count() == 1;
-    if values.len() == channels && along_one_axis {
-        return Ok(Some(tensor1(values).into_arc_tensor()));
-    }
-    Ok(None)
-}
-
-/// `value` as one f32, if all its elements are equal.
-fn scalar(value: &Tensor) -> TractResult<Option<f32>> {
-    let values = values::<f32>(value)?;
-    match values.first() {
-        Some(&first) if values.iter().all(|&v| v.to_bits() == first.to_bits()) => Ok(Some(first)),
-        _ => Ok(None),
-    }
-}
-
-fn values<T: Datum>(tensor: &Tensor) -> TractResult<&[T]> {
-    tensor.try_as_plain_ram()?.as_slice::<T>()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::fuse_stages;
     use super::*;
     use tract_onnx::tract_core::ops::cnn::PoolSpec;
     use tract_onnx::tract_core::ops::math;
@@ -801,13 +550,14 @@ mod tests {
     fn integer_stage_matches_the_graph_it_replaces() -> TractResult<()> {
         let stock = integer_stage_graph(1)?;
         let mut fused = stock.clone();
-        let fusion = fuse_depthwise_stages(&mut fused)?;
+        let fusion = fuse_stages(&mut fused)?;
         assert_eq!(
             fusion,
-            DepthwiseFusion {
-                stages: 1,
-                with_dequantize: 1,
-                with_quantize: 1
+            StageFusion {
+                depthwise: 1,
+                depthwise_dequantize: 1,
+                depthwise_quantize: 1,
+                ..StageFusion::default()
             }
         );
         assert_eq!(
@@ -844,9 +594,13 @@ mod tests {
         let y = depthwise(&mut stock, x, 1)?;
         stock.select_output_outlets(&[y])?;
         let mut fused = stock.clone();
-        let fusion = fuse_depthwise_stages(&mut fused)?;
+        let fusion = fuse_stages(&mut fused)?;
         assert_eq!(
-            (fusion.stages, fusion.with_dequantize, fusion.with_quantize),
+            (
+                fusion.depthwise,
+                fusion.depthwise_dequantize,
+                fusion.depthwise_quantize
+            ),
             (1, 0, 0)
         );
         let input = tensor1(&spread(C * H * W, 6, 2.0)).into_shape(&[C, H, W])?;
@@ -869,7 +623,7 @@ mod tests {
     fn leaves_other_convolutions_and_shared_values_alone() -> TractResult<()> {
         // Stride 2 is not a stage.
         let mut strided = integer_stage_graph(2)?;
-        assert_eq!(fuse_depthwise_stages(&mut strided)?.stages, 0);
+        assert_eq!(fuse_stages(&mut strided)?.depthwise, 0);
 
         // When something else reads the rescaled activations, the stage
         // must not swallow them: it then reads them instead of the i32.
@@ -880,9 +634,13 @@ mod tests {
         let quantized = shared.output_outlets()?[0];
         shared.select_output_outlets(&[quantized, rescaled])?;
         let stock = shared.clone();
-        let fusion = fuse_depthwise_stages(&mut shared)?;
+        let fusion = fuse_stages(&mut shared)?;
         assert_eq!(
-            (fusion.stages, fusion.with_dequantize, fusion.with_quantize),
+            (
+                fusion.depthwise,
+                fusion.depthwise_dequantize,
+                fusion.depthwise_quantize
+            ),
             (1, 0, 1)
         );
         let expected = run(stock, integer_input())?;

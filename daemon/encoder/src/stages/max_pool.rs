@@ -1,0 +1,391 @@
+//! A 2-D max pool, with the dequantization before it.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::MaxPool;
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use super::{
+    dequantize_prologue, replace_with_stage, values, with_widest_vectors, RowLoader, StageFusion,
+    StageInput, VectorJob,
+};
+
+/// A max pool over the two last axes of a `[C, H, W]` or `[1, C, H, W]`
+/// tensor; padded positions never win (they are not part of the window).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MaxPoolStage {
+    input_shape: TVec<usize>,
+    output_shape: TVec<usize>,
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    pad_before: [usize; 2],
+    input: StageInput,
+}
+
+impl MaxPoolStage {
+    fn channels(&self) -> usize {
+        self.input_shape[self.input_shape.len() - 3]
+    }
+    fn input_hw(&self) -> [usize; 2] {
+        let rank = self.input_shape.len();
+        [self.input_shape[rank - 2], self.input_shape[rank - 1]]
+    }
+    fn output_hw(&self) -> [usize; 2] {
+        let rank = self.output_shape.len();
+        [self.output_shape[rank - 2], self.output_shape[rank - 1]]
+    }
+
+    /// The input positions along one axis that output position `o` covers.
+    fn window(&self, axis: usize, o: usize, len: usize) -> std::ops::Range<usize> {
+        let start = (o * self.strides[axis]) as isize - self.pad_before[axis] as isize;
+        let end = start + self.kernel[axis] as isize;
+        (start.max(0) as usize)..(end.clamp(0, len as isize) as usize)
+    }
+}
+
+impl Op for MaxPoolStage {
+    fn name(&self) -> StaticName {
+        "DermascopeMaxPoolStage".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{:?} -> {:?}, kernel {:?}, strides {:?}, pad before {:?}, input {}",
+            self.input_shape,
+            self.output_shape,
+            self.kernel,
+            self.strides,
+            self.pad_before,
+            self.input.describe()
+        )])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for MaxPoolStage {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        ensure!(
+            input.shape() == &*self.input_shape && input.datum_type() == self.input.datum_type(),
+            "max pool stage expects {:?} {:?}, got {:?} {:?}",
+            self.input.datum_type(),
+            self.input_shape,
+            input.datum_type(),
+            input.shape()
+        );
+        let mut output = Tensor::zero::<f32>(&self.output_shape)?;
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            match &self.input {
+                StageInput::Float => {
+                    let loader = RowLoader::Float { relu: false };
+                    self.run(values::<f32>(&input)?, out, |_, src, dst| {
+                        loader.load_f32(src, dst)
+                    })?
+                }
+                StageInput::Dequantize { scale, shift } => {
+                    let loader = RowLoader::Dequantize {
+                        scale: values::<f32>(scale)?,
+                        shift: values::<f32>(shift)?,
+                        relu: false,
+                    };
+                    self.run(values::<i32>(&input)?, out, |c, src, dst| {
+                        loader.load_i32(c, src, dst)
+                    })?
+                }
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for MaxPoolStage {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1, "max pool stage has one input");
+        ensure!(inputs[0].datum_type == self.input.datum_type());
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+impl MaxPoolStage {
+    fn run<T: Copy + Sync>(
+        &self,
+        input: &[T],
+        output: &mut [f32],
+        load: impl Fn(usize, &[T], &mut [f32]) + Sync,
+    ) -> TractResult<()> {
+        let ([in_h, in_w], [out_h, out_w]) = (self.input_hw(), self.output_hw());
+        let (in_plane, out_plane) = (in_h * in_w, out_h * out_w);
+        if in_plane == 0 || out_plane == 0 || self.channels() == 0 {
+            return Ok(());
+        }
+        let total = input.len();
+        tract_linalg::multithread::par_chunks_mut(output, out_plane, total, |first, chunk| {
+            with_widest_vectors(Pools {
+                stage: self,
+                first,
+                chunk,
+                input,
+                load: &load,
+            });
+            Ok(())
+        })
+    }
+}
+
+/// The output planes `first..` that `chunk` holds.
+struct Pools<'a, T, L> {
+    stage: &'a MaxPoolStage,
+    first: usize,
+    chunk: &'a mut [f32],
+    input: &'a [T],
+    load: &'a L,
+}
+
+impl<T: Copy, L: Fn(usize, &[T], &mut [f32])> VectorJob for Pools<'_, T, L> {
+    #[inline(always)]
+    fn run(self) {
+        let Pools {
+            stage,
+            first,
+            chunk,
+            input,
+            load,
+        } = self;
+        let ([in_h, in_w], [out_h, out_w]) = (stage.input_hw(), stage.output_hw());
+        let (in_plane, out_plane) = (in_h * in_w, out_h * out_w);
+        let channels = stage.channels();
+        let kernel_w = stage.kernel[1];
+        // One channel's input, as f32; the column maxima of one output row's
+        // window rows; and the maxima of each run of `kernel_w` columns.
+        // Reused for every plane.
+        let mut plane = vec![0f32; in_plane];
+        let mut columns = vec![0f32; in_w];
+        let mut runs = vec![0f32; (in_w + 1).saturating_sub(kernel_w)];
+        for (offset, out) in chunk.chunks_mut(out_plane).enumerate() {
+            let index = first + offset;
+            let src = &input[index * in_plane..(index + 1) * in_plane];
+            for (src_row, row) in src.chunks(in_w).zip(plane.chunks_mut(in_w)) {
+                load(index % channels, src_row, row);
+            }
+            for (oy, out_row) in out.chunks_mut(out_w).enumerate() {
+                columns.fill(f32::NEG_INFINITY);
+                for y in stage.window(0, oy, in_h) {
+                    let row = &plane[y * in_w..(y + 1) * in_w];
+                    for (m, &v) in columns.iter_mut().zip(row) {
+                        *m = m.max(v);
+                    }
+                }
+                // Maxima of every run of `kernel_w` columns, vectorised over
+                // the row; each output then picks one run, strided. Only the
+                // windows that padding cuts short are folded one by one.
+                let run_count = runs.len();
+                runs.copy_from_slice(&columns[..run_count]);
+                for j in 1..kernel_w {
+                    for (m, &v) in runs.iter_mut().zip(&columns[j..]) {
+                        *m = m.max(v);
+                    }
+                }
+                for (ox, o) in out_row.iter_mut().enumerate() {
+                    let window = stage.window(1, ox, in_w);
+                    *o = if window.len() == kernel_w {
+                        runs[window.start]
+                    } else {
+                        columns[window]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Replaces every 2-D f32 max pool (no index output, no dilation) by a
+/// [`MaxPoolStage`], taking in the integer dequantization before it where
+/// the graph has it and nothing else reads its intermediate values.
+pub(super) fn fuse(model: &mut TypedModel, fusion: &mut StageFusion) -> TractResult<()> {
+    let pools: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|node| node.op_is::<MaxPool>())
+        .map(|node| node.id)
+        .collect();
+    for id in pools {
+        let Some((op, reads)) = plan_stage(model, id)? else {
+            continue;
+        };
+        fusion.max_pool += 1;
+        fusion.max_pool_dequantize += matches!(op.input, StageInput::Dequantize { .. }) as usize;
+        let name = model.node(id).name.clone();
+        replace_with_stage(model, name, op, reads, OutletId::new(id, 0))?;
+    }
+    Ok(())
+}
+
+fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<(MaxPoolStage, OutletId)>> {
+    let node = model.node(id);
+    let Some(pool) = node.op_as::<MaxPool>() else {
+        return Ok(None);
+    };
+    let spec = &pool.pool_spec;
+    let input_fact = model.outlet_fact(node.inputs[0])?;
+    let output_fact = model.outlet_fact(OutletId::new(id, 0))?;
+    let (Some(input_shape), Some(output_shape)) = (
+        input_fact.shape.as_concrete(),
+        output_fact.shape.as_concrete(),
+    ) else {
+        return Ok(None);
+    };
+    let layout_fits = match spec.data_format {
+        DataFormat::NCHW => input_shape.len() == 4 && input_shape[0] == 1,
+        DataFormat::CHW => input_shape.len() == 3,
+        _ => false,
+    };
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&s| s == 1));
+    if !layout_fits
+        || pool.with_index_outputs.is_some()
+        || node.outputs.len() != 1
+        || input_fact.datum_type != f32::datum_type()
+        || spec.kernel_shape.len() != 2
+        || !ones(&spec.dilations)
+    {
+        return Ok(None);
+    }
+    let rank = input_shape.len();
+    let hw = [input_shape[rank - 2], input_shape[rank - 1]];
+    // tract's own padding arithmetic, so that the windows are the graph's.
+    let padding = spec.computed_padding(&hw);
+    let strides = spec.strides();
+    let op = MaxPoolStage {
+        input_shape: input_shape.into(),
+        output_shape: output_shape.into(),
+        kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+        strides: [strides[0], strides[1]],
+        pad_before: [padding[0].pad_before, padding[1].pad_before],
+        input: StageInput::Float,
+    };
+    let expected_hw = [padding[0].convoluted, padding[1].convoluted];
+    if op.output_hw() != expected_hw
+        || op.output_shape[..rank - 2] != op.input_shape[..rank - 2]
+        || op.kernel.iter().zip(op.pad_before).any(|(&k, p)| p >= k)
+    {
+        return Ok(None);
+    }
+    let channels = op.channels();
+    let (input, reads) = dequantize_prologue(model, node.inputs[0], channels)?;
+    Ok(Some((MaxPoolStage { input, ..op }, reads)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fuse_stages;
+    use super::*;
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::math;
+
+    const C: usize = 3;
+
+    fn pool_graph(h: usize, w: usize, padding: PaddingSpec, dequantize: bool) -> TypedModel {
+        let mut model = TypedModel::default();
+        let pool = MaxPool {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::CHW,
+                kernel_shape: tvec![3, 3],
+                padding,
+                dilations: None,
+                strides: Some(tvec![2, 2]),
+                input_channels: C,
+                output_channels: C,
+            },
+            with_index_outputs: None,
+        };
+        let build = |model: &mut TypedModel| -> TractResult<OutletId> {
+            let x = if dequantize {
+                let x = model.add_source("x", i32::fact([C, h, w]))?;
+                let x = model.wire_node("cast", Cast::new(f32::datum_type()), &[x])?[0];
+                let scale = tensor1(&[0.5f32, 0.25, 2.0]).into_shape(&[C, 1, 1])?;
+                let scale = model.add_const("scale.value", scale)?;
+                let x = model.wire_node("rescale", math::mul(), &[x, scale])?[0];
+                let shift = tensor1(&[-3f32, 0.0, 7.5]).into_shape(&[C, 1, 1])?;
+                let shift = model.add_const("shift.value", shift)?;
+                model.wire_node("shift", math::add(), &[x, shift])?[0]
+            } else {
+                model.add_source("x", f32::fact([C, h, w]))?
+            };
+            Ok(model.wire_node("pool", pool, &[x])?[0])
+        };
+        let output = build(&mut model).expect("building the pool graph");
+        model
+            .select_output_outlets(&[output])
+            .expect("selecting the output");
+        model
+    }
+
+    fn input(h: usize, w: usize, integer: bool) -> Tensor {
+        // Distinct values in no spatial order, so that every window's
+        // maximum sits somewhere else.
+        let values: Vec<i32> = (0..C * h * w)
+            .map(|i| ((i * 7919) % 1009) as i32 - 500)
+            .collect();
+        let tensor = if integer {
+            tensor1(&values)
+        } else {
+            tensor1(&values.iter().map(|&v| v as f32 / 8.0).collect::<Vec<_>>())
+        };
+        tensor.into_shape(&[C, h, w]).expect("C*h*w values")
+    }
+
+    fn run(model: TypedModel, input: Tensor) -> TractResult<Tensor> {
+        let plan = model.into_optimized()?.into_runnable()?;
+        Ok(plan
+            .run(tvec!(input.into_tvalue()))?
+            .remove(0)
+            .into_tensor())
+    }
+
+    #[test]
+    fn pools_exactly_as_tract_with_every_padding() -> TractResult<()> {
+        // Odd and even sizes: SameUpper pads one side, two sides or none.
+        for (h, w) in [(7, 6), (8, 9), (5, 5), (4, 4)] {
+            for padding in [
+                PaddingSpec::SameUpper,
+                PaddingSpec::SameLower,
+                PaddingSpec::Valid,
+            ] {
+                for dequantize in [false, true] {
+                    let stock = pool_graph(h, w, padding.clone(), dequantize);
+                    let mut fused = stock.clone();
+                    let fusion = fuse_stages(&mut fused)?;
+                    assert_eq!(
+                        (fusion.max_pool, fusion.max_pool_dequantize),
+                        (1, dequantize as usize),
+                        "{h}x{w} {padding:?}"
+                    );
+                    let expected = run(stock, input(h, w, dequantize))?;
+                    let actual = run(fused, input(h, w, dequantize))?;
+                    assert_eq!(expected.shape(), actual.shape(), "{h}x{w} {padding:?}");
+                    // A maximum picks one of its inputs: no rounding, so
+                    // equality is the bar.
+                    assert_eq!(
+                        values::<f32>(&expected)?,
+                        values::<f32>(&actual)?,
+                        "{h}x{w} {padding:?} dequantize {dequantize}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
