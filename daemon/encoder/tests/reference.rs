@@ -154,8 +154,8 @@ fn preprocessing_matches_the_build() {
 }
 
 /// The fused stages (`dermascope_encoder::stages`) against tract's own ops
-/// on the real graphs: every depthwise convolution and max pool of the
-/// Xception is fused, and the embeddings agree. fp32 differs only by the
+/// on the real graphs: every depthwise convolution, max pool and shortcut
+/// stride of the Xception is fused, and the embeddings agree. fp32 differs only by the
 /// order of nine additions; in int8 that order can move an activation across
 /// a u8 boundary, which costs about as much as onnxruntime and tract differ
 /// by on the same file.
@@ -168,6 +168,7 @@ fn fused_stages_agree_with_stock_tract() {
             StageFusion {
                 depthwise: 34,
                 max_pool: 4,
+                subsample: 4,
                 ..StageFusion::default()
             },
         ),
@@ -180,6 +181,8 @@ fn fused_stages_agree_with_stock_tract() {
                 depthwise_quantize: 34,
                 max_pool: 4,
                 max_pool_dequantize: 4,
+                subsample: 4,
+                subsample_quantize: 4,
             },
         ),
     ];

@@ -238,6 +238,9 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<(MaxPoolStage
     let Some(pool) = node.op_as::<MaxPool>() else {
         return Ok(None);
     };
+    if node.inputs.len() != 1 {
+        return Ok(None);
+    }
     let spec = &pool.pool_spec;
     let input_fact = model.outlet_fact(node.inputs[0])?;
     let output_fact = model.outlet_fact(OutletId::new(id, 0))?;

@@ -5,12 +5,14 @@
 //! convolutions (its generic walk runs at 3-5 GMAC/s, a sixth of an int8
 //! embedding) and a slow max-pool, and in the int8 graph it runs every step
 //! around them as its own pass over memory: i32 -> f32 cast, per-channel
-//! rescale and bias, Relu, the depthwise or pool, clip, cast to u8.
+//! rescale and bias, Relu, the depthwise or pool, clip, cast to u8; a
+//! stride is one copy per axis.
 //! [`fuse_stages`] rewrites the decluttered graph so that each
-//! 3x3/1/1 depthwise convolution becomes a [`DepthwiseStage`] and each max
-//! pool a [`MaxPoolStage`], which read their input once and write their
-//! output once, with whichever of those steps surround them in the graph
-//! taken inside. The matrix products stay tract's.
+//! 3x3/1/1 depthwise convolution becomes a [`DepthwiseStage`], each max
+//! pool a [`MaxPoolStage`] and the strided input of each residual shortcut
+//! a [`SubsampleStage`], which read their input once and write their output
+//! once, with whichever of those steps surround them in the graph taken
+//! inside. The matrix products stay tract's.
 //!
 //! The arithmetic per element is the graph's own: the same products and sums
 //! in f32 (only their order differs), the same maxima, the same clip and
@@ -18,6 +20,7 @@
 
 mod depthwise;
 mod max_pool;
+mod subsample;
 
 use std::sync::Arc;
 
@@ -27,10 +30,11 @@ use tract_onnx::tract_core::ops::cast::Cast;
 
 pub use depthwise::DepthwiseStage;
 pub use max_pool::MaxPoolStage;
+pub use subsample::SubsampleStage;
 
-/// What [`fuse_stages`] replaced: how many depthwise convolutions and max
-/// pools, and how many of them also took in the integer dequantization
-/// before them (and, for depthwise, the u8 quantization after them).
+/// What [`fuse_stages`] replaced: how many depthwise convolutions, max pools
+/// and strided-convolution inputs, and how many of them also took in the
+/// integer dequantization before them or the quantization after them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StageFusion {
     pub depthwise: usize,
@@ -38,6 +42,8 @@ pub struct StageFusion {
     pub depthwise_quantize: usize,
     pub max_pool: usize,
     pub max_pool_dequantize: usize,
+    pub subsample: usize,
+    pub subsample_quantize: usize,
 }
 
 /// Replaces the depthwise convolutions and max pools of `model` (a
@@ -46,6 +52,7 @@ pub fn fuse_stages(model: &mut TypedModel) -> TractResult<StageFusion> {
     let mut fusion = StageFusion::default();
     depthwise::fuse(model, &mut fusion)?;
     max_pool::fuse(model, &mut fusion)?;
+    subsample::fuse(model, &mut fusion)?;
     model.compact()?;
     Ok(fusion)
 }
