@@ -17,9 +17,9 @@
 //! `OptMatMul` ops name it). The per-node hook adds a little overhead per
 //! node, so the total is a few percent above the plain median.
 //!
-//! `--stock-tract` runs tract's own ops for the depthwise convolutions, max
-//! pools and the quantization around them instead of the encoder's fused
-//! stages.
+//! `--stock-tract` runs tract as it comes: its own ops for the depthwise
+//! convolutions, max pools and the quantization around them instead of the
+//! encoder's fused stages, and its own choice of int8 matrix kernel.
 
 mod profile;
 
@@ -138,6 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         variant: VariantChoice::Named(variant),
         threads: args.threads,
         fuse_stages: !args.stock_tract,
+        prefer_wide_int8_tile: !args.stock_tract,
         ..EncoderOptions::default()
     };
     let started = Instant::now();
