@@ -173,47 +173,60 @@ impl DepthwiseStage {
             return Ok(());
         }
         let (taps, bias) = (values::<f32>(&self.taps)?, values::<f32>(&self.bias)?);
-        let total = output.len();
         match &self.input {
             StageInput::Float => {
-                let input = values::<f32>(input)?;
                 let loader = RowLoader::Float {
                     relu: self.input_relu,
                 };
-                tract_linalg::multithread::par_chunks_mut(output, plane, total, |first, chunk| {
-                    with_widest_vectors(Planes {
-                        stage: self,
-                        first,
-                        chunk,
-                        input,
-                        taps,
-                        bias,
-                        load: |_, src: &[f32], dst: &mut [f32]| loader.load_f32(src, dst),
-                    });
-                    Ok(())
-                })
+                let input = values::<f32>(input)?;
+                self.run_planes(
+                    input,
+                    output,
+                    taps,
+                    bias,
+                    |_, src: &[f32], dst: &mut [f32]| loader.load_f32(src, dst),
+                )
             }
             StageInput::Dequantize { scale, shift } => {
-                let input = values::<i32>(input)?;
                 let loader = RowLoader::Dequantize {
                     scale: values::<f32>(scale)?,
                     shift: values::<f32>(shift)?,
                     relu: self.input_relu,
                 };
-                tract_linalg::multithread::par_chunks_mut(output, plane, total, |first, chunk| {
-                    with_widest_vectors(Planes {
-                        stage: self,
-                        first,
-                        chunk,
-                        input,
-                        taps,
-                        bias,
-                        load: |c, src: &[i32], dst: &mut [f32]| loader.load_i32(c, src, dst),
-                    });
-                    Ok(())
-                })
+                let input = values::<i32>(input)?;
+                self.run_planes(
+                    input,
+                    output,
+                    taps,
+                    bias,
+                    |c, src: &[i32], dst: &mut [f32]| loader.load_i32(c, src, dst),
+                )
             }
         }
+    }
+
+    fn run_planes<T: Copy + Sync, S: StageSink>(
+        &self,
+        input: &[T],
+        output: &mut [S],
+        taps: &[f32],
+        bias: &[f32],
+        load: impl Fn(usize, &[T], &mut [f32]) + Sync,
+    ) -> TractResult<()> {
+        let plane = self.height() * self.width();
+        let total = output.len();
+        tract_linalg::multithread::par_chunks_mut(output, plane, total, |first, chunk| {
+            with_widest_vectors(Planes {
+                stage: self,
+                first,
+                chunk,
+                input,
+                taps,
+                bias,
+                load: &load,
+            });
+            Ok(())
+        })
     }
 }
 
@@ -226,7 +239,7 @@ struct Planes<'a, T, S, L> {
     input: &'a [T],
     taps: &'a [f32],
     bias: &'a [f32],
-    load: L,
+    load: &'a L,
 }
 
 impl<T: Copy, S: StageSink, L: Fn(usize, &[T], &mut [f32])> VectorJob for Planes<'_, T, S, L> {

@@ -46,8 +46,8 @@ pub struct StageFusion {
     pub subsample_quantize: usize,
 }
 
-/// Replaces the depthwise convolutions and max pools of `model` (a
-/// decluttered typed model) that a stage covers by fused stages.
+/// Replaces the depthwise convolutions, max pools and shortcut strides of
+/// `model` (a decluttered typed model) that a stage covers by fused stages.
 pub fn fuse_stages(model: &mut TypedModel) -> TractResult<StageFusion> {
     let mut fusion = StageFusion::default();
     depthwise::fuse(model, &mut fusion)?;
