@@ -77,12 +77,12 @@ pub const BUILD_COMMAND: &str = "models/build";
 /// encoder-aarch64`, figures in `docs/benchmarks.md`) on the shipped int8
 /// form, 1 thread:
 ///
-/// | CPU | tract's int8 kernel | int8 vs fp32 |
+/// | CPU | tract's int8 kernel | int8 vs fp32 (both with [`stages`]) |
 /// |---|---|---|
-/// | x86_64 with AVX-512 VNNI | `avx512vnni_mmm_i32_8x8` | 113-117 vs 165-169 ms: 1.45x faster |
-/// | x86_64 without VNNI (`TRACT_CPU_ISA`) | AVX2 / AVX-512 i32 | 354 vs 163-208 ms: 1.7-2.2x slower |
-/// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.555x the instructions |
-/// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.24x the instructions |
+/// | x86_64 with AVX-512 VNNI (AMD Zen 4) | `avx512vnni_mmm_i32_16x16` | 69-72 vs 151 ms: 2.1-2.2x faster |
+/// | x86_64 without VNNI (`TRACT_CPU_ISA`) | AVX2 / AVX-512 i32 | 422-427 vs 155 ms: 2.7x slower |
+/// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.525x the instructions |
+/// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.25x the instructions |
 ///
 /// tract's own probe is asked, so `TRACT_CPU_ISA` (which edits what tract
 /// sees) moves this decision along with tract's kernel choice. The figures
@@ -380,8 +380,7 @@ impl Encoder {
             variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
-            fused_depthwise = fusion.depthwise,
-            fused_max_pool = fusion.max_pool,
+            fused_stages = fusion.depthwise + fusion.max_pool + fusion.subsample,
             verify_ms = read_and_verify.as_millis() as u64,
             parse_ms = parse.as_millis() as u64,
             optimize_ms = optimize.as_millis() as u64,
