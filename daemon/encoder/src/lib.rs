@@ -59,7 +59,7 @@ pub fn prefer_wide_int8_tile_on_amd() {
             if amd && vnni && std::env::var_os(KNOB).is_none() {
                 // The global layer: the environment still overrides it.
                 match tract_onnx::tract_core::tract_data::knobs::set_config_global(KNOB, "2") {
-                    Ok(()) => tracing::info!("int8 products use tract's wide AVX-512 VNNI tile"),
+                    Ok(()) => tracing::info!("asked tract for its wide AVX-512 VNNI int8 tile"),
                     Err(e) => tracing::warn!(error = %e, "could not select tract's wide int8 tile"),
                 }
             }
@@ -173,13 +173,14 @@ pub struct EncoderOptions {
     /// Threads for tract's matrix products; 1 leaves a core free for capture.
     pub threads: usize,
     pub decode_budget: DecodeBudget,
-    /// Run depthwise convolutions and max pools, with the integer
-    /// (de)quantization around them, as fused ops ([`stages`]) instead of
-    /// tract's own. Off only to compare against stock tract.
+    /// Run depthwise convolutions, max pools and shortcut strides, with the
+    /// integer (de)quantization around them, as fused ops ([`stages`])
+    /// instead of tract's own. Off only to compare against stock tract.
     pub fuse_stages: bool,
     /// On AMD CPUs with AVX-512 VNNI, let tract use its wide int8 matrix
-    /// kernel (see [`prefer_wide_int8_tile_on_amd`]). Process-wide: the
-    /// first encoder loaded decides. Off only to compare against stock tract.
+    /// kernel (see [`prefer_wide_int8_tile_on_amd`]). Process-wide, and
+    /// only effective before tract plans its first int8 product in the
+    /// process. Off only to compare against stock tract.
     pub prefer_wide_int8_tile: bool,
 }
 
@@ -335,7 +336,18 @@ impl Encoder {
         let started = Instant::now();
         let mut typed = typed.into_decluttered().map_err(graph_error)?;
         let fusion = if options.fuse_stages {
-            stages::fuse_stages(&mut typed).map_err(graph_error)?
+            // A graph the stages mis-read must still load: stock tract runs
+            // it, slower. fuse_stages edits in place, so keep the original
+            // (its constants are shared, not copied).
+            let stock = typed.clone();
+            match stages::fuse_stages(&mut typed) {
+                Ok(fusion) => fusion,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "fused stages failed; running stock tract");
+                    typed = stock;
+                    StageFusion::default()
+                }
+            }
         } else {
             StageFusion::default()
         };

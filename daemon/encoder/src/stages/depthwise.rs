@@ -10,9 +10,9 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::{
-    dequantize_prologue, per_channel, read_once, replace_with_stage, scalar,
-    single_consumer_with_constant, unary_with_constant, values, with_widest_vectors, F32Bits,
-    RowLoader, StageFusion, StageInput, VectorJob,
+    dequantize_prologue, read_once, replace_with_stage, scalar, single_consumer_with_constant,
+    unary_with_constant, values, with_widest_vectors, F32Bits, RowLoader, StageFusion, StageInput,
+    VectorJob,
 };
 
 /// What the stage writes.
@@ -154,6 +154,7 @@ impl StageSink for u8 {
             StageOutput::QuantizeU8 { low, high } => (low.get(), high.get()),
             StageOutput::Float => (0.0, 255.0),
         };
+        debug_assert!((0.0..=255.0).contains(&low) && (low..=255.0).contains(&high));
         for (q, &v) in out.iter_mut().zip(row) {
             // The graph's Max, Min and truncating Cast, in order.
             let clipped = v.max(low).min(high);
@@ -385,8 +386,11 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<StagePlan>> {
     if kernel.datum_type() != f32::datum_type() || kernel.len() != channels * 9 {
         return Ok(None);
     }
-    let Some(bias) = per_channel(&bias, channels)? else {
-        return Ok(None);
+    // The convolution's own bias: one value per output channel.
+    let bias = match values::<f32>(&bias)? {
+        [single] => tensor1(&vec![*single; channels]).into_arc_tensor(),
+        all if all.len() == channels && bias.rank() == 1 => bias.clone(),
+        _ => return Ok(None),
     };
     let taps = kernel
         .as_ref()
@@ -403,7 +407,7 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<StagePlan>> {
             reads = x.other;
         }
     }
-    let (input, reads) = dequantize_prologue(model, reads, channels)?;
+    let (input, reads) = dequantize_prologue(model, reads, channel_axis)?;
 
     let conv_output = OutletId::new(id, 0);
     let (output, replaces) = match quantize_epilogue(model, conv_output)? {
@@ -481,122 +485,181 @@ mod tests {
             .collect()
     }
 
-    fn depthwise(model: &mut TypedModel, x: OutletId, stride: usize) -> TractResult<OutletId> {
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::CHW,
-                kernel_shape: tvec![3, 3],
-                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
-                dilations: None,
-                strides: Some(tvec![stride, stride]),
-                input_channels: C,
-                output_channels: C,
-            },
-            kernel_fmt: KernelFormat::OIHW,
-            group: C,
-            q_params: None,
-        };
-        let kernel = tensor1(&spread(C * 9, 1, 0.8)).into_shape(&[C, 1, 3, 3])?;
-        let kernel = model.add_const("kernel", kernel)?;
-        let bias = model.add_const("bias", tensor1(&spread(C, 2, 3.0)))?;
-        Ok(model.wire_node("depthwise", conv, &[x, kernel, bias])?[0])
+    /// How to build the int8 graph's separable step for one test.
+    #[derive(Clone)]
+    struct Shape {
+        /// `[1, C, H, W]` in NCHW rather than `[C, H, W]` in CHW.
+        batch: bool,
+        width: usize,
+        stride: usize,
+        /// The rescale's constant varies along the width axis instead of
+        /// the channel axis (possible only where `width == C`).
+        scale_along_width: bool,
     }
 
-    fn channel_constant(
-        model: &mut TypedModel,
-        name: &str,
-        values: &[f32],
-    ) -> TractResult<OutletId> {
-        let value = tensor1(values).into_shape(&[values.len(), 1, 1])?;
-        model.add_const(name, value)
+    const PLAIN: Shape = Shape {
+        batch: false,
+        width: W,
+        stride: 1,
+        scale_along_width: false,
+    };
+
+    impl Shape {
+        fn dims(&self) -> TVec<usize> {
+            let mut dims: TVec<usize> = tvec![C, H, self.width];
+            if self.batch {
+                dims.insert(0, 1);
+            }
+            dims
+        }
+
+        /// A constant of the activations' rank with `values` on `axis`
+        /// (counted from the end: 3 = channels, 1 = width).
+        fn constant(&self, values: &[f32], axis_from_end: usize) -> TractResult<Tensor> {
+            let rank = self.dims().len();
+            let mut shape = tvec![1; rank];
+            shape[rank - axis_from_end] = values.len();
+            tensor1(values).into_shape(&shape)
+        }
+
+        fn scalar(&self, value: f32) -> TractResult<Tensor> {
+            self.constant(&[value], 3)
+        }
+
+        fn depthwise(&self, model: &mut TypedModel, x: OutletId) -> TractResult<OutletId> {
+            let conv = Conv {
+                pool_spec: PoolSpec {
+                    data_format: if self.batch {
+                        DataFormat::NCHW
+                    } else {
+                        DataFormat::CHW
+                    },
+                    kernel_shape: tvec![3, 3],
+                    padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+                    dilations: None,
+                    strides: Some(tvec![self.stride, self.stride]),
+                    input_channels: C,
+                    output_channels: C,
+                },
+                kernel_fmt: KernelFormat::OIHW,
+                group: C,
+                q_params: None,
+            };
+            let kernel = tensor1(&spread(C * 9, 1, 0.8)).into_shape(&[C, 1, 3, 3])?;
+            let kernel = model.add_const("kernel", kernel)?;
+            let bias = model.add_const("bias", tensor1(&spread(C, 2, 3.0)))?;
+            Ok(model.wire_node("depthwise", conv, &[x, kernel, bias])?[0])
+        }
+
+        /// The int8 graph's shape: i32 -> Cast, Mul, Add, Relu -> depthwise
+        /// -> Max, Min, Cast u8.
+        fn integer_graph(&self) -> TractResult<TypedModel> {
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", i32::fact(self.dims()))?;
+            let x = model.wire_node("cast", Cast::new(f32::datum_type()), &[x])?[0];
+            let scale = if self.scale_along_width {
+                self.constant(&spread(self.width, 3, 0.01), 1)?
+            } else {
+                self.constant(&spread(C, 3, 0.01), 3)?
+            };
+            let scale = model.add_const("scale.value", scale)?;
+            let x = model.wire_node("rescale", math::mul(), &[x, scale])?[0];
+            let shift = model.add_const("shift.value", self.constant(&spread(C, 4, 1.0), 3)?)?;
+            let x = model.wire_node("shift", math::add(), &[x, shift])?[0];
+            let zero = model.add_const("zero", self.scalar(0.0)?)?;
+            let x = model.wire_node("relu", math::max(), &[x, zero])?[0];
+            let x = self.depthwise(&mut model, x)?;
+            let low = model.add_const("low", self.scalar(0.0)?)?;
+            let x = model.wire_node("clip.min", math::max(), &[x, low])?[0];
+            let high = model.add_const("high", self.scalar(255.0)?)?;
+            let x = model.wire_node("clip.max", math::min(), &[x, high])?[0];
+            let x = model.wire_node("quantize", Cast::new(u8::datum_type()), &[x])?[0];
+            model.select_output_outlets(&[x])?;
+            Ok(model)
+        }
+
+        fn integer_input(&self) -> TractResult<Tensor> {
+            let values: Vec<i32> = spread(self.dims().iter().product(), 5, 40_000.0)
+                .iter()
+                .map(|&v| v as i32)
+                .collect();
+            tensor1(&values).into_shape(&self.dims())
+        }
     }
 
-    fn binary(
-        model: &mut TypedModel,
-        name: &str,
-        op: tract_onnx::tract_core::ops::binary::TypedBinOp,
-        x: OutletId,
-        constant: OutletId,
-    ) -> TractResult<OutletId> {
-        Ok(model.wire_node(name, op, &[x, constant])?[0])
-    }
-
-    /// The int8 graph's shape: i32 -> Cast, Mul, Add, Relu -> depthwise ->
-    /// Max, Min, Cast u8.
-    fn integer_stage_graph(stride: usize) -> TractResult<TypedModel> {
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", i32::fact([C, H, W]))?;
-        let x = model.wire_node("cast", Cast::new(f32::datum_type()), &[x])?[0];
-        let scale = channel_constant(&mut model, "scale.value", &spread(C, 3, 0.01))?;
-        let x = binary(&mut model, "rescale", math::mul(), x, scale)?;
-        let shift = channel_constant(&mut model, "shift.value", &spread(C, 4, 1.0))?;
-        let x = binary(&mut model, "shift", math::add(), x, shift)?;
-        let zero = model.add_const("zero", tensor3(&[[[0f32]]]))?;
-        let x = binary(&mut model, "relu", math::max(), x, zero)?;
-        let x = depthwise(&mut model, x, stride)?;
-        let low = model.add_const("low", tensor3(&[[[0f32]]]))?;
-        let x = binary(&mut model, "clip.min", math::max(), x, low)?;
-        let high = model.add_const("high", tensor3(&[[[255f32]]]))?;
-        let x = binary(&mut model, "clip.max", math::min(), x, high)?;
-        let x = model.wire_node("quantize", Cast::new(u8::datum_type()), &[x])?[0];
-        model.select_output_outlets(&[x])?;
-        Ok(model)
-    }
-
-    fn run(model: TypedModel, input: Tensor) -> TractResult<Tensor> {
+    fn run(model: TypedModel, input: Tensor) -> TractResult<TVec<Tensor>> {
         let plan = model.into_optimized()?.into_runnable()?;
-        let mut outputs = plan.run(tvec!(input.into_tvalue()))?;
-        Ok(outputs.remove(0).into_tensor())
+        let outputs = plan.run(tvec!(input.into_tvalue()))?;
+        Ok(outputs.into_iter().map(|o| o.into_tensor()).collect())
     }
 
-    fn integer_input() -> Tensor {
-        let values: Vec<i32> = spread(C * H * W, 5, 40_000.0)
-            .iter()
-            .map(|&v| v as i32)
-            .collect();
-        tensor1(&values)
-            .into_shape(&[C, H, W])
-            .expect("C*H*W values")
+    /// Fuses a copy of `stock`, checks what was fused, and compares every
+    /// output of the two on `input`: u8 outputs within one (summing the nine
+    /// taps in another order may move a value across an integer boundary,
+    /// and truncation then moves it by one) and rarely off; f32 outputs to
+    /// rounding.
+    fn fuse_and_compare(
+        stock: &TypedModel,
+        input: Tensor,
+        expected_fusion: (usize, usize, usize),
+    ) -> TractResult<()> {
+        let mut fused = stock.clone();
+        let fusion = fuse_stages(&mut fused)?;
+        assert_eq!(
+            (
+                fusion.depthwise,
+                fusion.depthwise_dequantize,
+                fusion.depthwise_quantize
+            ),
+            expected_fusion
+        );
+        let expected = run(stock.clone(), input.clone())?;
+        let actual = run(fused, input)?;
+        assert_eq!(expected.len(), actual.len());
+        for (e, a) in expected.iter().zip(&actual) {
+            assert_eq!(e.shape(), a.shape());
+            if e.datum_type() == u8::datum_type() {
+                let (e, a) = (values::<u8>(e)?, values::<u8>(a)?);
+                let differing = e.iter().zip(a).filter(|(x, y)| x != y).count();
+                let worst = e.iter().zip(a).map(|(&x, &y)| x.abs_diff(y)).max();
+                assert!(worst <= Some(1), "worst difference {worst:?}");
+                assert!(
+                    differing * 100 <= e.len(),
+                    "{differing} of {} differ",
+                    e.len()
+                );
+                // Not a vacuous comparison: the clip leaves a spread.
+                assert!(e.contains(&0) && e.iter().any(|&v| v > 100));
+            } else {
+                for (i, (x, y)) in values::<f32>(e)?.iter().zip(values::<f32>(a)?).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "element {i}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]
     fn integer_stage_matches_the_graph_it_replaces() -> TractResult<()> {
-        let stock = integer_stage_graph(1)?;
-        let mut fused = stock.clone();
-        let fusion = fuse_stages(&mut fused)?;
-        assert_eq!(
-            fusion,
-            StageFusion {
-                depthwise: 1,
-                depthwise_dequantize: 1,
-                depthwise_quantize: 1,
-                ..StageFusion::default()
-            }
-        );
-        assert_eq!(
-            fused.nodes().iter().filter(|n| n.op_is::<Cast>()).count(),
-            0
-        );
-        let expected = run(stock, integer_input())?;
-        let actual = run(fused, integer_input())?;
-        assert_eq!(actual.shape(), expected.shape());
-        let (expected, actual) = (values::<u8>(&expected)?, values::<u8>(&actual)?);
-        // Summing the nine taps in another order may move a value across
-        // an integer boundary, and truncation then moves it by one.
-        let differing = expected.iter().zip(actual).filter(|(e, a)| e != a).count();
-        let worst = expected
-            .iter()
-            .zip(actual)
-            .map(|(&e, &a)| (e as i32 - a as i32).abs())
-            .max();
-        assert!(worst <= Some(1), "worst difference {worst:?}");
-        assert!(
-            differing * 100 <= expected.len(),
-            "{differing} of {} differ",
-            expected.len()
-        );
-        // Not a vacuous comparison: the clip leaves a spread of values.
-        assert!(expected.contains(&0) && expected.iter().any(|&v| v > 100));
+        for shape in [
+            PLAIN,
+            Shape {
+                batch: true,
+                ..PLAIN
+            },
+        ] {
+            let stock = shape.integer_graph()?;
+            fuse_and_compare(&stock, shape.integer_input()?, (1, 1, 1))?;
+            let mut fused = stock.clone();
+            fuse_stages(&mut fused)?;
+            assert_eq!(
+                fused.nodes().iter().filter(|n| n.op_is::<Cast>()).count(),
+                0
+            );
+        }
         Ok(())
     }
 
@@ -604,66 +667,50 @@ mod tests {
     fn float_stage_matches_tract_at_every_border() -> TractResult<()> {
         let mut stock = TypedModel::default();
         let x = stock.add_source("x", f32::fact([C, H, W]))?;
-        let y = depthwise(&mut stock, x, 1)?;
+        let y = PLAIN.depthwise(&mut stock, x)?;
         stock.select_output_outlets(&[y])?;
-        let mut fused = stock.clone();
-        let fusion = fuse_stages(&mut fused)?;
-        assert_eq!(
-            (
-                fusion.depthwise,
-                fusion.depthwise_dequantize,
-                fusion.depthwise_quantize
-            ),
-            (1, 0, 0)
-        );
         let input = tensor1(&spread(C * H * W, 6, 2.0)).into_shape(&[C, H, W])?;
-        let expected = run(stock, input.clone())?;
-        let actual = run(fused, input)?;
-        for (i, (e, a)) in values::<f32>(&expected)?
-            .iter()
-            .zip(values::<f32>(&actual)?)
-            .enumerate()
-        {
-            assert!(
-                (e - a).abs() <= 1e-5 * (1.0 + e.abs()),
-                "element {i}: {e} vs {a}"
-            );
-        }
+        fuse_and_compare(&stock, input, (1, 0, 0))
+    }
+
+    #[test]
+    fn leaves_other_convolutions_alone() -> TractResult<()> {
+        let mut strided = Shape { stride: 2, ..PLAIN }.integer_graph()?;
+        assert_eq!(fuse_stages(&mut strided)?.depthwise, 0);
         Ok(())
     }
 
     #[test]
-    fn leaves_other_convolutions_and_shared_values_alone() -> TractResult<()> {
-        // Stride 2 is not a stage.
-        let mut strided = integer_stage_graph(2)?;
-        assert_eq!(fuse_stages(&mut strided)?.depthwise, 0);
+    fn a_rescale_along_another_axis_is_not_taken_for_per_channel() -> TractResult<()> {
+        // Width == channels: a [1, 1, C] constant has C values, on the
+        // wrong axis. The stage must read the rescaled f32 instead.
+        let shape = Shape {
+            width: C,
+            scale_along_width: true,
+            ..PLAIN
+        };
+        fuse_and_compare(&shape.integer_graph()?, shape.integer_input()?, (1, 0, 1))
+    }
 
-        // When something else reads the rescaled activations, the stage
-        // must not swallow them: it then reads them instead of the i32.
-        let mut shared = integer_stage_graph(1)?;
-        let rescaled = shared
-            .node_by_name("shift")
-            .map(|node| OutletId::new(node.id, 0))?;
-        let quantized = shared.output_outlets()?[0];
-        shared.select_output_outlets(&[quantized, rescaled])?;
-        let stock = shared.clone();
-        let fusion = fuse_stages(&mut shared)?;
-        assert_eq!(
-            (
-                fusion.depthwise,
-                fusion.depthwise_dequantize,
-                fusion.depthwise_quantize
-            ),
-            (1, 0, 1)
-        );
-        let expected = run(stock, integer_input())?;
-        let actual = run(shared, integer_input())?;
-        let worst = values::<u8>(&expected)?
-            .iter()
-            .zip(values::<u8>(&actual)?)
-            .map(|(&e, &a)| (e as i32 - a as i32).abs())
-            .max();
-        assert!(worst <= Some(1));
-        Ok(())
+    /// Adds `name`'s output to the model's outputs: something else reads it.
+    fn also_output(model: &mut TypedModel, name: &str) -> TractResult<()> {
+        let outlet = OutletId::new(model.node_by_name(name)?.id, 0);
+        let mut outputs = model.output_outlets()?.to_vec();
+        outputs.push(outlet);
+        model.select_output_outlets(&outputs)
+    }
+
+    #[test]
+    fn leaves_values_that_something_else_reads() -> TractResult<()> {
+        // The rescaled activations: the stage reads them instead of the i32.
+        let mut shared = PLAIN.integer_graph()?;
+        also_output(&mut shared, "shift")?;
+        fuse_and_compare(&shared, PLAIN.integer_input()?, (1, 0, 1))?;
+
+        // The clipped-below output: the stage writes f32 and leaves the
+        // rest of the clip and the cast to tract.
+        let mut shared = PLAIN.integer_graph()?;
+        also_output(&mut shared, "clip.min")?;
+        fuse_and_compare(&shared, PLAIN.integer_input()?, (1, 1, 0))
     }
 }

@@ -11,7 +11,8 @@ use super::{
 };
 
 /// A max pool over the two last axes of a `[C, H, W]` or `[1, C, H, W]`
-/// tensor; padded positions never win (they are not part of the window).
+/// tensor; padded positions never win (they are not part of the window),
+/// and the maximum starts from `f32::MIN`, as tract's does.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MaxPoolStage {
     input_shape: TVec<usize>,
@@ -179,7 +180,7 @@ impl<T: Copy, L: Fn(usize, &[T], &mut [f32])> VectorJob for Pools<'_, T, L> {
                 load(index % channels, src_row, row);
             }
             for (oy, out_row) in out.chunks_mut(out_w).enumerate() {
-                columns.fill(f32::NEG_INFINITY);
+                columns.fill(f32::MIN);
                 for y in stage.window(0, oy, in_h) {
                     let row = &plane[y * in_w..(y + 1) * in_w];
                     for (m, &v) in columns.iter_mut().zip(row) {
@@ -201,9 +202,7 @@ impl<T: Copy, L: Fn(usize, &[T], &mut [f32])> VectorJob for Pools<'_, T, L> {
                     *o = if window.len() == kernel_w {
                         runs[window.start]
                     } else {
-                        columns[window]
-                            .iter()
-                            .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+                        columns[window].iter().fold(f32::MIN, |m, &v| m.max(v))
                     };
                 }
             }
@@ -281,12 +280,17 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<(MaxPoolStage
     let expected_hw = [padding[0].convoluted, padding[1].convoluted];
     if op.output_hw() != expected_hw
         || op.output_shape[..rank - 2] != op.input_shape[..rank - 2]
-        || op.kernel.iter().zip(op.pad_before).any(|(&k, p)| p >= k)
+        // Every window keeps at least one input position.
+        || (0..2).any(|axis| {
+            let last_start = (expected_hw[axis].max(1) - 1) * op.strides[axis];
+            padding[axis].pad_before >= op.kernel[axis]
+                || padding[axis].pad_after >= op.kernel[axis]
+                || last_start >= hw[axis] + padding[axis].pad_before
+        })
     {
         return Ok(None);
     }
-    let channels = op.channels();
-    let (input, reads) = dequantize_prologue(model, node.inputs[0], channels)?;
+    let (input, reads) = dequantize_prologue(model, node.inputs[0], rank - 3)?;
     Ok(Some((MaxPoolStage { input, ..op }, reads)))
 }
 
@@ -300,54 +304,80 @@ mod tests {
 
     const C: usize = 3;
 
-    fn pool_graph(h: usize, w: usize, padding: PaddingSpec, dequantize: bool) -> TypedModel {
-        let mut model = TypedModel::default();
-        let pool = MaxPool {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::CHW,
-                kernel_shape: tvec![3, 3],
-                padding,
-                dilations: None,
-                strides: Some(tvec![2, 2]),
-                input_channels: C,
-                output_channels: C,
-            },
-            with_index_outputs: None,
-        };
-        let build = |model: &mut TypedModel| -> TractResult<OutletId> {
-            let x = if dequantize {
-                let x = model.add_source("x", i32::fact([C, h, w]))?;
-                let x = model.wire_node("cast", Cast::new(f32::datum_type()), &[x])?[0];
-                let scale = tensor1(&[0.5f32, 0.25, 2.0]).into_shape(&[C, 1, 1])?;
-                let scale = model.add_const("scale.value", scale)?;
-                let x = model.wire_node("rescale", math::mul(), &[x, scale])?[0];
-                let shift = tensor1(&[-3f32, 0.0, 7.5]).into_shape(&[C, 1, 1])?;
-                let shift = model.add_const("shift.value", shift)?;
-                model.wire_node("shift", math::add(), &[x, shift])?[0]
-            } else {
-                model.add_source("x", f32::fact([C, h, w]))?
-            };
-            Ok(model.wire_node("pool", pool, &[x])?[0])
-        };
-        let output = build(&mut model).expect("building the pool graph");
-        model
-            .select_output_outlets(&[output])
-            .expect("selecting the output");
-        model
+    struct Pool {
+        h: usize,
+        w: usize,
+        stride: usize,
+        padding: PaddingSpec,
+        /// `[1, C, H, W]` in NCHW rather than `[C, H, W]` in CHW.
+        batch: bool,
+        /// Read through the int8 graph's Cast, Mul, Add from i32.
+        dequantize: bool,
     }
 
-    fn input(h: usize, w: usize, integer: bool) -> Tensor {
-        // Distinct values in no spatial order, so that every window's
-        // maximum sits somewhere else.
-        let values: Vec<i32> = (0..C * h * w)
-            .map(|i| ((i * 7919) % 1009) as i32 - 500)
-            .collect();
-        let tensor = if integer {
-            tensor1(&values)
-        } else {
-            tensor1(&values.iter().map(|&v| v as f32 / 8.0).collect::<Vec<_>>())
-        };
-        tensor.into_shape(&[C, h, w]).expect("C*h*w values")
+    impl Pool {
+        fn dims(&self) -> TVec<usize> {
+            let mut dims: TVec<usize> = tvec![C, self.h, self.w];
+            if self.batch {
+                dims.insert(0, 1);
+            }
+            dims
+        }
+
+        fn per_channel(&self, values: [f32; C]) -> TractResult<Tensor> {
+            let mut shape: TVec<usize> = tvec![C, 1, 1];
+            if self.batch {
+                shape.insert(0, 1);
+            }
+            tensor1(&values).into_shape(&shape)
+        }
+
+        fn graph(&self) -> TractResult<TypedModel> {
+            let mut model = TypedModel::default();
+            let pool = MaxPool {
+                pool_spec: PoolSpec {
+                    data_format: if self.batch {
+                        DataFormat::NCHW
+                    } else {
+                        DataFormat::CHW
+                    },
+                    kernel_shape: tvec![3, 3],
+                    padding: self.padding.clone(),
+                    dilations: None,
+                    strides: Some(tvec![self.stride, self.stride]),
+                    input_channels: C,
+                    output_channels: C,
+                },
+                with_index_outputs: None,
+            };
+            let x = if self.dequantize {
+                let x = model.add_source("x", i32::fact(self.dims()))?;
+                let x = model.wire_node("cast", Cast::new(f32::datum_type()), &[x])?[0];
+                let scale = model.add_const("scale.value", self.per_channel([0.5, 0.25, 2.0])?)?;
+                let x = model.wire_node("rescale", math::mul(), &[x, scale])?[0];
+                let shift = model.add_const("shift.value", self.per_channel([-3.0, 0.0, 7.5])?)?;
+                model.wire_node("shift", math::add(), &[x, shift])?[0]
+            } else {
+                model.add_source("x", f32::fact(self.dims()))?
+            };
+            let output = model.wire_node("pool", pool, &[x])?[0];
+            model.select_output_outlets(&[output])?;
+            Ok(model)
+        }
+
+        fn input(&self) -> TractResult<Tensor> {
+            // Distinct values in no spatial order, so that every window's
+            // maximum sits somewhere else.
+            let values: Vec<i32> = (0..self.dims().iter().product::<usize>())
+                .map(|i| ((i * 7919) % 1009) as i32 - 500)
+                .collect();
+            let tensor = if self.dequantize {
+                tensor1(&values)
+            } else {
+                tensor1(&values.iter().map(|&v| v as f32 / 8.0).collect::<Vec<_>>())
+            };
+            tensor.into_shape(&self.dims())
+        }
     }
 
     fn run(model: TypedModel, input: Tensor) -> TractResult<Tensor> {
@@ -359,33 +389,44 @@ mod tests {
     }
 
     #[test]
-    fn pools_exactly_as_tract_with_every_padding() -> TractResult<()> {
-        // Odd and even sizes: SameUpper pads one side, two sides or none.
+    fn pools_exactly_as_tract() -> TractResult<()> {
+        let paddings = [
+            PaddingSpec::SameUpper,
+            PaddingSpec::SameLower,
+            PaddingSpec::Valid,
+            PaddingSpec::ExplicitOnnxPool(tvec![1, 0], tvec![0, 1], true),
+            PaddingSpec::ExplicitOnnxPool(tvec![0, 0], tvec![0, 0], true),
+        ];
+        // Odd and even sizes: SameUpper pads one side, two sides or none;
+        // ceil mode adds a last window that runs off the input.
         for (h, w) in [(7, 6), (8, 9), (5, 5), (4, 4)] {
-            for padding in [
-                PaddingSpec::SameUpper,
-                PaddingSpec::SameLower,
-                PaddingSpec::Valid,
-            ] {
-                for dequantize in [false, true] {
-                    let stock = pool_graph(h, w, padding.clone(), dequantize);
-                    let mut fused = stock.clone();
-                    let fusion = fuse_stages(&mut fused)?;
-                    assert_eq!(
-                        (fusion.max_pool, fusion.max_pool_dequantize),
-                        (1, dequantize as usize),
-                        "{h}x{w} {padding:?}"
-                    );
-                    let expected = run(stock, input(h, w, dequantize))?;
-                    let actual = run(fused, input(h, w, dequantize))?;
-                    assert_eq!(expected.shape(), actual.shape(), "{h}x{w} {padding:?}");
-                    // A maximum picks one of its inputs: no rounding, so
-                    // equality is the bar.
-                    assert_eq!(
-                        values::<f32>(&expected)?,
-                        values::<f32>(&actual)?,
-                        "{h}x{w} {padding:?} dequantize {dequantize}"
-                    );
+            for padding in &paddings {
+                for stride in [1, 2] {
+                    for (batch, dequantize) in [(false, false), (false, true), (true, true)] {
+                        let pool = Pool {
+                            h,
+                            w,
+                            stride,
+                            padding: padding.clone(),
+                            batch,
+                            dequantize,
+                        };
+                        let case = format!("{h}x{w} {padding:?} stride {stride} batch {batch} dequantize {dequantize}");
+                        let stock = pool.graph()?;
+                        let mut fused = stock.clone();
+                        let fusion = fuse_stages(&mut fused)?;
+                        assert_eq!(
+                            (fusion.max_pool, fusion.max_pool_dequantize),
+                            (1, dequantize as usize),
+                            "{case}"
+                        );
+                        let expected = run(stock, pool.input()?)?;
+                        let actual = run(fused, pool.input()?)?;
+                        assert_eq!(expected.shape(), actual.shape(), "{case}");
+                        // A maximum picks one of its inputs: no rounding, so
+                        // equality is the bar.
+                        assert_eq!(values::<f32>(&expected)?, values::<f32>(&actual)?, "{case}");
+                    }
                 }
             }
         }

@@ -102,15 +102,25 @@ impl StageInput {
     }
 }
 
-/// Where the stage reads, and how, for a stage whose f32 input is `outlet`:
-/// the i32 before `Cast -> Mul(scale) -> Add(shift)` when `outlet` is the
-/// end of that chain and nothing else reads its steps, else `outlet` itself.
+/// Where the stage reads, and how, for a stage whose f32 input is `outlet`
+/// (channels on axis `channel_axis`): the i32 before `Cast -> Mul(scale) ->
+/// Add(shift)` when `outlet` is the end of that chain, with one scale and
+/// shift per channel, and nothing else reads its steps; else `outlet`.
 fn dequantize_prologue(
     model: &TypedModel,
     outlet: OutletId,
-    channels: usize,
+    channel_axis: usize,
 ) -> TractResult<(StageInput, OutletId)> {
     let unchanged = Ok((StageInput::Float, outlet));
+    let Some(shape) = model
+        .outlet_fact(outlet)?
+        .shape
+        .as_concrete()
+        .map(TVec::from)
+    else {
+        return unchanged;
+    };
+    let (rank, channels) = (shape.len(), shape[channel_axis]);
     let Some(add) = unary_with_constant(model, outlet, "Add")? else {
         return unchanged;
     };
@@ -125,8 +135,8 @@ fn dequantize_prologue(
         return unchanged;
     }
     let (Some(scale), Some(shift)) = (
-        per_channel(&mul.constant, channels)?,
-        per_channel(&add.constant, channels)?,
+        per_channel(&mul.constant, channel_axis, rank, channels)?,
+        per_channel(&add.constant, channel_axis, rank, channels)?,
     ) else {
         return unchanged;
     };
@@ -197,6 +207,7 @@ fn with_widest_vectors(job: impl VectorJob) {
     {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx2")
         {
             // SAFETY: the CPU has the features the function is built for.
             return unsafe { with_avx512(job) };
@@ -243,7 +254,8 @@ struct WithConstant {
 }
 
 /// The node producing `outlet`, if it is the binary op `name` with one
-/// constant f32 operand and `outlet` has exactly one consumer.
+/// constant f32 operand, its other operand has `outlet`'s shape and
+/// `outlet` has exactly one consumer.
 fn unary_with_constant(
     model: &TypedModel,
     outlet: OutletId,
@@ -256,8 +268,12 @@ fn unary_with_constant(
     for (constant, other) in [(1, 0), (0, 1)] {
         let fact = model.outlet_fact(node.inputs[constant])?;
         if let Some(value) = &fact.konst {
+            let data = model.outlet_fact(node.inputs[other])?;
+            // The constant may broadcast; the data it meets must not, or the
+            // op would change the shape the stage works on.
             if value.datum_type() == f32::datum_type()
-                && model.outlet_fact(node.inputs[other])?.datum_type == f32::datum_type()
+                && data.datum_type == f32::datum_type()
+                && data.shape == model.outlet_fact(outlet)?.shape
             {
                 return Ok(Some(WithConstant {
                     other: node.inputs[other],
@@ -276,7 +292,7 @@ struct ConsumerWithConstant {
 }
 
 /// The only consumer of `outlet`, if it is the binary op `name` with a
-/// constant f32 second operand.
+/// constant f32 other operand and keeps `outlet`'s shape.
 fn single_consumer_with_constant(
     model: &TypedModel,
     outlet: OutletId,
@@ -291,11 +307,15 @@ fn single_consumer_with_constant(
         return Ok(None);
     }
     let other = node.inputs[1 - only.slot];
+    let same_shape =
+        model.outlet_fact(OutletId::new(node.id, 0))?.shape == model.outlet_fact(outlet)?.shape;
     match &model.outlet_fact(other)?.konst {
-        Some(value) if value.datum_type() == f32::datum_type() => Ok(Some(ConsumerWithConstant {
-            outlet: OutletId::new(node.id, 0),
-            constant: value.clone(),
-        })),
+        Some(value) if value.datum_type() == f32::datum_type() && same_shape => {
+            Ok(Some(ConsumerWithConstant {
+                outlet: OutletId::new(node.id, 0),
+                constant: value.clone(),
+            }))
+        }
         _ => Ok(None),
     }
 }
@@ -306,9 +326,16 @@ fn read_once(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
     Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
 }
 
-/// `value` as one f32 per channel, if it is a scalar or has `channels`
-/// values along one axis and 1 along the others.
-fn per_channel(value: &Tensor, channels: usize) -> TractResult<Option<Arc<Tensor>>> {
+/// `value` as one f32 per channel of a rank-`rank` tensor whose channels
+/// are axis `channel_axis`: a single value, or a constant of that rank with
+/// the channels on that axis and 1 on every other (a constant that varied
+/// along another axis of the same length must not pass for one).
+fn per_channel(
+    value: &Tensor,
+    channel_axis: usize,
+    rank: usize,
+    channels: usize,
+) -> TractResult<Option<Arc<Tensor>>> {
     if value.datum_type() != f32::datum_type() {
         return Ok(None);
     }
@@ -316,11 +343,13 @@ fn per_channel(value: &Tensor, channels: usize) -> TractResult<Option<Arc<Tensor
     if values.len() == 1 {
         return Ok(Some(tensor1(&vec![values[0]; channels]).into_arc_tensor()));
     }
-    let along_one_axis = value.shape().iter().filter(|&&d| d != 1).count() == 1;
-    if values.len() == channels && along_one_axis {
-        return Ok(Some(tensor1(values).into_arc_tensor()));
-    }
-    Ok(None)
+    let on_channel_axis = value.rank() == rank
+        && value
+            .shape()
+            .iter()
+            .enumerate()
+            .all(|(axis, &d)| d == if axis == channel_axis { channels } else { 1 });
+    Ok(on_channel_axis.then(|| tensor1(values).into_arc_tensor()))
 }
 
 /// `value` as one f32, if all its elements are equal.

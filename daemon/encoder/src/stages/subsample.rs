@@ -153,8 +153,8 @@ fn plan_stage(
     id: usize,
 ) -> TractResult<Option<(SubsampleStage, OutletId, OutletId)>> {
     let first = model.node(id);
-    // Earlier replacements leave replaced nodes behind, emptied, until the
-    // model is compacted.
+    // Nodes an earlier stage replaced stay in the graph, unread, until the
+    // model is compacted; they fail the read-once checks below.
     if downsample(first).is_none() || first.inputs.len() != 1 {
         return Ok(None);
     }
@@ -226,10 +226,21 @@ mod tests {
     const SHAPE: [usize; 3] = [3, 7, 6];
 
     fn graph(quantize: bool) -> TractResult<TypedModel> {
+        graph_in_order(quantize, false)
+    }
+
+    /// Rows then columns, or (`columns_first`) the other way round.
+    fn graph_in_order(quantize: bool, columns_first: bool) -> TractResult<TypedModel> {
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact(SHAPE))?;
-        let x = model.wire_node("rows", Downsample::new(1, 2, 0), &[x])?[0];
-        let x = model.wire_node("cols", Downsample::new(2, 2, 1), &[x])?[0];
+        let (rows, cols) = (Downsample::new(1, 2, 0), Downsample::new(2, 2, 1));
+        let x = if columns_first {
+            let x = model.wire_node("cols", cols, &[x])?[0];
+            model.wire_node("rows", rows, &[x])?[0]
+        } else {
+            let x = model.wire_node("rows", rows, &[x])?[0];
+            model.wire_node("cols", cols, &[x])?[0]
+        };
         let x = if quantize {
             let op = ElementWiseOp(
                 // x2 puts the quarter-unit inputs on ties (x.5), where the
@@ -257,12 +268,10 @@ mod tests {
             .expect("the shape's volume")
     }
 
-    fn run(model: TypedModel) -> TractResult<Tensor> {
+    fn run(model: TypedModel) -> TractResult<TVec<Tensor>> {
         let plan = model.into_optimized()?.into_runnable()?;
-        Ok(plan
-            .run(tvec!(input().into_tvalue()))?
-            .remove(0)
-            .into_tensor())
+        let outputs = plan.run(tvec!(input().into_tvalue()))?;
+        Ok(outputs.into_iter().map(|o| o.into_tensor()).collect())
     }
 
     #[test]
@@ -276,8 +285,40 @@ mod tests {
                 (1, quantize as usize)
             );
             let (expected, actual) = (run(stock)?, run(fused)?);
-            assert_eq!(expected.shape(), &[3, 4, 3]);
+            assert_eq!(expected[0].shape(), &[3, 4, 3]);
             assert_eq!(expected, actual, "quantize {quantize}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn takes_the_axes_in_either_order() -> TractResult<()> {
+        let stock = graph_in_order(true, true)?;
+        let mut fused = stock.clone();
+        assert_eq!(fuse_stages(&mut fused)?.subsample_quantize, 1);
+        assert_eq!(run(stock)?, run(fused)?);
+        Ok(())
+    }
+
+    #[test]
+    fn leaves_a_stride_whose_values_something_else_reads() -> TractResult<()> {
+        for shared in ["rows", "cols"] {
+            let mut stock = graph(true)?;
+            let mut outputs = stock.output_outlets()?.to_vec();
+            outputs.push(OutletId::new(stock.node_by_name(shared)?.id, 0));
+            stock.select_output_outlets(&outputs)?;
+            let mut fused = stock.clone();
+            let fusion = fuse_stages(&mut fused)?;
+            // Read elsewhere, the row pick stays tract's; the column pick
+            // is the stage's own output, so only the quantization after it
+            // stays out.
+            let expected = if shared == "rows" { (0, 0) } else { (1, 0) };
+            assert_eq!(
+                (fusion.subsample, fusion.subsample_quantize),
+                expected,
+                "{shared}"
+            );
+            assert_eq!(run(stock)?, run(fused)?, "{shared}");
         }
         Ok(())
     }
