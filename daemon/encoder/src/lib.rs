@@ -4,8 +4,9 @@
 //! one ONNX file per variant (`fp32`, `int8`). [`Encoder::load`] checks the
 //! manifest, verifies the variant's sha256 on the very bytes it parses, fixes
 //! the input shape (tract is several times slower with a symbolic batch),
-//! optimises the graph once, and checks that the graph's output agrees with the
-//! manifest's dimension. After that, [`Encoder::embed_image_bytes`] and
+//! replaces what tract runs slowly between its matrix products by the
+//! encoder's own fused ops ([`stages`]), optimises the graph once, and checks
+//! that the graph's output agrees with the manifest's dimension. After that, [`Encoder::embed_image_bytes`] and
 //! [`Encoder::embed_rgb`] are pure functions of their input.
 //!
 //! ```no_run
