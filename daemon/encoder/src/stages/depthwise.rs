@@ -10,9 +10,9 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::{
-    dequantize_prologue, read_once, replace_with_stage, scalar, single_consumer_with_constant,
-    unary_with_constant, values, with_widest_vectors, F32Bits, RowLoader, StageFusion, StageInput,
-    VectorJob,
+    check_input, dequantize_prologue, read_once, replace_with_stage, scalar,
+    single_consumer_with_constant, unary_with_constant, values, with_widest_vectors, F32Bits,
+    RowLoader, StageFusion, StageInput, VectorJob,
 };
 
 /// What the stage writes.
@@ -93,14 +93,7 @@ impl EvalOp for DepthwiseStage {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        ensure!(
-            input.shape() == &*self.shape && input.datum_type() == self.input.datum_type(),
-            "depthwise stage expects {:?} {:?}, got {:?} {:?}",
-            self.input.datum_type(),
-            self.shape,
-            input.datum_type(),
-            input.shape()
-        );
+        check_input("depthwise", &input, self.input.datum_type(), &self.shape)?;
         let output = match self.output {
             StageOutput::Float => {
                 let mut output = Tensor::zero::<f32>(&self.shape)?;

@@ -6,8 +6,8 @@ use tract_onnx::tract_core::ops::cnn::MaxPool;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::{
-    dequantize_prologue, replace_with_stage, values, with_widest_vectors, RowLoader, StageFusion,
-    StageInput, VectorJob,
+    check_input, dequantize_prologue, replace_with_stage, values, with_widest_vectors, RowLoader,
+    StageFusion, StageInput, VectorJob,
 };
 
 /// A max pool over the two last axes of a `[C, H, W]` or `[1, C, H, W]`
@@ -73,14 +73,12 @@ impl EvalOp for MaxPoolStage {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        ensure!(
-            input.shape() == &*self.input_shape && input.datum_type() == self.input.datum_type(),
-            "max pool stage expects {:?} {:?}, got {:?} {:?}",
+        check_input(
+            "max pool",
+            &input,
             self.input.datum_type(),
-            self.input_shape,
-            input.datum_type(),
-            input.shape()
-        );
+            &self.input_shape,
+        )?;
         let mut output = Tensor::zero::<f32>(&self.output_shape)?;
         {
             let mut view = output.try_as_plain_ram_mut()?;

@@ -73,6 +73,22 @@ fn replace_with_stage(
     patch.apply(model)
 }
 
+/// Fails unless `input` is what the stage named `stage` was planned for.
+fn check_input(
+    stage: &str,
+    input: &Tensor,
+    datum_type: DatumType,
+    shape: &[usize],
+) -> TractResult<()> {
+    ensure!(
+        input.shape() == shape && input.datum_type() == datum_type,
+        "{stage} stage expects {datum_type:?} {shape:?}, got {:?} {:?}",
+        input.datum_type(),
+        input.shape()
+    );
+    Ok(())
+}
+
 /// What a stage reads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum StageInput {

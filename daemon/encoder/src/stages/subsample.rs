@@ -10,7 +10,7 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::QuantizeLinearI8;
 use tract_onnx::tract_core::ops::Downsample;
 
-use super::{read_once, replace_with_stage, values, F32Bits, StageFusion};
+use super::{check_input, read_once, replace_with_stage, values, F32Bits, StageFusion};
 
 /// `output[.., y, x] = input[.., row_start + y * row_stride, col_start +
 /// x * col_stride]`, optionally quantized as tract's `QuantizeLinearI8`.
@@ -58,13 +58,7 @@ impl EvalOp for SubsampleStage {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
-        ensure!(
-            input.shape() == &*self.input_shape && input.datum_type() == f32::datum_type(),
-            "subsample stage expects f32 {:?}, got {:?} {:?}",
-            self.input_shape,
-            input.datum_type(),
-            input.shape()
-        );
+        check_input("subsample", &input, f32::datum_type(), &self.input_shape)?;
         let input = values::<f32>(&input)?;
         let output = match self.quantize {
             None => {
