@@ -10,9 +10,9 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::{
-    check_input, dequantize_prologue, read_once, replace_with_stage, scalar,
-    single_consumer_with_constant, unary_with_constant, values, with_widest_vectors, F32Bits,
-    RowLoader, StageFusion, StageInput, VectorJob,
+    check_input, dequantize_prologue, load_dequantized_row, load_float_row, read_once,
+    replace_with_stage, scalar, single_consumer_with_constant, unary_with_constant, values,
+    with_widest_vectors, F32Bits, StageFusion, StageInput, VectorJob,
 };
 
 /// What the stage writes.
@@ -167,34 +167,20 @@ impl DepthwiseStage {
             return Ok(());
         }
         let (taps, bias) = (values::<f32>(&self.taps)?, values::<f32>(&self.bias)?);
+        let relu = self.input_relu;
         match &self.input {
             StageInput::Float => {
-                let loader = RowLoader::Float {
-                    relu: self.input_relu,
-                };
                 let input = values::<f32>(input)?;
-                self.run_planes(
-                    input,
-                    output,
-                    taps,
-                    bias,
-                    |_, src: &[f32], dst: &mut [f32]| loader.load_f32(src, dst),
-                )
+                self.run_planes(input, output, taps, bias, |_, src, dst| {
+                    load_float_row(src, dst, relu)
+                })
             }
             StageInput::Dequantize { scale, shift } => {
-                let loader = RowLoader::Dequantize {
-                    scale: values::<f32>(scale)?,
-                    shift: values::<f32>(shift)?,
-                    relu: self.input_relu,
-                };
+                let (scale, shift) = (values::<f32>(scale)?, values::<f32>(shift)?);
                 let input = values::<i32>(input)?;
-                self.run_planes(
-                    input,
-                    output,
-                    taps,
-                    bias,
-                    |c, src: &[i32], dst: &mut [f32]| loader.load_i32(c, src, dst),
-                )
+                self.run_planes(input, output, taps, bias, |c, src, dst| {
+                    load_dequantized_row(src, dst, scale[c], shift[c], relu)
+                })
             }
         }
     }

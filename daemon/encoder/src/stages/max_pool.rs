@@ -6,8 +6,8 @@ use tract_onnx::tract_core::ops::cnn::MaxPool;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::{
-    check_input, dequantize_prologue, replace_with_stage, values, with_widest_vectors, RowLoader,
-    StageFusion, StageInput, VectorJob,
+    check_input, dequantize_prologue, load_dequantized_row, load_float_row, replace_with_stage,
+    values, with_widest_vectors, StageFusion, StageInput, VectorJob,
 };
 
 /// A max pool over the two last axes of a `[C, H, W]` or `[1, C, H, W]`
@@ -84,20 +84,13 @@ impl EvalOp for MaxPoolStage {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
             match &self.input {
-                StageInput::Float => {
-                    let loader = RowLoader::Float { relu: false };
-                    self.run(values::<f32>(&input)?, out, |_, src, dst| {
-                        loader.load_f32(src, dst)
-                    })?
-                }
+                StageInput::Float => self.run(values::<f32>(&input)?, out, |_, src, dst| {
+                    load_float_row(src, dst, false)
+                })?,
                 StageInput::Dequantize { scale, shift } => {
-                    let loader = RowLoader::Dequantize {
-                        scale: values::<f32>(scale)?,
-                        shift: values::<f32>(shift)?,
-                        relu: false,
-                    };
+                    let (scale, shift) = (values::<f32>(scale)?, values::<f32>(shift)?);
                     self.run(values::<i32>(&input)?, out, |c, src, dst| {
-                        loader.load_i32(c, src, dst)
+                        load_dequantized_row(src, dst, scale[c], shift[c], false)
                     })?
                 }
             }

@@ -159,48 +159,31 @@ fn dequantize_prologue(
     Ok((StageInput::Dequantize { scale, shift }, cast.inputs[0]))
 }
 
-/// Fills one f32 row from one input row of channel `c`.
-#[derive(Clone, Copy)]
-enum RowLoader<'a> {
-    Float {
-        relu: bool,
-    },
-    Dequantize {
-        scale: &'a [f32],
-        shift: &'a [f32],
-        relu: bool,
-    },
+/// Fills one f32 row from one f32 input row (with the Relu, if taken in).
+#[inline(always)]
+fn load_float_row(src: &[f32], dst: &mut [f32], relu: bool) {
+    if relu {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.max(0.0);
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
 }
 
-impl RowLoader<'_> {
-    #[inline(always)]
-    fn load_f32(self, src: &[f32], dst: &mut [f32]) {
-        let relu = matches!(self, RowLoader::Float { relu: true });
-        if relu {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = s.max(0.0);
-            }
-        } else {
-            dst.copy_from_slice(src);
+/// Fills one f32 row from one row of an integer product's i32 output, with
+/// its channel's `scale` and `shift` (and the Relu, if taken in).
+#[inline(always)]
+fn load_dequantized_row(src: &[i32], dst: &mut [f32], scale: f32, shift: f32, relu: bool) {
+    // The graph's Cast, Mul and Add (and Max), unfused, so that rounding is
+    // the graph's.
+    if relu {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = (s as f32 * scale + shift).max(0.0);
         }
-    }
-
-    #[inline(always)]
-    fn load_i32(self, c: usize, src: &[i32], dst: &mut [f32]) {
-        let RowLoader::Dequantize { scale, shift, relu } = self else {
-            unreachable!("only a dequantizing stage reads i32");
-        };
-        let (scale, shift) = (scale[c], shift[c]);
-        // The graph's Cast, Mul and Add (and Max), unfused, so that rounding
-        // is the graph's.
-        if relu {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = (s as f32 * scale + shift).max(0.0);
-            }
-        } else {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = s as f32 * scale + shift;
-            }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as f32 * scale + shift;
         }
     }
 }
