@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use crate::case::{CaseId, CaseSource};
 use crate::index::{CaseTags, FlatIndex};
-use crate::store::CorruptEntry;
+use crate::report::CorruptEntry;
 
 const MAGIC: [u8; 8] = *b"DSIDXC\x00\x01";
 const FIXED_HEADER: usize = 8 + 4 + 8 * 3 + 8 + 4 + 8 + 4 + 2;

@@ -68,6 +68,7 @@ mod cache;
 mod case;
 mod codec;
 pub mod index;
+mod report;
 mod store;
 
 pub use case::{
@@ -75,7 +76,8 @@ pub use case::{
     MAX_DIAGNOSIS_CODE_BYTES, MAX_SITE_BYTES,
 };
 pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
+pub use report::{CorruptEntry, IndexSource, OpenReport};
 pub use store::{
-    AdapterSpaceStatus, CaseCounts, CaseStore, CorruptEntry, IndexSource, OpenOptions, OpenReport,
-    StoreError, StoreIdentity, FORMAT_VERSION,
+    AdapterSpaceStatus, CaseCounts, CaseStore, OpenOptions, StoreError, StoreIdentity,
+    FORMAT_VERSION,
 };

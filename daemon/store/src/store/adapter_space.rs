@@ -16,7 +16,8 @@ use std::collections::BTreeSet;
 
 use tracing::{info, warn};
 
-use super::{storage, CaseStore, StoreError};
+use super::error::{storage, StoreError};
+use super::CaseStore;
 use crate::case::CaseId;
 use crate::codec;
 use crate::index::{CaseFilter, FlatIndex, Residency, ScoreKind, SearchHit};
@@ -56,7 +57,7 @@ impl CaseStore {
         let mut index = FlatIndex::with_residency(dim, Residency::F32)?;
         let mut orphans = Vec::new();
         let main = self.read_index()?;
-        for item in self.adapter_rows.iter() {
+        for item in self.trees.adapter_rows.iter() {
             let (key, value) = item.map_err(storage("reading adapter embeddings"))?;
             let id_text = String::from_utf8_lossy(&key).into_owned();
             let Ok(id) = CaseId::new(id_text) else {
@@ -78,6 +79,7 @@ impl CaseStore {
                 continue;
             }
             let source = self
+                .trees
                 .embeddings
                 .get(key.as_ref())
                 .map_err(storage("reading an embedding row"))?;
@@ -93,7 +95,8 @@ impl CaseStore {
             .collect();
         drop(main);
         for key in &orphans {
-            self.adapter_rows
+            self.trees
+                .adapter_rows
                 .remove(key)
                 .map_err(storage("dropping orphaned adapter embeddings"))?;
         }
@@ -163,6 +166,7 @@ impl CaseStore {
             }
             let key = id.as_str().as_bytes();
             let source = self
+                .trees
                 .embeddings
                 .get(key)
                 .map_err(storage("reading an embedding row"))?;
@@ -181,7 +185,8 @@ impl CaseStore {
         // Held across the write so a concurrent replace of the same case
         // cannot slip between reading its checksum and indexing the row.
         let _writer = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        self.adapter_rows
+        self.trees
+            .adapter_rows
             .apply_batch(batch)
             .map_err(storage("writing adapter embeddings"))?;
         self.flush("flushing adapter embeddings")?;

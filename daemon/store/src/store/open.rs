@@ -1,0 +1,322 @@
+//! Opening a store: the header, then the index from its cache (replaying
+//! the writes made since) or, failing that, from a scan of sled.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Mutex, RwLock};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::error::{io_error, storage, StoreError};
+use super::header::{check_or_write_header, StoreIdentity};
+use super::trees::{Tree, Trees};
+use super::{CaseStore, WriterState};
+use crate::cache::{self, CacheKind, Miss};
+use crate::case::CaseId;
+use crate::codec;
+use crate::index::{FlatIndex, Residency};
+use crate::report::{CorruptEntry, IndexSource, OpenReport};
+
+/// sled's page cache. Its default (1 GiB) would sit on top of the index's
+/// own copy of every embedding; reads after open are mostly single cases.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+
+/// How to open a store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Which copies of the embeddings stay in memory; searches with a kind
+    /// that is not resident fail with `IndexError::KindNotResident`.
+    pub residency: Residency,
+    /// Leave the index cache as it is when the store is dropped (the next
+    /// open then replays the writes made since). For short-lived tools that
+    /// must not spend the time, and for tests of the replay.
+    pub no_cache_on_close: bool,
+}
+
+impl CaseStore {
+    /// Opens (or creates) the store at `path` for the encoder `identity`,
+    /// keeping both the f32 and the int8 rows in memory.
+    pub fn open(path: impl AsRef<Path>, identity: StoreIdentity) -> Result<Self, StoreError> {
+        Self::open_with(path, identity, OpenOptions::default())
+    }
+
+    /// Opens (or creates) the store. The index comes from the index cache
+    /// when it is valid (plus a replay of the writes made after it), else
+    /// from a scan of every embedding row, after which the cache is rewritten.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        identity: StoreIdentity,
+        options: OpenOptions,
+    ) -> Result<Self, StoreError> {
+        let started = Instant::now();
+        let path = path.as_ref().to_path_buf();
+        if identity.embedding_dim == 0 || identity.model_id.is_empty() {
+            return Err(StoreError::InvalidIdentity(format!(
+                "model id {:?} with dimension {}",
+                identity.model_id, identity.embedding_dim
+            )));
+        }
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(storage("opening the store"))?;
+        let trees = Trees::open(&db)?;
+
+        let generation = check_or_write_header(&db, &trees, &path, &identity)?;
+        let log_file = std::fs::File::open(path.join("db"))
+            .map_err(|e| io_error("opening sled's log file for fsync", e))?;
+
+        let residency = options.residency;
+        let primary = primary_cache(residency);
+        let cached = load_cached(
+            &path,
+            &identity,
+            residency,
+            generation,
+            &trees.changes,
+            &trees.embeddings,
+        )?;
+        let (index, corrupt, index_source) = match cached {
+            Ok(loaded) => loaded,
+            Err(miss) => {
+                let reason = miss.to_string();
+                if matches!(miss, Miss::Invalid(_)) {
+                    warn!(%reason, "index cache not used; scanning the embeddings tree");
+                } else {
+                    info!(%reason, "scanning the embeddings tree");
+                }
+                let hint = cache::peek(&path, primary, identity.embedding_dim, &identity.model_id)
+                    .map_or(0, |h| h.count);
+                let (index, corrupt) = scan(&trees.embeddings, &identity, residency, hint)?;
+                (index, corrupt, IndexSource::Scan { reason })
+            }
+        };
+        let report = OpenReport {
+            cases_indexed: index.len(),
+            corrupt: corrupt.values().cloned().collect(),
+            elapsed: started.elapsed(),
+            index_source,
+        };
+        let cached_generation = match &report.index_source {
+            IndexSource::Cache { generation } => Some(*generation),
+            _ => None,
+        };
+        let store = Self {
+            path,
+            identity,
+            db,
+            trees,
+            index: RwLock::new(index),
+            log_file,
+            writer: Mutex::new(WriterState {
+                generation,
+                cached_generation,
+                index_matches_sled: true,
+                corrupt,
+            }),
+            report,
+            cache_on_close: !options.no_cache_on_close,
+            adapter_space: RwLock::new(None),
+        };
+        // A scan is the slow path this cache exists to avoid; pay the write
+        // now rather than scanning again if the process dies before close.
+        if matches!(store.report.index_source, IndexSource::Scan { .. }) {
+            if let Err(e) = store.checkpoint() {
+                warn!(error = %e, "could not write the index cache; the next open will scan again");
+            }
+        }
+        info!(
+            cases = store.report.cases_indexed,
+            corrupt = store.report.corrupt.len(),
+            elapsed_ms = store.report.elapsed.as_millis() as u64,
+            source = ?store.report.index_source,
+            ?residency,
+            model_id = %store.identity.model_id,
+            "case store opened"
+        );
+        Ok(store)
+    }
+}
+
+/// The cache file `open` loads for this residency. `Both` loads the f32
+/// rows and derives the int8 copy, which is cheaper than reading and
+/// checksumming a second file.
+pub(super) fn primary_cache(residency: Residency) -> CacheKind {
+    match residency {
+        Residency::Int8 => CacheKind::Int8,
+        Residency::F32 | Residency::Both => CacheKind::F32,
+    }
+}
+
+/// The cache files a checkpoint writes: one per resident copy, so a later
+/// open with either residency finds its file.
+pub(super) fn cache_kinds(residency: Residency) -> Vec<CacheKind> {
+    match residency {
+        Residency::F32 => vec![CacheKind::F32],
+        Residency::Int8 => vec![CacheKind::Int8],
+        Residency::Both => vec![CacheKind::F32, CacheKind::Int8],
+    }
+}
+
+type Indexed = (FlatIndex, BTreeMap<String, CorruptEntry>, IndexSource);
+
+/// The index from the cache file plus the writes sled has that the cache
+/// lacks. `Ok(Err(miss))`: fall back to a scan; `Err`: sled itself failed.
+fn load_cached(
+    path: &Path,
+    identity: &StoreIdentity,
+    residency: Residency,
+    generation: u64,
+    changes: &sled::Tree,
+    embeddings: &sled::Tree,
+) -> Result<Result<Indexed, Miss>, StoreError> {
+    let dim = identity.embedding_dim;
+    let loaded = match cache::load(path, primary_cache(residency), dim, &identity.model_id) {
+        Ok(loaded) => loaded,
+        Err(miss) => return Ok(Err(miss)),
+    };
+    let cache_generation = loaded.generation;
+    if cache_generation > generation {
+        // Written after writes sled no longer has (e.g. the database was
+        // restored from an older backup): it could hold removed cases.
+        return Ok(Err(Miss::Invalid(format!(
+            "written at generation {cache_generation}, newer than the database's {generation}"
+        ))));
+    }
+    let mut index = FlatIndex::with_residency(dim, residency)?;
+    let tags = loaded.tags.iter().map(|t| index.row_tags_for(t)).collect();
+    if let Err(why) = index.load_rows(loaded.ids, tags, loaded.vectors, loaded.quantized) {
+        return Ok(Err(Miss::Invalid(why)));
+    }
+    let mut corrupt: BTreeMap<String, CorruptEntry> = loaded
+        .corrupt
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    if cache_generation == generation {
+        return Ok(Ok((
+            index,
+            corrupt,
+            IndexSource::Cache {
+                generation: cache_generation,
+            },
+        )));
+    }
+    // Every write since the cache, in order and without gaps; a missing
+    // entry means the cache cannot be brought up to date.
+    let mut touched = BTreeSet::new();
+    let mut expected = cache_generation + 1;
+    for item in changes.range((cache_generation + 1).to_be_bytes()..) {
+        let (key, value) = item.map_err(storage("reading the change log"))?;
+        let key: [u8; 8] = match key.as_ref().try_into() {
+            Ok(key) => key,
+            Err(_) => return Ok(Err(Miss::Invalid("garbled change-log key".into()))),
+        };
+        let g = u64::from_be_bytes(key);
+        if g > generation {
+            break;
+        }
+        if g != expected {
+            return Ok(Err(Miss::Invalid(format!(
+                "change log lacks write {expected}"
+            ))));
+        }
+        match codec::decode_change(&value) {
+            Ok(ids) => touched.extend(ids),
+            Err(why) => {
+                return Ok(Err(Miss::Invalid(format!(
+                    "change-log entry {g} is corrupt: {why}"
+                ))))
+            }
+        }
+        expected += 1;
+    }
+    if expected != generation + 1 {
+        return Ok(Err(Miss::Invalid(format!(
+            "change log lacks write {expected}"
+        ))));
+    }
+    // sled is the truth: each touched case is indexed as sled has it now.
+    let mut scratch = Vec::with_capacity(dim);
+    for id_text in &touched {
+        let Ok(id) = CaseId::new(id_text.clone()) else {
+            return Ok(Err(Miss::Invalid(format!(
+                "change log names an invalid id {id_text:?}"
+            ))));
+        };
+        corrupt.remove(id_text);
+        let row = embeddings
+            .get(id_text.as_bytes())
+            .map_err(storage("reading the embeddings tree"))?;
+        let Some(row) = row else {
+            index.remove(&id);
+            continue;
+        };
+        let pushed = codec::decode_embedding(&row, dim).and_then(|(tags, raw)| {
+            index
+                .push_le(id.clone(), raw, &tags, &mut scratch)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(reason) = pushed {
+            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            index.remove(&id);
+            corrupt.insert(
+                id_text.clone(),
+                CorruptEntry {
+                    id: id_text.clone(),
+                    tree: Tree::Embeddings.name(),
+                    reason,
+                },
+            );
+        }
+    }
+    Ok(Ok((
+        index,
+        corrupt,
+        IndexSource::CacheReplayed {
+            cache_generation,
+            writes_replayed: generation - cache_generation,
+            cases_reread: touched.len(),
+        },
+    )))
+}
+
+/// The index from every row of the embeddings tree (the fallback).
+fn scan(
+    embeddings: &sled::Tree,
+    identity: &StoreIdentity,
+    residency: Residency,
+    size_hint: usize,
+) -> Result<(FlatIndex, BTreeMap<String, CorruptEntry>), StoreError> {
+    let dim = identity.embedding_dim;
+    let mut index = FlatIndex::with_residency(dim, residency)?;
+    index.reserve(size_hint);
+    let mut corrupt = BTreeMap::new();
+    let mut scratch = Vec::with_capacity(dim);
+    for item in embeddings.iter() {
+        let (key, value) = item.map_err(storage("reading the embeddings tree"))?;
+        let id_text = String::from_utf8_lossy(&key).into_owned();
+        let pushed = CaseId::new(id_text.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|id| {
+                let (tags, raw) = codec::decode_embedding(&value, dim)?;
+                index
+                    .push_le(id, raw, &tags, &mut scratch)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(reason) = pushed {
+            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            corrupt.insert(
+                id_text.clone(),
+                CorruptEntry {
+                    id: id_text,
+                    tree: Tree::Embeddings.name(),
+                    reason,
+                },
+            );
+        }
+    }
+    Ok((index, corrupt))
+}

@@ -1,0 +1,97 @@
+//! The sled trees a store is made of, named in one place.
+
+use super::error::{storage, StoreError};
+
+/// One sled tree of the store. Its name is part of the on-disk format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tree {
+    /// The header: format version, model id, dimension, write generation.
+    Meta,
+    /// Case id -> case record (`codec::encode_case`).
+    Cases,
+    /// Case id -> embedding row with its search tags.
+    Embeddings,
+    /// Write generation -> ids that write touched (see `cache`).
+    Changes,
+    /// Case id -> adapter embedding (see `adapter_space`).
+    AdapterEmbeddings,
+    /// Ids of captured cases not yet uploaded to the fleet service (empty values).
+    Outbox,
+}
+
+impl Tree {
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Tree::Meta => "meta",
+            Tree::Cases => "cases",
+            Tree::Embeddings => "embeddings",
+            Tree::Changes => "changes",
+            Tree::AdapterEmbeddings => "adapter_embeddings",
+            Tree::Outbox => "outbox",
+        }
+    }
+
+    fn open(self, db: &sled::Db) -> Result<sled::Tree, StoreError> {
+        db.open_tree(self.name()).map_err(storage(match self {
+            Tree::Meta => "opening the meta tree",
+            Tree::Cases => "opening the cases tree",
+            Tree::Embeddings => "opening the embeddings tree",
+            Tree::Changes => "opening the changes tree",
+            Tree::AdapterEmbeddings => "opening the adapter embeddings tree",
+            Tree::Outbox => "opening the outbox tree",
+        }))
+    }
+}
+
+/// Every tree of an open store.
+pub(crate) struct Trees {
+    pub(crate) meta: sled::Tree,
+    pub(crate) cases: sled::Tree,
+    pub(crate) embeddings: sled::Tree,
+    pub(crate) changes: sled::Tree,
+    pub(crate) adapter_rows: sled::Tree,
+    pub(crate) outbox: sled::Tree,
+}
+
+impl Trees {
+    pub(crate) fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            meta: Tree::Meta.open(db)?,
+            cases: Tree::Cases.open(db)?,
+            embeddings: Tree::Embeddings.open(db)?,
+            changes: Tree::Changes.open(db)?,
+            adapter_rows: Tree::AdapterEmbeddings.open(db)?,
+            outbox: Tree::Outbox.open(db)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are the on-disk format: a rename would orphan every store.
+    #[test]
+    fn tree_names_are_the_format() {
+        let names = [
+            Tree::Meta,
+            Tree::Cases,
+            Tree::Embeddings,
+            Tree::Changes,
+            Tree::AdapterEmbeddings,
+            Tree::Outbox,
+        ]
+        .map(Tree::name);
+        assert_eq!(
+            names,
+            [
+                "meta",
+                "cases",
+                "embeddings",
+                "changes",
+                "adapter_embeddings",
+                "outbox"
+            ]
+        );
+    }
+}
