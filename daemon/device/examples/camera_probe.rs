@@ -3,8 +3,18 @@
 //!
 //! ```text
 //! camera_probe --device /dev/video0 --frames N [--width 640 --height 480 --fps 30]
-//!              [--disconnect-after K]
+//!              [--disconnect-after K [--remove-command CMD --return-command CMD
+//!                                     [--frames-after-return M]]]
 //! ```
+//!
+//! With `--remove-command` and `--return-command` (shell commands run with
+//! `sh -c`, e.g. `rmmod vivid` and `modprobe vivid` as root in the VM) the
+//! unplug goes on into a replug: once the driver has reported the camera
+//! gone, the probe lets go of vivid, runs the remove command (the device
+//! node must then be absent), sees `not found` from the driver, runs the
+//! return command and must get M frames again from the same source, through
+//! the reopen-with-backoff in `next_frame` that the daemon's camera thread
+//! relies on.
 //!
 //! Output is one fact per line, stable for grep:
 //!
@@ -16,6 +26,10 @@
 //! disconnect requested after 5 frames (vivid's "Disconnect" control)
 //! error disconnected: <message>
 //! error not found: <message>          (reopen attempts, with backoff)
+//! removed by 'rmmod vivid': /dev/video0 absent
+//! error not found: <message>          (reopen attempts while it is gone)
+//! returned by 'modprobe vivid'
+//! frame 11 640x480 mean_luma=112.3   (the same source, streaming again)
 //! result ok                           (exit 0)  |  result failed: <why>  (exit 1)
 //! ```
 //!
@@ -31,10 +45,21 @@ const NOT_FOUND_ATTEMPTS: u32 = 3;
 /// Calls after the disconnect request before giving up waiting for errors.
 const MAX_CALLS_AFTER_DISCONNECT: u32 = 10;
 
+/// Reopen attempts shown while the device is removed.
+const REMOVED_NOT_FOUND_ATTEMPTS: u32 = 2;
+
 struct Args {
     config: CameraConfig,
     frames: u64,
     disconnect_after: Option<u64>,
+    replug: Option<Replug>,
+}
+
+/// How the camera leaves and comes back after the unplug.
+struct Replug {
+    remove_command: String,
+    return_command: String,
+    frames_after_return: u64,
 }
 
 fn main() -> ExitCode {
@@ -44,7 +69,8 @@ fn main() -> ExitCode {
             eprintln!("{message}");
             eprintln!(
                 "usage: camera_probe --device /dev/video0 --frames N \
-                 [--width 640 --height 480 --fps 30] [--disconnect-after K]"
+                 [--width 640 --height 480 --fps 30] [--disconnect-after K \
+                 [--remove-command CMD --return-command CMD [--frames-after-return M]]]"
             );
             return ExitCode::from(2);
         }
@@ -73,6 +99,55 @@ fn probe(args: &Args) -> Result<(), String> {
     }
 
     let wanted = args.disconnect_after.unwrap_or(args.frames);
+    capture(&mut camera, wanted)?;
+    let Some(after) = args.disconnect_after else {
+        return Ok(());
+    };
+    let unplugged = unplug(&mut camera, &device, after)?;
+    let Some(replug) = &args.replug else {
+        return Ok(());
+    };
+
+    // Letting go of the Disconnect handle makes vivid register its nodes
+    // again; the driver holds no handle (it dropped its session when it
+    // reported the disconnect), so the module can now be unloaded.
+    drop(unplugged);
+    run_command(&replug.remove_command)?;
+    if device.exists() {
+        return Err(format!(
+            "{} is still there after {:?}",
+            device.display(),
+            replug.remove_command
+        ));
+    }
+    println!(
+        "removed by '{}': {} absent",
+        replug.remove_command,
+        device.display()
+    );
+    for _ in 0..REMOVED_NOT_FOUND_ATTEMPTS {
+        match camera.next_frame() {
+            Ok(frame) => {
+                print_frame(&frame);
+                return Err("a frame arrived while the camera was removed".into());
+            }
+            Err(error) => {
+                print_error(&error);
+                if !matches!(error, CaptureError::NotFound { .. }) {
+                    return Err("unexpected error while the camera was removed".into());
+                }
+            }
+        }
+    }
+    run_command(&replug.return_command)?;
+    println!("returned by '{}'", replug.return_command);
+    capture(&mut camera, replug.frames_after_return)
+        .map_err(|why| format!("after the camera returned: {why}"))
+}
+
+/// Takes `wanted` frames, printing each and every retryable error on the
+/// way (a reopen after a return may first see the node not yet usable).
+fn capture(camera: &mut V4l2Source, wanted: u64) -> Result<(), String> {
     let mut captured = 0u64;
     let mut attempts = 0u64;
     // Corrupt frames are allowed, but not an endless run of them.
@@ -94,14 +169,21 @@ fn probe(args: &Args) -> Result<(), String> {
             }
         }
     }
-    let Some(after) = args.disconnect_after else {
-        return Ok(());
-    };
+    Ok(())
+}
 
+/// Pulls vivid's Disconnect control and waits for the driver to report the
+/// camera disconnected, then not found on reopening. Returns the handle that
+/// keeps vivid unplugged.
+fn unplug(
+    camera: &mut V4l2Source,
+    device: &std::path::Path,
+    after: u64,
+) -> Result<v4l::Device, String> {
     // vivid re-creates its nodes as soon as the last handle on the device
     // closes, so the handle that pulled "Disconnect" stays open until the
     // driver has reported the camera gone.
-    let _unplugged = request_disconnect(&device)?;
+    let unplugged = request_disconnect(device)?;
     println!("disconnect requested after {after} frames");
     let mut disconnected = false;
     let mut not_found = 0;
@@ -120,7 +202,7 @@ fn probe(args: &Args) -> Result<(), String> {
                     CaptureError::NotFound { .. } if disconnected => {
                         not_found += 1;
                         if not_found == NOT_FOUND_ATTEMPTS {
-                            return Ok(());
+                            return Ok(unplugged);
                         }
                     }
                     _ => return Err("unexpected error after the disconnect".into()),
@@ -133,6 +215,20 @@ fn probe(args: &Args) -> Result<(), String> {
     } else {
         "the disconnect was never reported".into()
     })
+}
+
+/// Runs `command` with `sh -c` (its output goes to ours) and wants exit 0.
+fn run_command(command: &str) -> Result<(), String> {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed ({status})"))
+    }
 }
 
 fn print_frame(frame: &Frame) {
@@ -240,6 +336,9 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut height = 480;
     let mut fps = 30;
     let mut disconnect_after = None;
+    let mut remove_command = None;
+    let mut return_command = None;
+    let mut frames_after_return = None;
     while let Some(flag) = raw.next() {
         let mut value = || raw.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -249,6 +348,9 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             "--height" => height = number(&flag, value()?)?,
             "--fps" => fps = number(&flag, value()?)?,
             "--disconnect-after" => disconnect_after = Some(number(&flag, value()?)?),
+            "--remove-command" => remove_command = Some(value()?),
+            "--return-command" => return_command = Some(value()?),
+            "--frames-after-return" => frames_after_return = Some(number(&flag, value()?)?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -261,6 +363,26 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
             ));
         }
     }
+    let replug = match (remove_command, return_command) {
+        (Some(remove_command), Some(return_command)) => {
+            if disconnect_after.is_none() {
+                return Err("--remove-command needs --disconnect-after".into());
+            }
+            Some(Replug {
+                remove_command,
+                return_command,
+                frames_after_return: frames_after_return.unwrap_or(5),
+            })
+        }
+        (None, None) if frames_after_return.is_none() => None,
+        _ => {
+            return Err(
+                "--remove-command, --return-command and --frames-after-return go together".into(),
+            )
+        }
+    };
+    // The daemon's own reopen backoff (CameraConfig::new), so the probe
+    // takes the path the camera thread takes.
     let mut config = CameraConfig::new(device);
     config.width = width;
     config.height = height;
@@ -269,6 +391,7 @@ fn parse_args(mut raw: impl Iterator<Item = String>) -> Result<Args, String> {
         config,
         frames,
         disconnect_after,
+        replug,
     })
 }
 
