@@ -73,24 +73,128 @@ pub fn grouped_split(labels: &[&str], groups: &[&str], query_fraction: f64, seed
 mod tests {
     use super::*;
 
-    #[test]
-    fn no_group_lands_on_both_sides() {
-        let labels: Vec<String> = (0..300)
-            .map(|i| ["nv", "mel", "df"][i % 3].to_string())
-            .collect();
-        let groups: Vec<String> = (0..300)
-            .map(|i| format!("L{}", i / 3 * 3 + i % 3 + (i / 9)))
-            .collect();
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-        let split = grouped_split(&labels, &groups, 0.2, 7);
-        for q in split.queries() {
-            for r in split.references() {
-                assert_ne!(groups[q], groups[r]);
+    /// splitmix64: deterministic test data without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Diagnoses with their number of lesions: common, middling, and the
+    /// rare classes whose rules differ (three, two and one lesion).
+    const CLASSES: [(&str, usize); 6] = [
+        ("nv", 60),
+        ("mel", 25),
+        ("bkl", 12),
+        ("df", 3),
+        ("vasc", 2),
+        ("akiec", 1),
+    ];
+
+    /// Images of lesions with 1 to 5 photographs each (every count occurs
+    /// in every class with five or more lesions), in shuffled file order,
+    /// as (label, lesion id).
+    fn photographed_lesions(seed: u64) -> Vec<(String, String)> {
+        let mut rng = Rng(seed);
+        let mut images = Vec::new();
+        for (label, lesions) in CLASSES {
+            for l in 0..lesions {
+                let photographs = 1 + (l + rng.below(5)) % 5;
+                for _ in 0..photographs {
+                    images.push((label.to_string(), format!("HAM_{label}_{l:03}")));
+                }
             }
         }
-        let queries = split.queries().count();
-        assert!((40..=80).contains(&queries), "{queries} queries of 300");
+        for i in (1..images.len()).rev() {
+            images.swap(i, rng.below(i + 1));
+        }
+        images
+    }
+
+    fn split_of(images: &[(String, String)], fraction: f64, seed: u64) -> Split {
+        let labels: Vec<&str> = images.iter().map(|(l, _)| l.as_str()).collect();
+        let groups: Vec<&str> = images.iter().map(|(_, g)| g.as_str()).collect();
+        grouped_split(&labels, &groups, fraction, seed)
+    }
+
+    #[test]
+    fn lesions_of_several_photographs_stay_whole() {
+        let images = photographed_lesions(11);
+        let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+        for (_, g) in &images {
+            *sizes.entry(g.as_str()).or_default() += 1;
+        }
+        // The data really has multi-photograph lesions, or this proves nothing.
+        assert_eq!(sizes.values().copied().min(), Some(1));
+        assert_eq!(sizes.values().copied().max(), Some(5));
+        assert!(sizes.values().filter(|&&n| n > 1).count() > 60);
+
+        let fraction = 0.2;
+        for seed in 0..20 {
+            let split = split_of(&images, fraction, seed);
+            assert_eq!(split.is_query.len(), images.len());
+            // Each lesion's side, from its first image.
+            let mut side: BTreeMap<&str, bool> = BTreeMap::new();
+            for ((_, g), &q) in images.iter().zip(&split.is_query) {
+                let first = *side.entry(g.as_str()).or_insert(q);
+                assert_eq!(first, q, "seed {seed}: lesion {g} has images on both sides");
+            }
+            for (label, lesions) in CLASSES {
+                let held = side
+                    .iter()
+                    .filter(|(g, &q)| q && g.starts_with(&format!("HAM_{label}_")))
+                    .count();
+                let asked = lesions as f64 * fraction;
+                match lesions {
+                    // One lesion: never held out, or the class has no reference.
+                    1 => assert_eq!(held, 0, "seed {seed}: {label}"),
+                    // Two or three: exactly one query, the rest references.
+                    2 | 3 => assert_eq!(held, 1, "seed {seed}: {label}"),
+                    // Otherwise the fraction of lesions asked for, to rounding.
+                    _ => assert!(
+                        (held as f64 - asked).abs() <= 0.5,
+                        "seed {seed}: {label} held out {held} of {lesions} lesions, asked {asked}"
+                    ),
+                }
+                let queries = split.queries().filter(|&i| images[i].0 == label).count();
+                let total = images.iter().filter(|(l, _)| l == label).count();
+                // Images follow lesions of 1 to 5 photographs, so their
+                // fraction spreads around the lesions' (0.15-0.25 for nv and
+                // mel over these seeds); a class of 20 lesions or more must
+                // still give about the fraction asked of its images.
+                if lesions >= 20 {
+                    let share = queries as f64 / total as f64;
+                    assert!(
+                        (fraction / 2.0..=fraction * 1.5).contains(&share),
+                        "seed {seed}: {label} has {queries} query images of {total}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_split_follows_lesions_not_file_order() {
+        let images = photographed_lesions(5);
+        let split = split_of(&images, 0.3, 9);
+        let held: std::collections::BTreeSet<&str> =
+            split.queries().map(|i| images[i].1.as_str()).collect();
+        let mut reordered = images.clone();
+        reordered.reverse();
+        reordered.rotate_left(images.len() / 3);
+        let again = split_of(&reordered, 0.3, 9);
+        for ((_, g), &q) in reordered.iter().zip(&again.is_query) {
+            assert_eq!(q, held.contains(g.as_str()), "{g}");
+        }
     }
 
     #[test]
