@@ -150,13 +150,52 @@ fn long_buffer_and_absurd_sizes_are_typed_errors() {
     ));
 }
 
+/// `rgb` (a `WIDTH x HEIGHT` frame) resampled to `width x height`.
+fn resized(rgb: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_raw(WIDTH, HEIGHT, rgb.to_vec()).unwrap();
+    image::imageops::resize(&img, width, height, image::imageops::FilterType::Triangle).into_raw()
+}
+
 #[test]
-fn smallest_frame_is_judged_without_panicking() {
+fn smallest_frame_is_judged_like_a_larger_one() {
     let side = dermascope_quality::MIN_FRAME_SIDE;
+    let t = QualityThresholds::default();
+
+    // A flat field has no detail and no lesion; exposure is fine, so it is
+    // refused as empty, not as dark, bright or blurred.
     let rgb = vec![200u8; (side * side * 3) as usize];
-    let frame = Frame::new(side, side, &rgb).unwrap();
-    let report = assess(&frame, &QualityThresholds::default());
-    assert!(report.focus.is_finite() && report.lesion_contrast.is_finite());
+    let report = assess(&Frame::new(side, side, &rgb).unwrap(), &t);
+    assert_eq!(report.focus, 0.0, "{report:?}");
+    assert_eq!(report.lesion_contrast, 0.0, "{report:?}");
+    assert_eq!(report.mean_luma, 200.0, "{report:?}");
+    assert_eq!(
+        (report.clipped_highlights, report.crushed_shadows),
+        (0.0, 0.0)
+    );
+    assert_eq!(report.verdict, Verdict::Reject(RejectReason::NoLesion));
+
+    // The lesion frame and plain skin shrunk to the smallest size (4:3
+    // kept) get the verdicts of the full frames, and nearly the measures
+    // that do not depend on scale.
+    let (w, h) = (side * 4 / 3, side);
+    let big = judge(&lesion_on_skin());
+    let small_rgb = resized(&lesion_on_skin(), w, h);
+    let small = assess(&Frame::new(w, h, &small_rgb).unwrap(), &t);
+    assert_eq!(big.verdict, Verdict::Accept, "{big:?}");
+    assert_eq!(small.verdict, big.verdict, "{small:?} vs {big:?}");
+    assert!(
+        (small.lesion_contrast / big.lesion_contrast - 1.0).abs() < 0.1,
+        "{small:?} vs {big:?}"
+    );
+    assert!(
+        (small.mean_luma - big.mean_luma).abs() < 2.0,
+        "{small:?} vs {big:?}"
+    );
+    assert!(small.focus > 2.0 * t.min_focus, "{small:?}");
+    let skin = resized(&plain_skin(), w, h);
+    let skin = assess(&Frame::new(w, h, &skin).unwrap(), &t);
+    assert_eq!(skin.verdict, judge(&plain_skin()).verdict, "{skin:?}");
+    assert_eq!(skin.verdict, Verdict::Reject(RejectReason::NoLesion));
 }
 
 #[test]
