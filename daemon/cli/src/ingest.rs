@@ -220,6 +220,8 @@ fn case_from_row(
         // follow-up, expert consensus or confocal microscopy; a row without
         // a method is stored unconfirmed.
         label_confirmed: row.dx_type.is_some(),
+        device_id: None,
+        revision: 1,
     })
 }
 

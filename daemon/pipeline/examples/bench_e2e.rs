@@ -137,6 +137,8 @@ fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<S
             created_at_ms: 0,
             updated_at_ms: 0,
             label_confirmed: true,
+            device_id: None,
+            revision: 1,
         });
         if batch.len() == 500 {
             store.insert_batch(&batch).map_err(|e| e.to_string())?;

@@ -428,9 +428,10 @@ fn case_from_capture(
         ),
     };
     let diagnosis = Diagnosis::from_code(&code).map_err(|e| e.to_string())?;
-    let id = CaseId::new(format!("capture-{now}")).map_err(|e| e.to_string())?;
+    // A UUIDv7, not the clock alone: two devices capturing in the same
+    // millisecond, or one whose clock stepped back, must not collide.
     Ok(Case {
-        id,
+        id: CaseId::generate(),
         embedding: capture.embedding.clone(),
         diagnosis,
         source: CaseSource::Captured,
@@ -440,5 +441,7 @@ fn case_from_capture(
         created_at_ms: now,
         updated_at_ms: now,
         label_confirmed: confirmed,
+        device_id: None,
+        revision: 1,
     })
 }

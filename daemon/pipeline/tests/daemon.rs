@@ -94,6 +94,8 @@ fn library(dir: &Path, encoder: &Encoder) -> Arc<CaseStore> {
             created_at_ms: 0,
             updated_at_ms: 0,
             label_confirmed: true,
+            device_id: None,
+            revision: 1,
         });
     }
     store.insert_batch(&cases).unwrap();

@@ -227,6 +227,8 @@ fn bench_store(n: usize, dim: usize) {
                 created_at_ms: 0,
                 updated_at_ms: 0,
                 label_confirmed: true,
+                device_id: None,
+                revision: 1,
             })
             .collect();
         let t = Instant::now();

@@ -12,6 +12,16 @@ pub const MAX_CASE_ID_BYTES: usize = 256;
 pub const MAX_DIAGNOSIS_CODE_BYTES: usize = 64;
 /// Anatomical sites are stored with a two-byte length in the embedding tree.
 pub const MAX_SITE_BYTES: usize = 1024;
+/// Largest original photograph kept with a case, in bytes. A 12 MP camera
+/// frame is about 2-4 MB as JPEG at quality 90; more is not a photograph of
+/// one lesion but a bug or an attack on the device's storage.
+pub const MAX_ORIGINAL_BYTES: usize = 8 << 20;
+/// Largest original photograph kept with a case, in pixels (4096 x 3072):
+/// enough for any dermatoscope camera module, and what a 480 px encoder such
+/// as MedImageInsight needs is far below it.
+pub const MAX_ORIGINAL_PIXELS: u64 = 4096 * 3072;
+/// Device ids are shown in the fleet's tools and sent with every upload.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
 
 /// Why a case (or one of its parts) was refused before anything was written.
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -34,6 +44,21 @@ pub enum CaseError {
     DimMismatch { expected: usize, found: usize },
     #[error("embedding component {index} is not finite")]
     NonFinite { index: usize },
+    #[error("device id must be 1..={MAX_DEVICE_ID_BYTES} bytes without control characters")]
+    InvalidDeviceId,
+    #[error("case revision must be at least 1, got 0")]
+    ZeroRevision,
+    #[error("original photograph is not a readable JPEG: {reason}")]
+    OriginalNotJpeg { reason: String },
+    #[error(
+        "original photograph is {bytes} bytes ({width}x{height}); at most {MAX_ORIGINAL_BYTES} \
+         bytes and {MAX_ORIGINAL_PIXELS} pixels are kept"
+    )]
+    OriginalTooLarge {
+        bytes: usize,
+        width: u32,
+        height: u32,
+    },
     #[error("Fitzpatrick skin type must be 1..=6, got {0}")]
     FitzpatrickOutOfRange(u8),
     #[error(
@@ -45,8 +70,9 @@ pub enum CaseError {
     },
 }
 
-/// Stable identifier of a case (an image name such as `ISIC_0024306`, or a
-/// UUID-like string the caller chooses). Ordered bytewise, like sled keys.
+/// Stable identifier of a case: a reference library's image name (such as
+/// `ISIC_0024306`) or, for every case a device creates, a UUIDv7 from
+/// [`CaseId::generate`], unique across a fleet. Ordered bytewise, like sled keys.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct CaseId(String);
@@ -64,6 +90,15 @@ impl CaseId {
             return Err(CaseError::IdControlChar);
         }
         Ok(Self(id))
+    }
+
+    /// A new id, unique across devices and clock steps: UUIDv7 is 48 bits of
+    /// wall-clock milliseconds and 74 random bits, so two devices capturing
+    /// in the same millisecond, or one whose clock stepped back (a Pi has no
+    /// real-time clock), still get different ids; ids of one device sort
+    /// roughly by capture time.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().hyphenated().to_string())
     }
 
     pub fn as_str(&self) -> &str {
@@ -240,6 +275,13 @@ pub struct Case {
     pub updated_at_ms: u64,
     /// Whether the diagnosis is confirmed (histopathology or expert consensus).
     pub label_confirmed: bool,
+    /// The device that created the case; `None` for reference library cases.
+    pub device_id: Option<String>,
+    /// 1 when created; [`crate::CaseStore::update`] stores every change
+    /// (re-labelling, confirmation) as the next revision, so that the fleet
+    /// service keeps the newest and an upload acknowledged for revision 3
+    /// does not clear revision 4 from the outbox.
+    pub revision: u64,
 }
 
 // Hand-written so that a stray `{:?}` in a log line cannot leak the note or
@@ -254,6 +296,7 @@ impl fmt::Debug for Case {
             .field("model_id", &self.model_id)
             .field("thumbnail_bytes", &self.thumbnail_jpeg.len())
             .field("label_confirmed", &self.label_confirmed)
+            .field("revision", &self.revision)
             .finish_non_exhaustive()
     }
 }
@@ -282,12 +325,90 @@ impl Case {
                 return Err(CaseError::LesionIdTooLong { len: lesion.len() });
             }
         }
+        if self.revision == 0 {
+            return Err(CaseError::ZeroRevision);
+        }
+        if let Some(device) = &self.device_id {
+            validate_device_id(device)?;
+        }
         if let Some(t) = self.metadata.fitzpatrick_type {
             if !(1..=6).contains(&t) {
                 return Err(CaseError::FitzpatrickOutOfRange(t));
             }
         }
         Ok(())
+    }
+}
+
+pub(crate) fn validate_device_id(device: &str) -> Result<(), CaseError> {
+    let ok = !device.is_empty()
+        && device.len() <= MAX_DEVICE_ID_BYTES
+        && !device.chars().any(char::is_control);
+    ok.then_some(()).ok_or(CaseError::InvalidDeviceId)
+}
+
+/// The photograph a case was made from, as JPEG, checked against the caps
+/// ([`MAX_ORIGINAL_BYTES`], [`MAX_ORIGINAL_PIXELS`]) from its header alone.
+/// It is what another encoder re-embeds and what a vision-language model is
+/// shown, so it is kept apart from the 96 px thumbnail.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OriginalPhoto {
+    jpeg: Vec<u8>,
+    width: u32,
+    height: u32,
+}
+
+impl OriginalPhoto {
+    pub fn from_jpeg(jpeg: Vec<u8>) -> Result<Self, CaseError> {
+        let not_jpeg = |reason: String| CaseError::OriginalNotJpeg { reason };
+        let reader = image::ImageReader::with_format(
+            std::io::Cursor::new(jpeg.as_slice()),
+            image::ImageFormat::Jpeg,
+        );
+        let (width, height) = reader
+            .into_dimensions()
+            .map_err(|e| not_jpeg(e.to_string()))?;
+        if jpeg.len() > MAX_ORIGINAL_BYTES
+            || u64::from(width) * u64::from(height) > MAX_ORIGINAL_PIXELS
+        {
+            return Err(CaseError::OriginalTooLarge {
+                bytes: jpeg.len(),
+                width,
+                height,
+            });
+        }
+        Ok(Self {
+            jpeg,
+            width,
+            height,
+        })
+    }
+
+    pub fn jpeg(&self) -> &[u8] {
+        &self.jpeg
+    }
+
+    pub fn into_jpeg(self) -> Vec<u8> {
+        self.jpeg
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+}
+
+// A photograph is patient data: Debug shows its size only.
+impl fmt::Debug for OriginalPhoto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OriginalPhoto")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("bytes", &self.jpeg.len())
+            .finish()
     }
 }
 
@@ -357,6 +478,8 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 1,
             label_confirmed: true,
+            device_id: None,
+            revision: 1,
         };
         let shown = format!("{case:?}");
         assert!(!shown.contains("patient-secret-note"), "{shown}");
@@ -376,6 +499,8 @@ mod tests {
             created_at_ms: 1,
             updated_at_ms: 1,
             label_confirmed: true,
+            device_id: None,
+            revision: 1,
         };
         assert_eq!(case.validate("m", 2), Ok(()));
         assert!(matches!(
@@ -389,6 +514,13 @@ mod tests {
                 found: 2
             })
         );
+        case.revision = 0;
+        assert_eq!(case.validate("m", 2), Err(CaseError::ZeroRevision));
+        case.revision = 1;
+        case.device_id = Some("dev\n1".into());
+        assert_eq!(case.validate("m", 2), Err(CaseError::InvalidDeviceId));
+        case.device_id = Some("0193a3c0-0000-7000-8000-00000000000d".into());
+        assert_eq!(case.validate("m", 2), Ok(()));
         case.metadata.fitzpatrick_type = Some(7);
         assert_eq!(
             case.validate("m", 2),

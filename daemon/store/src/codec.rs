@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use crate::case::{Case, CaseId, CaseMetadata, CaseSource, Diagnosis};
 use crate::index::CaseTags;
 
-/// Layout 1 had no lesion id; still read, never written.
+/// Layout 1 had no lesion id, layout 2 no device id or revision; both are
+/// still read (as revision 1 of no device), never written.
 const CASE_LAYOUT_V1: u8 = 1;
 const CASE_LAYOUT_V2: u8 = 2;
+const CASE_LAYOUT_V3: u8 = 3;
 const EMBEDDING_LAYOUT_V1: u8 = 1;
 const HEADER: usize = 5;
 
@@ -42,10 +44,8 @@ struct CaseRecordV1 {
     label_confirmed: bool,
 }
 
-/// Everything of a case except the embedding, which lives only in the
-/// embeddings tree (storing it twice would cost 8 KB per case at dim 2048).
-/// Layout 2 (adds `metadata.lesion_id`).
-#[derive(Serialize, Deserialize)]
+/// Layout 2 (added `metadata.lesion_id`).
+#[derive(Deserialize)]
 struct CaseRecordV2 {
     id: CaseId,
     diagnosis: Diagnosis,
@@ -58,7 +58,12 @@ struct CaseRecordV2 {
     label_confirmed: bool,
 }
 
-/// The decoded part of a case record (the caller adds the embedding).
+/// Everything of a case except the embedding, which lives only in the
+/// embeddings tree (storing it twice would cost 8 KB per case at dim 2048),
+/// and the original photograph, which lives in the originals tree so that
+/// listing cases never reads megabytes. Layout 3 (adds device id, revision).
+/// Also the decoded form of every layout (the caller adds the embedding).
+#[derive(Serialize, Deserialize)]
 pub(crate) struct CaseRecord {
     pub id: CaseId,
     pub diagnosis: Diagnosis,
@@ -69,6 +74,8 @@ pub(crate) struct CaseRecord {
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub label_confirmed: bool,
+    pub device_id: Option<String>,
+    pub revision: u64,
 }
 
 impl CaseRecord {
@@ -84,6 +91,8 @@ impl CaseRecord {
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
             label_confirmed: self.label_confirmed,
+            device_id: self.device_id,
+            revision: self.revision,
         }
     }
 }
@@ -120,7 +129,7 @@ fn open(bytes: &[u8], version: u8) -> Result<&[u8], String> {
 }
 
 pub(crate) fn encode_case(case: &Case) -> Result<Vec<u8>, String> {
-    let record = CaseRecordV2 {
+    let record = CaseRecord {
         id: case.id.clone(),
         diagnosis: case.diagnosis.clone(),
         source: case.source,
@@ -130,9 +139,11 @@ pub(crate) fn encode_case(case: &Case) -> Result<Vec<u8>, String> {
         created_at_ms: case.created_at_ms,
         updated_at_ms: case.updated_at_ms,
         label_confirmed: case.label_confirmed,
+        device_id: case.device_id.clone(),
+        revision: case.revision,
     };
     let payload = postcard::to_stdvec(&record).map_err(|e| e.to_string())?;
-    Ok(seal(CASE_LAYOUT_V2, payload.len(), |out| {
+    Ok(seal(CASE_LAYOUT_V3, payload.len(), |out| {
         out.extend_from_slice(&payload)
     }))
 }
@@ -159,21 +170,59 @@ pub(crate) fn decode_case(bytes: &[u8]) -> Result<CaseRecord, String> {
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
             label_confirmed: r.label_confirmed,
+            device_id: None,
+            revision: 1,
         });
     }
-    let payload = open(bytes, CASE_LAYOUT_V2)?;
-    let r: CaseRecordV2 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
-    Ok(CaseRecord {
-        id: r.id,
-        diagnosis: r.diagnosis,
-        source: r.source,
-        metadata: r.metadata,
-        thumbnail_jpeg: r.thumbnail_jpeg,
-        model_id: r.model_id,
-        created_at_ms: r.created_at_ms,
-        updated_at_ms: r.updated_at_ms,
-        label_confirmed: r.label_confirmed,
+    if bytes.first() == Some(&CASE_LAYOUT_V2) {
+        let payload = open(bytes, CASE_LAYOUT_V2)?;
+        let r: CaseRecordV2 = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+        return Ok(CaseRecord {
+            id: r.id,
+            diagnosis: r.diagnosis,
+            source: r.source,
+            metadata: r.metadata,
+            thumbnail_jpeg: r.thumbnail_jpeg,
+            model_id: r.model_id,
+            created_at_ms: r.created_at_ms,
+            updated_at_ms: r.updated_at_ms,
+            label_confirmed: r.label_confirmed,
+            device_id: None,
+            revision: 1,
+        });
+    }
+    let payload = open(bytes, CASE_LAYOUT_V3)?;
+    postcard::from_bytes(payload).map_err(|e| e.to_string())
+}
+
+const ORIGINAL_LAYOUT_V1: u8 = 1;
+
+/// Original photograph value: the JPEG bytes under the common header, so a
+/// garbled photograph is reported rather than handed to a decoder.
+pub(crate) fn encode_original(jpeg: &[u8]) -> Vec<u8> {
+    seal(ORIGINAL_LAYOUT_V1, jpeg.len(), |out| {
+        out.extend_from_slice(jpeg)
     })
+}
+
+pub(crate) fn decode_original(bytes: &[u8]) -> Result<&[u8], String> {
+    open(bytes, ORIGINAL_LAYOUT_V1)
+}
+
+/// Outbox value: the revision awaiting upload. Format 2 stores wrote empty
+/// values, which were always a case's first revision.
+pub(crate) fn encode_outbox_revision(revision: u64) -> [u8; 8] {
+    revision.to_le_bytes()
+}
+
+pub(crate) fn decode_outbox_revision(bytes: &[u8]) -> Result<u64, String> {
+    if bytes.is_empty() {
+        return Ok(1);
+    }
+    let bytes: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| format!("outbox value is {} bytes, not 8", bytes.len()))?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 pub(crate) fn tags_of(case: &Case) -> CaseTags {
@@ -403,5 +452,50 @@ mod tests {
         assert_eq!(record.metadata.anatomical_site.as_deref(), Some("back"));
         assert_eq!(record.metadata.lesion_id, None);
         assert_eq!(record.thumbnail_jpeg, [1, 2, 3]);
+    }
+
+    #[test]
+    fn layout_2_records_decode_as_revision_1_of_no_device() {
+        #[derive(Serialize)]
+        struct RecordV2 {
+            id: CaseId,
+            diagnosis: Diagnosis,
+            source: CaseSource,
+            metadata: CaseMetadata,
+            thumbnail_jpeg: Vec<u8>,
+            model_id: String,
+            created_at_ms: u64,
+            updated_at_ms: u64,
+            label_confirmed: bool,
+        }
+        let old = RecordV2 {
+            id: CaseId::new("capture-1764000000000").unwrap(),
+            diagnosis: Diagnosis::from_code("nv").unwrap(),
+            source: CaseSource::Captured,
+            metadata: CaseMetadata {
+                lesion_id: Some("L7".into()),
+                ..CaseMetadata::default()
+            },
+            thumbnail_jpeg: vec![9],
+            model_id: "m".into(),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            label_confirmed: false,
+        };
+        let payload = postcard::to_stdvec(&old).unwrap();
+        let bytes = seal(CASE_LAYOUT_V2, payload.len(), |out| {
+            out.extend_from_slice(&payload)
+        });
+        let record = decode_case(&bytes).unwrap();
+        assert_eq!(record.id.as_str(), "capture-1764000000000");
+        assert_eq!(record.metadata.lesion_id.as_deref(), Some("L7"));
+        assert_eq!((record.revision, record.device_id), (1, None));
+    }
+
+    #[test]
+    fn outbox_values_of_format_2_are_first_revisions() {
+        assert_eq!(decode_outbox_revision(&[]), Ok(1));
+        assert_eq!(decode_outbox_revision(&encode_outbox_revision(4)), Ok(4));
+        assert!(decode_outbox_revision(&[1, 2, 3]).is_err());
     }
 }

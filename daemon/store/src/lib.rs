@@ -72,12 +72,13 @@ mod report;
 mod store;
 
 pub use case::{
-    Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, Sex, MAX_CASE_ID_BYTES,
-    MAX_DIAGNOSIS_CODE_BYTES, MAX_SITE_BYTES,
+    Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, OriginalPhoto, Sex,
+    MAX_CASE_ID_BYTES, MAX_DEVICE_ID_BYTES, MAX_DIAGNOSIS_CODE_BYTES, MAX_ORIGINAL_BYTES,
+    MAX_ORIGINAL_PIXELS, MAX_SITE_BYTES,
 };
 pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 pub use report::{CorruptEntry, IndexSource, OpenReport};
 pub use store::{
-    AdapterSpaceStatus, CaseCounts, CaseStore, OpenOptions, StoreError, StoreIdentity,
-    FORMAT_VERSION,
+    AdapterSpaceStatus, CaseCounts, CaseStore, CaseWrite, OpenOptions, PendingUpload, StoreError,
+    StoreIdentity, FORMAT_VERSION,
 };

@@ -33,8 +33,10 @@ pub use error::StoreError;
 pub use header::{StoreIdentity, FORMAT_VERSION};
 use open::cache_kinds;
 pub use open::OpenOptions;
+pub use outbox::PendingUpload;
 pub use read::CaseCounts;
 use trees::Trees;
+pub use write::CaseWrite;
 
 /// The case library. Share it as `Arc<CaseStore>`: searches run concurrently
 /// under a read lock; writes are serialised and take the write lock only to

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{identity, make_case};
-use dermascope_store::{CaseFilter, CaseId, CaseStore, StoreError};
+use dermascope_store::{CaseFilter, CaseId, CaseStore, CaseWrite, StoreError};
 
 const DIM: usize = 32;
 const HIDDEN: usize = 8;
@@ -76,10 +76,10 @@ fn stale_rows_are_recomputed_and_progress_survives_reopen() {
         assert_eq!(hits[0].id, case.id);
     }
 
-    // Replacing a case makes its row stale at once and after a reopen.
+    // Updating a case makes its row stale at once and after a reopen.
     let mut replaced = make_case("case-03", DIM);
     replaced.embedding = cases[7].embedding.clone();
-    store.insert(&replaced).unwrap();
+    store.update(CaseWrite::from(&replaced)).unwrap();
     assert_eq!(
         store.adapter_space_missing().unwrap(),
         [replaced.id.clone()]

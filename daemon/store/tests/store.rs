@@ -5,8 +5,9 @@ use std::path::Path;
 
 use common::{identity, make_case, MODEL};
 use dermascope_store::{
-    CaseFilter, CaseId, CaseSource, CaseStore, IndexError, IndexSource, OpenOptions, Residency,
-    ScoreKind, StoreError, StoreIdentity, FORMAT_VERSION,
+    CaseError, CaseFilter, CaseId, CaseSource, CaseStore, CaseWrite, IndexError, IndexSource,
+    OpenOptions, OriginalPhoto, PendingUpload, Residency, ScoreKind, StoreError, StoreIdentity,
+    FORMAT_VERSION,
 };
 
 const DIM: usize = 48;
@@ -159,15 +160,41 @@ fn cases_round_trip_through_reopen_and_are_searchable() {
 }
 
 #[test]
-fn replacing_a_case_updates_disk_and_index() {
+fn updating_a_case_updates_disk_and_index_and_an_insert_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
     let mut case = make_case("lesion-1", DIM);
     store.insert(&case).unwrap();
     store.insert(&make_case("lesion-2", DIM)).unwrap();
+    let stored = case.clone();
     case.embedding = make_case("other", DIM).embedding;
     case.diagnosis = dermascope_store::Diagnosis::from_code("mel").unwrap();
-    store.insert(&case).unwrap();
+    // An insert of a stored id is refused and changes nothing, on disk or
+    // in the index; so is a batch that repeats an id.
+    let refused = store.insert(&case).unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::CaseExists { id } if id == "lesion-1"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("update"), "{refused}");
+    assert_eq!(store.get(&case.id).unwrap().as_ref(), Some(&stored));
+    let twice = [make_case("lesion-3", DIM), make_case("lesion-3", DIM)];
+    assert!(matches!(
+        store.insert_batch(&twice),
+        Err(StoreError::DuplicateInBatch { .. })
+    ));
+    assert!(!store.contains(&twice[0].id).unwrap());
+    assert!(matches!(
+        store.update(CaseWrite::from(&twice[0])),
+        Err(StoreError::NoSuchCase { .. })
+    ));
+    // The update is the next revision; created_at and the device stay the
+    // stored ones whatever the caller says.
+    case.revision = 7;
+    case.created_at_ms += 1000;
+    assert_eq!(store.update(CaseWrite::from(&case)).unwrap(), 2);
+    case.revision = 2;
+    case.created_at_ms -= 1000;
     assert_eq!(store.len().unwrap(), 2);
     assert_eq!(store.get(&case.id).unwrap().as_ref(), Some(&case));
     let mel = CaseFilter::any().with_diagnoses(["mel"]);
@@ -368,7 +395,10 @@ fn garbled_values_are_reported_per_case_and_the_store_still_opens() {
             (garbled_row.to_string(), "embeddings")
         ]
     );
-    // Re-inserting the case repairs it.
+    // Removing and re-inserting the case repairs it (an insert alone is
+    // refused: the record is still there).
+    assert!(store.insert(&cases[7]).is_err());
+    store.remove(&cases[7].id).unwrap();
     store.insert(&cases[7]).unwrap();
     assert_eq!(store.get(&cases[7].id).unwrap().as_ref(), Some(&cases[7]));
 }
@@ -502,7 +532,7 @@ fn a_stale_cache_is_brought_up_to_date_and_never_resurrects_or_loses_cases() {
         }
         let mut replaced = cases[0].clone();
         replaced.embedding = make_case("replacement", DIM).embedding;
-        store.insert(&replaced).unwrap();
+        replaced.revision = store.update(CaseWrite::from(&replaced)).unwrap();
         cases[0] = replaced;
         cases.extend(added);
     }
@@ -600,13 +630,192 @@ fn captured_cases_wait_in_the_outbox_across_reopens_until_uploaded() {
         assert_eq!(store.pending_upload_count(), 2);
     }
     let store = reopen(dir.path());
+    let pending = |id: &CaseId, revision| PendingUpload {
+        id: id.clone(),
+        revision,
+    };
     assert_eq!(
         store.pending_uploads().unwrap(),
-        [captured.id.clone(), second.id.clone()]
+        [pending(&captured.id, 1), pending(&second.id, 1)]
     );
-    store.mark_uploaded(&[captured.id.clone()]).unwrap();
+    store.mark_uploaded(&[pending(&captured.id, 1)]).unwrap();
     store.remove(&second.id).unwrap();
     assert_eq!(store.pending_upload_count(), 0);
     drop(store);
     assert!(reopen(dir.path()).pending_uploads().unwrap().is_empty());
+}
+
+/// A capture re-labelled while its upload was in flight: the service's
+/// acknowledgement of revision 1 must not clear revision 2.
+#[test]
+fn an_acknowledged_old_revision_leaves_the_newer_one_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let mut capture = make_case("0193a3c0-0000-7000-8000-000000000001", DIM);
+    capture.source = CaseSource::Captured;
+    store.insert(&capture).unwrap();
+    let in_flight = store.pending_uploads().unwrap();
+    assert_eq!(in_flight[0].revision, 1);
+    capture.diagnosis = dermascope_store::Diagnosis::from_code("mel").unwrap();
+    capture.label_confirmed = true;
+    assert_eq!(store.update(CaseWrite::from(&capture)).unwrap(), 2);
+    assert_eq!(store.mark_uploaded(&in_flight).unwrap(), 0);
+    let pending = store.pending_uploads().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].revision, 2);
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(store.get(&capture.id).unwrap().unwrap().revision, 2);
+    assert_eq!(store.mark_uploaded(&pending).unwrap(), 1);
+    assert_eq!(store.pending_upload_count(), 0);
+}
+
+#[test]
+fn generated_case_ids_are_unique_uuid_v7() {
+    let ids: std::collections::BTreeSet<String> = (0..10_000)
+        .map(|_| CaseId::generate().as_str().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10_000);
+    for id in ids.iter().take(3) {
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(&id[14..15], "7", "version nibble of {id}");
+    }
+}
+
+#[test]
+fn originals_are_kept_with_the_case_bounded_and_removed_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let photo = common::jpeg(640, 480);
+    let original = OriginalPhoto::from_jpeg(photo.clone()).unwrap();
+    assert_eq!((original.width(), original.height()), (640, 480));
+    let with = make_case("with-original", DIM);
+    let without = make_case("without-original", DIM);
+    store
+        .insert_with_originals(&[
+            CaseWrite {
+                case: &with,
+                original: Some(&original),
+            },
+            CaseWrite::from(&without),
+        ])
+        .unwrap();
+    drop(store);
+    let store = reopen(dir.path());
+    assert_eq!(store.original(&with.id).unwrap().unwrap().jpeg(), photo);
+    assert!(store.original(&without.id).unwrap().is_none());
+    // An update without a photograph keeps the stored one.
+    store.update(CaseWrite::from(&with)).unwrap();
+    assert!(store.has_original(&with.id).unwrap());
+    store.remove(&with.id).unwrap();
+    assert!(!store.has_original(&with.id).unwrap());
+
+    // Refused before anything is stored: not a JPEG, or over the pixel cap.
+    assert!(matches!(
+        OriginalPhoto::from_jpeg(b"GIF89a not a jpeg".to_vec()),
+        Err(CaseError::OriginalNotJpeg { .. })
+    ));
+    let huge = common::jpeg_header_claiming(5000, 4000);
+    assert!(matches!(
+        OriginalPhoto::from_jpeg(huge),
+        Err(CaseError::OriginalTooLarge {
+            width: 5000,
+            height: 4000,
+            ..
+        })
+    ));
+}
+
+/// A store written by the format-2 build (see tests/fixtures/README.md)
+/// opens, migrates in place, and keeps every case, its outbox entry and
+/// its search results; old ids stay valid and new writes follow the new rules.
+#[test]
+fn a_format_2_store_written_by_the_previous_build_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2-store");
+    copy_dir(&fixture, dir.path());
+    std::fs::create_dir_all(dir.path().join("blobs")).unwrap();
+    let identity = StoreIdentity {
+        model_id: "fixture-encoder-v1".into(),
+        embedding_dim: 8,
+    };
+    let embedding = |seed: f32| {
+        let e: Vec<f32> = (0..8).map(|i| ((i as f32 + seed) * 0.7).sin()).collect();
+        let n = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        e.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    let store = CaseStore::open(dir.path(), identity.clone()).unwrap();
+    let ids: Vec<String> = store
+        .ids()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "ISIC_0000001",
+            "ISIC_0000002",
+            "capture-1764000000000",
+            "capture-1764000000500"
+        ]
+    );
+    for (seed, id) in ids.iter().enumerate() {
+        let case = store
+            .get(&CaseId::new(id.clone()).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (case.revision, case.device_id.as_deref()),
+            (1, None),
+            "{id}"
+        );
+        assert_eq!(case.embedding, embedding(seed as f32 + 1.0), "{id}");
+        assert_eq!(case.metadata.lesion_id, Some(format!("L-{id}")));
+    }
+    let hits = store
+        .search(&embedding(2.0), 1, &CaseFilter::any(), ScoreKind::F32)
+        .unwrap();
+    assert_eq!(hits[0].id.as_str(), "ISIC_0000002");
+    // The second capture was never uploaded: pending at its first revision.
+    let second = CaseId::new("capture-1764000000500").unwrap();
+    assert_eq!(
+        store.pending_uploads().unwrap(),
+        [PendingUpload {
+            id: second.clone(),
+            revision: 1
+        }]
+    );
+    // New rules: an old id is refused by an insert, updated as revision 2.
+    let mut relabelled = store.get(&second).unwrap().unwrap();
+    assert!(matches!(
+        store.insert(&relabelled),
+        Err(StoreError::CaseExists { .. })
+    ));
+    relabelled.diagnosis = dermascope_store::Diagnosis::from_code("mel").unwrap();
+    assert_eq!(store.update(CaseWrite::from(&relabelled)).unwrap(), 2);
+    drop(store);
+    let db = raw_sled(dir.path());
+    assert_eq!(
+        db.open_tree("meta")
+            .unwrap()
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        &FORMAT_VERSION.to_le_bytes()
+    );
+    drop(db);
+    let store = (0..100)
+        .find_map(|_| {
+            let opened = CaseStore::open(dir.path(), identity.clone()).ok();
+            if opened.is_none() {
+                // sled releases the previous handle's lock from a thread.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened
+        })
+        .expect("reopening the migrated store");
+    assert_eq!(store.pending_uploads().unwrap()[0].revision, 2);
+    assert_eq!(store.len().unwrap(), 4);
 }

@@ -44,6 +44,15 @@ pub enum StoreError {
         #[source]
         source: CaseError,
     },
+    #[error(
+        "case {id:?} is stored already; a stored case is changed with an update (a new \
+         revision), never overwritten by an insert"
+    )]
+    CaseExists { id: String },
+    #[error("case {id:?} appears twice in one batch; nothing was written")]
+    DuplicateInBatch { id: String },
+    #[error("case {id:?} is not in the store, so it cannot be updated")]
+    NoSuchCase { id: String },
     #[error("case {id:?} is corrupt in the {tree} tree: {reason}")]
     CorruptCase {
         id: String,

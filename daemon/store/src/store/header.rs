@@ -23,7 +23,14 @@ pub struct StoreIdentity {
 /// lack only those); the bump keeps a version-1 build, which would write
 /// without bumping the generation and so make a cache look current, from
 /// opening an upgraded store.
-pub const FORMAT_VERSION: u32 = 2;
+///
+/// 3 made inserts refuse stored ids (changes are updates with a revision),
+/// added the device id and revision to case records (layout 3), the revision
+/// to outbox values, and the originals tree. Version 1 and 2 stores are
+/// upgraded in place: their records and empty outbox values read as
+/// revision 1. The bump keeps a version-2 build, which would overwrite cases
+/// and clear a newer revision's upload, from opening an upgraded store.
+pub const FORMAT_VERSION: u32 = 3;
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_MODEL: &str = "model_id";
@@ -68,18 +75,25 @@ pub(super) fn check_or_write_header(
         .try_into()
         .map_err(|_| bad("format version is not 4 bytes"))?;
     let mut found = u32::from_le_bytes(format);
-    if found == 1 {
-        // Version 1 differs only by lacking the generation (and the change
-        // log, created empty on open). Stamping both keys in one flushed
-        // batch means no version-1 build writes to this store again.
+    if found == 1 || found == 2 {
+        // Version 1 lacks the generation (and the change log, created empty
+        // on open); both older versions' values are read as they are (see
+        // FORMAT_VERSION). Stamping the keys in one flushed batch means no
+        // older build writes to this store again.
         let mut batch = sled::Batch::default();
         batch.insert(KEY_FORMAT, &FORMAT_VERSION.to_le_bytes());
-        batch.insert(KEY_GENERATION, &0u64.to_le_bytes());
+        if found == 1 {
+            batch.insert(KEY_GENERATION, &0u64.to_le_bytes());
+        }
         meta.apply_batch(batch)
             .map_err(storage("upgrading the store header"))?;
         db.flush()
             .map_err(storage("flushing the upgraded store header"))?;
-        info!(path = %path.display(), "store upgraded from format 1 to 2");
+        info!(
+            from = found,
+            to = FORMAT_VERSION,
+            "case store format upgraded"
+        );
         found = FORMAT_VERSION;
     }
     if found != FORMAT_VERSION {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::error::{storage, StoreError};
 use super::trees::Tree;
 use super::CaseStore;
-use crate::case::{Case, CaseId, CaseSource};
+use crate::case::{Case, CaseId, CaseSource, OriginalPhoto};
 use crate::codec;
 use crate::index::{CaseFilter, Residency, ScoreKind, SearchHit};
 use crate::report::CorruptEntry;
@@ -59,6 +59,35 @@ impl CaseStore {
                 Ok(Some(record.into_case(codec::decode_f32_le(raw))))
             }
         }
+    }
+
+    /// The photograph the case was made from, where it was kept.
+    pub fn original(&self, id: &CaseId) -> Result<Option<OriginalPhoto>, StoreError> {
+        let Some(value) = self
+            .trees
+            .originals
+            .get(id.as_str().as_bytes())
+            .map_err(storage("reading an original photograph"))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::CorruptCase {
+            id: id.to_string(),
+            tree: Tree::Originals.name(),
+            reason,
+        };
+        let jpeg = codec::decode_original(&value).map_err(corrupt)?;
+        OriginalPhoto::from_jpeg(jpeg.to_vec())
+            .map(Some)
+            .map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Whether an original photograph is kept for this case.
+    pub fn has_original(&self, id: &CaseId) -> Result<bool, StoreError> {
+        self.trees
+            .originals
+            .contains_key(id.as_str().as_bytes())
+            .map_err(storage("reading an original photograph"))
     }
 
     /// Whether a record for this id exists on disk (even a corrupt one).

@@ -15,8 +15,10 @@ pub(crate) enum Tree {
     Changes,
     /// Case id -> adapter embedding (see `adapter_space`).
     AdapterEmbeddings,
-    /// Ids of captured cases not yet uploaded to the fleet service (empty values).
+    /// Captured case id -> the revision not yet uploaded to the fleet service.
     Outbox,
+    /// Case id -> the original photograph (JPEG) the case was made from.
+    Originals,
 }
 
 impl Tree {
@@ -28,6 +30,7 @@ impl Tree {
             Tree::Changes => "changes",
             Tree::AdapterEmbeddings => "adapter_embeddings",
             Tree::Outbox => "outbox",
+            Tree::Originals => "originals",
         }
     }
 
@@ -39,6 +42,7 @@ impl Tree {
             Tree::Changes => "opening the changes tree",
             Tree::AdapterEmbeddings => "opening the adapter embeddings tree",
             Tree::Outbox => "opening the outbox tree",
+            Tree::Originals => "opening the originals tree",
         }))
     }
 }
@@ -51,6 +55,7 @@ pub(crate) struct Trees {
     pub(crate) changes: sled::Tree,
     pub(crate) adapter_rows: sled::Tree,
     pub(crate) outbox: sled::Tree,
+    pub(crate) originals: sled::Tree,
 }
 
 impl Trees {
@@ -62,6 +67,7 @@ impl Trees {
             changes: Tree::Changes.open(db)?,
             adapter_rows: Tree::AdapterEmbeddings.open(db)?,
             outbox: Tree::Outbox.open(db)?,
+            originals: Tree::Originals.open(db)?,
         })
     }
 }

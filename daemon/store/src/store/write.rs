@@ -1,84 +1,191 @@
 //! Writes: every one is a sled transaction over the trees it touches that
 //! also bumps the write generation and logs the ids for the index cache,
 //! then a flush and an fsync, and only then the in-memory index.
+//!
+//! An insert never replaces: a case id names one case across a fleet, so an
+//! id that is stored already is refused, and a change to a stored case is an
+//! explicit [`CaseStore::update`] that stores the next revision.
 
-use sled::transaction::ConflictableTransactionResult;
+use std::collections::HashSet;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use tracing::{debug, warn};
 
 use super::error::{io_error, storage, transaction, StoreError};
+use super::trees::Tree;
 use super::{header, CaseStore};
-use crate::case::{Case, CaseId, CaseSource};
+use crate::case::{Case, CaseId, CaseSource, OriginalPhoto};
 use crate::codec;
 
+/// One case to write and, optionally, the photograph it was made from.
+#[derive(Clone, Copy, Debug)]
+pub struct CaseWrite<'a> {
+    pub case: &'a Case,
+    /// `None` keeps whatever original is stored (none, for a new case).
+    pub original: Option<&'a OriginalPhoto>,
+}
+
+impl<'a> From<&'a Case> for CaseWrite<'a> {
+    fn from(case: &'a Case) -> Self {
+        Self {
+            case,
+            original: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Every id must be new.
+    Insert,
+    /// Every id must be stored; each case is stored as its next revision.
+    Update,
+}
+
+/// Why a write transaction gave up without writing.
+enum Refusal {
+    Exists(String),
+    Missing(String),
+    Corrupt(String, String),
+}
+
 impl CaseStore {
-    /// Adds or replaces one case. Returns only after the case is flushed to
-    /// disk: `Ok` means it survives a crash or power cut from then on.
+    /// Adds one new case. Returns only after the case is flushed to disk:
+    /// `Ok` means it survives a crash from then on. An id that is stored
+    /// already is refused with [`StoreError::CaseExists`]; use
+    /// [`CaseStore::update`] to change a case.
     pub fn insert(&self, case: &Case) -> Result<(), StoreError> {
         self.insert_batch(std::slice::from_ref(case))
     }
 
-    /// Adds or replaces several cases atomically, with one flush. Every case
-    /// is validated first, so one bad case writes nothing.
+    /// Adds several new cases atomically, with one flush. Every case is
+    /// validated first, and if any id is stored already (or repeats within
+    /// the batch), nothing is written.
     pub fn insert_batch(&self, cases: &[Case]) -> Result<(), StoreError> {
-        if cases.is_empty() {
-            return Ok(());
+        let writes: Vec<CaseWrite<'_>> = cases.iter().map(CaseWrite::from).collect();
+        self.write_cases(&writes, Mode::Insert).map(|_| ())
+    }
+
+    /// [`CaseStore::insert_batch`], keeping each case's original photograph
+    /// where one is given, in the same transaction.
+    pub fn insert_with_originals(&self, writes: &[CaseWrite<'_>]) -> Result<(), StoreError> {
+        self.write_cases(writes, Mode::Insert).map(|_| ())
+    }
+
+    /// Stores a changed case (re-labelled, confirmed, re-embedded) as the
+    /// next revision of the stored one and returns that revision. The
+    /// case's own `revision`, `created_at_ms` and `device_id` are ignored:
+    /// the stored ones are kept and the revision bumped, so concurrent
+    /// writers cannot move a case backwards. A captured case re-enters the
+    /// outbox at its new revision. Refused with [`StoreError::NoSuchCase`]
+    /// when the id is not stored.
+    pub fn update(&self, write: CaseWrite<'_>) -> Result<u64, StoreError> {
+        let revisions = self.write_cases(&[write], Mode::Update)?;
+        Ok(revisions.first().copied().unwrap_or(1))
+    }
+
+    fn write_cases(&self, writes: &[CaseWrite<'_>], mode: Mode) -> Result<Vec<u64>, StoreError> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut encoded = Vec::with_capacity(cases.len());
-        for case in cases {
-            let invalid = |source| StoreError::InvalidCase {
-                id: case.id.to_string(),
-                source,
-            };
+        let mut seen = HashSet::with_capacity(writes.len());
+        let mut encoded = Vec::with_capacity(writes.len());
+        for write in writes {
+            let case = write.case;
             case.validate(&self.identity.model_id, self.identity.embedding_dim)
-                .map_err(invalid)?;
-            let record = codec::encode_case(case).map_err(|reason| StoreError::Storage {
-                op: "encoding a case",
-                detail: reason,
-            })?;
-            encoded.push((case.id.as_str(), record, codec::encode_embedding(case)));
+                .map_err(|source| StoreError::InvalidCase {
+                    id: case.id.to_string(),
+                    source,
+                })?;
+            if !seen.insert(case.id.as_str()) {
+                return Err(StoreError::DuplicateInBatch {
+                    id: case.id.to_string(),
+                });
+            }
+            let original = write.original.map(|o| codec::encode_original(o.jpeg()));
+            encoded.push((case, codec::encode_embedding(case), original));
         }
-        let ids: Vec<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        let ids: Vec<&str> = writes.iter().map(|w| w.case.id.as_str()).collect();
         let change = codec::encode_change(&ids);
         let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let generation = state.generation + 1;
-        let captured: Vec<&str> = cases
-            .iter()
-            .filter(|c| c.source == CaseSource::Captured)
-            .map(|c| c.id.as_str())
-            .collect();
-        (
-            &self.trees.cases,
-            &self.trees.embeddings,
-            &self.trees.meta,
-            &self.trees.changes,
-            &self.trees.outbox,
+        let trees = &self.trees;
+        let stored_cases = (
+            &trees.cases,
+            &trees.embeddings,
+            &trees.meta,
+            &trees.changes,
+            &trees.outbox,
+            &trees.originals,
         )
-            .transaction(|(c, e, m, ch, o)| -> ConflictableTransactionResult<()> {
-                for (key, record, row) in &encoded {
-                    c.insert(key.as_bytes(), record.as_slice())?;
-                    e.insert(key.as_bytes(), row.as_slice())?;
-                }
-                // A capture enters the outbox with the case itself, so no
-                // acknowledged capture can miss its upload.
-                for key in &captured {
-                    o.insert(key.as_bytes(), &[])?;
+            .transaction(|(c, e, m, ch, o, orig)| {
+                let abort = |r| Err(ConflictableTransactionError::Abort(r));
+                let mut stored = Vec::with_capacity(encoded.len());
+                for (case, row, original) in &encoded {
+                    let key = case.id.as_str().as_bytes();
+                    let previous = c.get(key)?;
+                    let mut case = (*case).clone();
+                    match (mode, previous) {
+                        (Mode::Insert, Some(_)) => {
+                            return abort(Refusal::Exists(case.id.to_string()))
+                        }
+                        (Mode::Insert, None) => {}
+                        (Mode::Update, None) => {
+                            return abort(Refusal::Missing(case.id.to_string()))
+                        }
+                        (Mode::Update, Some(previous)) => {
+                            let previous = match codec::decode_case(&previous) {
+                                Ok(previous) => previous,
+                                Err(why) => {
+                                    return abort(Refusal::Corrupt(case.id.to_string(), why))
+                                }
+                            };
+                            case.revision = previous.revision.saturating_add(1);
+                            case.created_at_ms = previous.created_at_ms;
+                            case.device_id = previous.device_id;
+                        }
+                    }
+                    let record = match codec::encode_case(&case) {
+                        Ok(record) => record,
+                        Err(why) => return abort(Refusal::Corrupt(case.id.to_string(), why)),
+                    };
+                    c.insert(key, record)?;
+                    e.insert(key, row.as_slice())?;
+                    if let Some(original) = original {
+                        orig.insert(key, original.as_slice())?;
+                    }
+                    // A capture enters the outbox with the case itself, so no
+                    // acknowledged capture (or change to one) misses its upload.
+                    if case.source == CaseSource::Captured {
+                        o.insert(key, &codec::encode_outbox_revision(case.revision))?;
+                    }
+                    stored.push(case);
                 }
                 m.insert(header::KEY_GENERATION, &generation.to_le_bytes())?;
                 ch.insert(&generation.to_be_bytes(), change.as_slice())?;
-                Ok(())
+                Ok(stored)
             })
-            .map_err(transaction("writing cases"))?;
+            .map_err(|e| match e {
+                TransactionError::Abort(Refusal::Exists(id)) => StoreError::CaseExists { id },
+                TransactionError::Abort(Refusal::Missing(id)) => StoreError::NoSuchCase { id },
+                TransactionError::Abort(Refusal::Corrupt(id, reason)) => StoreError::CorruptCase {
+                    id,
+                    tree: Tree::Cases.name(),
+                    reason,
+                },
+                TransactionError::Storage(e) => storage("writing cases")(e),
+            })?;
         // Committed in sled's memory: even if the flush fails, sled may
         // persist it, so the next write must use the next generation.
         state.generation = generation;
-        if let Err(e) = self.flush("flushing inserted cases") {
+        if let Err(e) = self.flush("flushing written cases") {
             state.index_matches_sled = false;
             return Err(e);
         }
         // Only now may searches see the cases: a hit is always a durable case.
         let mut index = self.write_index()?;
-        for case in cases {
+        for case in &stored_cases {
             if let Err(e) = index.upsert(case.id.clone(), &case.embedding, &codec::tags_of(case)) {
                 state.index_matches_sled = false;
                 return Err(e.into());
@@ -86,9 +193,9 @@ impl CaseStore {
             state.corrupt.remove(case.id.as_str());
         }
         drop(index);
-        self.forget_adapter_embeddings(cases.iter().map(|c| &c.id))?;
-        debug!(cases = cases.len(), generation, "cases inserted");
-        Ok(())
+        self.forget_adapter_embeddings(stored_cases.iter().map(|c| &c.id))?;
+        debug!(cases = stored_cases.len(), generation, "cases written");
+        Ok(stored_cases.iter().map(|c| c.revision).collect())
     }
 
     /// Deletes a case; `Ok(false)` if it was not there. Flushed before returning.
@@ -102,14 +209,16 @@ impl CaseStore {
             &self.trees.meta,
             &self.trees.changes,
             &self.trees.outbox,
+            &self.trees.originals,
         )
-            .transaction(|(c, e, m, ch, o)| -> ConflictableTransactionResult<bool> {
+            .transaction(|(c, e, m, ch, o, orig)| {
                 let had_case = c.remove(id.as_str().as_bytes())?.is_some();
                 let had_row = e.remove(id.as_str().as_bytes())?.is_some();
                 o.remove(id.as_str().as_bytes())?;
+                orig.remove(id.as_str().as_bytes())?;
                 m.insert(header::KEY_GENERATION, &generation.to_le_bytes())?;
                 ch.insert(&generation.to_be_bytes(), change.as_slice())?;
-                Ok(had_case || had_row)
+                Ok::<_, ConflictableTransactionError<()>>(had_case || had_row)
             })
             .map_err(transaction("removing a case"))?;
         state.generation = generation;

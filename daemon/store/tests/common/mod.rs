@@ -73,5 +73,33 @@ pub fn make_case(id: &str, dim: usize) -> Case {
         created_at_ms: 1_700_000_000_000 + rng.below(1_000_000),
         updated_at_ms: 1_700_000_000_000 + rng.below(1_000_000),
         label_confirmed: rng.below(4) != 0,
+        device_id: None,
+        revision: 1,
     }
+}
+
+/// A real JPEG of `width` x `height` (a gradient), as a camera would give.
+pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+        .encode_image(&image)
+        .expect("encoding a test JPEG");
+    out
+}
+
+/// A small JPEG whose frame header claims `width` x `height`: what a
+/// hostile or broken upload looks like to the pixel cap.
+pub fn jpeg_header_claiming(width: u16, height: u16) -> Vec<u8> {
+    let mut bytes = jpeg(16, 16);
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline JPEG has an SOF0 marker");
+    // SOF0: marker, length (2), precision (1), height (2), width (2).
+    bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    bytes
 }
