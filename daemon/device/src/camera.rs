@@ -13,7 +13,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use v4l::buffer::{Flags as BufferFlags, Type as BufferType};
@@ -25,6 +25,7 @@ use v4l::video::Capture;
 use v4l::{Device, Format, FourCC};
 
 use crate::capture::{CaptureError, Frame, FrameSource};
+use crate::clock::{self, Clock};
 use crate::decode::{decode_mjpeg, yuyv_to_rgb};
 
 /// Driver buffers: one being decoded, the rest filling, so a slow decode
@@ -114,6 +115,7 @@ pub struct V4l2Source {
     sequence: u64,
     backoff: Duration,
     next_attempt: Instant,
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for V4l2Source {
@@ -147,14 +149,25 @@ impl V4l2Source {
     /// trying on later calls with the reopen backoff: for a daemon that may
     /// start before the camera is plugged in or enumerated.
     pub fn waiting_for(config: CameraConfig) -> Self {
+        let clock = clock::monotonic();
         Self {
             backoff: config.reopen_backoff_min,
             config,
             session: None,
             negotiated: None,
             sequence: 0,
-            next_attempt: Instant::now(),
+            next_attempt: clock.now(),
+            clock,
         }
+    }
+
+    /// Times the reopen backoff by `clock` instead of the monotonic clock
+    /// (frame timestamps stay the real time of capture). A reopen is due
+    /// at once.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.next_attempt = clock.now();
+        self.clock = clock;
+        self
     }
 
     /// The format the driver granted at the last successful (re)open, if
@@ -169,8 +182,11 @@ impl V4l2Source {
 
     /// Waits out the backoff, then tries once to open the camera again.
     fn reopen(&mut self) -> Result<(), CaptureError> {
-        if let Some(wait) = self.next_attempt.checked_duration_since(Instant::now()) {
-            thread::sleep(wait);
+        let wait = self
+            .next_attempt
+            .saturating_duration_since(self.clock.now());
+        if !wait.is_zero() {
+            self.clock.sleep(wait);
         }
         match Session::open(&self.config) {
             Ok(session) => {
@@ -181,7 +197,7 @@ impl V4l2Source {
                 Ok(())
             }
             Err(error) => {
-                self.next_attempt = Instant::now() + self.backoff;
+                self.next_attempt = self.clock.now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(self.config.reopen_backoff_max);
                 Err(error)
             }
@@ -191,7 +207,7 @@ impl V4l2Source {
     /// Drops the session and schedules a reopen after `delay`.
     fn close_session(&mut self, delay: Duration) {
         self.session = None;
-        self.next_attempt = Instant::now() + delay;
+        self.next_attempt = self.clock.now() + delay;
     }
 }
 

@@ -8,6 +8,10 @@
 //! | [`Light`] | [`GpioLight`]: the LED ring on an output pin | [`LoggingLight`]: logs its state |
 //! | [`Display`] | [`FramebufferDisplay`] (`/dev/fb0`) or [`SpiPanelDisplay`] (ST7789/ILI9341) | [`PngSnapshotDisplay`]: PNG files; [`InMemoryDisplay`]: the last screen in memory |
 //!
+//! Replay pacing and the camera's reopen backoff read the time from a
+//! [`Clock`]: the monotonic clock unless `with_clock` hands in another, such
+//! as the [`ManualClock`] tests use to check them without sleeping.
+//!
 //! Every driver compiles on every Linux target (x86_64 and aarch64). Real
 //! drivers fail at construction, with a typed error saying what to fix, on a
 //! machine that lacks their hardware: [`TriggerError::Unavailable`] and
@@ -43,6 +47,7 @@
 
 mod camera;
 mod capture;
+mod clock;
 mod control_socket;
 mod decode;
 mod display;
@@ -55,6 +60,7 @@ mod trigger;
 
 pub use camera::{CameraConfig, NegotiatedFormat, PixelEncoding, V4l2Source};
 pub use capture::{CaptureError, Frame, FrameSource};
+pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use control_socket::ControlSocketTrigger;
 pub use decode::{decode_mjpeg, yuyv_to_rgb, MAX_FRAME_SIDE};
 pub use display::{Display, DisplayError, InMemoryDisplay, PresentedScreens, Screen};

@@ -3,12 +3,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image::ImageFormat;
 
 use crate::capture::{CaptureError, Frame, FrameSource};
+use crate::clock::{self, Clock};
 use crate::decode::decode_bounded;
 
 /// Plays the JPEG and PNG files of a folder as camera frames: in file-name
@@ -25,6 +26,7 @@ pub struct ReplaySource {
     sequence: u64,
     period: Duration,
     next_due: Instant,
+    clock: Arc<dyn Clock>,
 }
 
 impl ReplaySource {
@@ -62,14 +64,24 @@ impl ReplaySource {
         }
         images.sort();
         tracing::info!(images = images.len(), fps, "replay camera ready");
+        let clock = clock::monotonic();
         Ok(Self {
             folder,
             images,
             position: 0,
             sequence: 0,
             period: Duration::from_secs_f64(1.0 / fps),
-            next_due: Instant::now(),
+            next_due: clock.now(),
+            clock,
         })
+    }
+
+    /// Paces frames by `clock` instead of the monotonic clock; the first
+    /// frame is due at once.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.next_due = clock.now();
+        self.clock = clock;
+        self
     }
 
     /// Number of images in one loop.
@@ -86,11 +98,12 @@ impl ReplaySource {
     /// frame drops the backlog instead of bursting to catch up, as a camera
     /// would.
     fn pace(&mut self) -> Instant {
-        let now = Instant::now();
-        if let Some(wait) = self.next_due.checked_duration_since(now) {
-            thread::sleep(wait);
+        let now = self.clock.now();
+        let wait = self.next_due.saturating_duration_since(now);
+        if !wait.is_zero() {
+            self.clock.sleep(wait);
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         self.next_due += self.period;
         if self.next_due + self.period < now {
             self.next_due = now + self.period;

@@ -5,14 +5,15 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dermascope_device::{
     decode_mjpeg, yuyv_to_rgb, ButtonConfig, CameraConfig, CaptureError, ControlSocketTrigger,
     Display, DisplayError, FrameSource, FramebufferDisplay, GpioButtons, GpioLight,
-    InMemoryDisplay, Light, LightError, LoggingLight, PngSnapshotDisplay, ReplaySource,
-    ScriptedTrigger, SpiPanelConfig, SpiPanelDisplay, Trigger, TriggerError, TriggerEvent,
-    V4l2Source,
+    InMemoryDisplay, Light, LightError, LoggingLight, ManualClock, PngSnapshotDisplay,
+    ReplaySource, ScriptedTrigger, SpiPanelConfig, SpiPanelDisplay, Trigger, TriggerError,
+    TriggerEvent, V4l2Source,
 };
 use image::{ImageFormat, Rgb, RgbImage};
 
@@ -85,8 +86,11 @@ fn replay_paces_frames_at_the_set_rate() {
     let dir = replay_folder();
     let fps = 50.0;
     let period = Duration::from_secs_f64(1.0 / fps);
-    let start = Instant::now();
-    let mut source = ReplaySource::open(dir.path(), fps).unwrap();
+    let clock = ManualClock::new();
+    let t0 = clock.start();
+    let mut source = ReplaySource::open(dir.path(), fps)
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
     let mut delivered = Vec::new();
     for _ in 0..6 {
         match source.next_frame() {
@@ -96,14 +100,27 @@ fn replay_paces_frames_at_the_set_rate() {
         }
     }
     assert_eq!(delivered.len(), 4);
-    // Frame k is never released before k periods have passed (a lower
-    // bound only: sleeping guarantees it, however loaded the machine).
-    for (sequence, captured_at) in delivered {
-        assert!(
-            captured_at.duration_since(start) >= period * sequence as u32,
-            "frame {sequence} came early"
+    // Frame k is released exactly k periods after the first (the corrupt
+    // c.png takes its turn too), and only by waiting for it.
+    for (sequence, captured_at) in &delivered {
+        assert_eq!(
+            *captured_at - t0,
+            period * *sequence as u32,
+            "frame {sequence}"
         );
     }
+    assert_eq!(clock.sleeps(), vec![period; 5]);
+
+    // A consumer busy for ten periods gets the next frame at once, and the
+    // one after a period later: the backlog is dropped, not burst out.
+    clock.advance(period * 10);
+    let late = clock.start() + clock.elapsed();
+    let frame = source.next_frame().unwrap();
+    assert_eq!((frame.sequence, frame.captured_at), (6, late));
+    assert_eq!(clock.sleeps().len(), 5, "no wait when late");
+    let frame = source.next_frame().unwrap();
+    assert_eq!((frame.sequence, frame.captured_at), (7, late + period));
+    assert_eq!(clock.sleeps()[5..], [period]);
 }
 
 #[test]
@@ -228,19 +245,33 @@ fn v4l2_source_waiting_for_an_absent_camera_backs_off_between_attempts() {
     let mut config = CameraConfig::new(absent_path("/dev/video"));
     config.reopen_backoff_min = Duration::from_millis(20);
     config.reopen_backoff_max = Duration::from_millis(40);
-    let mut camera = V4l2Source::waiting_for(config);
+    let clock = ManualClock::new();
+    let mut camera = V4l2Source::waiting_for(config).with_clock(Arc::new(clock.clone()));
     assert!(camera.negotiated().is_none());
     assert!(camera.describe().contains("not opened yet"));
-    let start = Instant::now();
+    let ms = Duration::from_millis;
+    // Each attempt happens after the wait before it: the first at once,
+    // then 20, 40 and 40 ms (doubling, capped), so a caller looping on
+    // next_frame cannot spin.
+    let mut attempts = Vec::new();
     for _ in 0..4 {
         assert!(matches!(
             camera.next_frame(),
             Err(CaptureError::NotFound { .. })
         ));
+        attempts.push(clock.elapsed());
     }
-    // First attempt at once, then waits of 20, 40 and 40 ms (doubling, capped):
-    // a caller looping on next_frame cannot spin. A lower bound only.
-    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert_eq!(attempts, [ms(0), ms(20), ms(60), ms(100)]);
+    assert_eq!(clock.sleeps(), [ms(20), ms(40), ms(40)]);
+    // A caller that was away longer than the backoff is not made to wait.
+    clock.advance(ms(500));
+    assert!(camera.next_frame().is_err());
+    assert_eq!(clock.sleeps().len(), 3);
+    assert_eq!(clock.elapsed(), ms(600));
+    // Nor is one that comes back part-way: it waits only the rest.
+    clock.advance(ms(15));
+    assert!(camera.next_frame().is_err());
+    assert_eq!(clock.sleeps()[3..], [ms(25)]);
 }
 
 #[test]
