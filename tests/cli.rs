@@ -3,24 +3,15 @@
 //!
 //! The photographs here are synthetic lesions drawn by the test itself, so
 //! these tests never depend on `../shared/data/derm`; the evaluation test
-//! that does say SKIPPED where it is absent.
+//! that does is a counted skip where it is absent (`dermascope_testkit`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use image::{Rgb, RgbImage};
 
-fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn bundle() -> PathBuf {
-    let dir = workspace_root().join("models/dist/sklesion-xception");
-    assert!(
-        dir.join("manifest.toml").is_file(),
-        "run models/build first"
-    );
-    dir
+    dermascope_testkit::bundle_dir()
 }
 
 fn dermascope(args: &[&str]) -> Output {
@@ -267,16 +258,10 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
 
 #[test]
 fn evaluation_of_every_method_on_real_dermoscopy() {
-    let derm = std::env::var_os("DERMASCOPE_DERM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/data/derm"));
-    if !derm.join("labels.csv").is_file() {
-        eprintln!(
-            "SKIPPED evaluation_of_every_method_on_real_dermoscopy: {} is absent",
-            derm.display()
-        );
+    let Some(derm) = dermascope_testkit::derm_data("evaluation_of_every_method_on_real_dermoscopy")
+    else {
         return;
-    }
+    };
     // A small, fixed slice keeps the test quick: every 20th row.
     let dir = tempfile::tempdir().unwrap();
     let all = std::fs::read_to_string(derm.join("labels.csv")).unwrap();
@@ -312,8 +297,15 @@ fn evaluation_of_every_method_on_real_dermoscopy() {
     let references = json["references"].as_u64().unwrap();
     assert!(queries >= 30 && references >= 120, "{json}");
     let p1 = json["retrieval"][0]["precision_at"]["1"].as_f64().unwrap();
-    // Seven classes: chance is about 0.2 here; a working encoder is far above.
-    assert!(p1 > 0.35, "precision@1 {p1}\n{out}");
+    // This slice (every 20th row, split seed 1: 42 queries, 167 references)
+    // is not the full data's 0.855: raw p@1 is 28/42 = 0.667 with the int8
+    // encoder (the default on CPUs with int8 dot products) and 27/42 = 0.643
+    // with fp32 (the default elsewhere), the same on every run. One query is
+    // 0.024. The variants' embeddings differ by cosine 0.998 and that flips
+    // one query; kernels of one variant on other CPUs differ far less (float
+    // order, about 1e-6). The bound passes 26/42 and fails 25/42: one query
+    // under fp32's figure. Chance over seven classes is about 0.2.
+    assert!(p1 > 0.6, "precision@1 {p1}\n{out}");
     let methods = json["methods"].as_array().unwrap();
     // raw and adapter-space kNN (k=1; 5 and 10 majority and weighted), the
     // adapter itself, and adapter + kNN.
@@ -322,9 +314,19 @@ fn evaluation_of_every_method_on_real_dermoscopy() {
         .iter()
         .find(|m| m["method"] == "adapter prediction")
         .unwrap();
+    // The full data's 0.890 is not this slice's: at the default adapter seed
+    // (7) it reaches 0.871 (int8 encoder) and 0.824 (fp32), the same on every
+    // run; seeds 1, 2, 3, 5 and 11 give 0.781 to 0.879 over both variants,
+    // which is what a legitimate change to training's randomness moves it by.
+    // Balanced accuracy averages seven recalls over supports of 1 to 12 here,
+    // so one query moves it by 0.012 to 0.143: the bound sits under the
+    // lowest of those twelve runs, by less than one akiec query (0.048), and
+    // a miss on a single-query class (df, vasc; never missed in those runs)
+    // fails it.
+    let balanced_accuracy = adapter["balanced_accuracy"].as_f64().unwrap();
     assert!(
-        adapter["balanced_accuracy"].as_f64().unwrap() > 0.3,
-        "{out}"
+        balanced_accuracy > 0.75,
+        "adapter balanced accuracy {balanced_accuracy}\n{out}"
     );
     assert!(adapter["expected_calibration_error"].as_f64().is_some());
     let attributes: Vec<&str> = json["breakdowns"]
