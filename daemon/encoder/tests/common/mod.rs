@@ -1,48 +1,11 @@
-//! Locating the model bundle and the shared dermoscopy folder from a test.
+//! Helpers of the encoder's tests: the testkit's paths, raw f32 files, cosine.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub fn workspace_root() -> PathBuf {
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    while !dir.join("Cargo.lock").exists() && !dir.join(".git").exists() {
-        if !dir.pop() {
-            return PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        }
-    }
-    dir
-}
-
-/// The default bundle. Tests that need it fail (not skip) when it is absent:
-/// the test command builds it first, so absence is a real defect.
-pub fn bundle_dir() -> PathBuf {
-    let dir = std::env::var_os("DERMASCOPE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models/dist/sklesion-xception"));
-    assert!(
-        dir.join("manifest.toml").is_file(),
-        "no encoder bundle at {}: run `models/build` (scripts/test does) first",
-        dir.display()
-    );
-    dir
-}
-
-/// `../shared/data/derm` beside the checkout, or `$DERMASCOPE_DERM_DATA`.
-/// `None` (and a loud SKIPPED line) where it is absent.
-pub fn derm_data(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("DERMASCOPE_DERM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/data/derm"));
-    if dir.join("labels.csv").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED {test}: dermoscopy data not found at {} (set DERMASCOPE_DERM_DATA)",
-            dir.display()
-        );
-        None
-    }
-}
+// Where the bundle and the shared data are, and counted skips, live in the
+// workspace's testkit; only the encoder's own tensor helpers stay here.
+pub use dermascope_testkit::bundle_dir;
 
 pub fn read_f32_le(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
