@@ -290,7 +290,11 @@ fn is_raspberry_pi() -> bool {
 #[test]
 fn gpio_off_a_raspberry_pi_is_unavailable_with_a_fix() {
     if is_raspberry_pi() {
-        println!("SKIPPED: this is a Raspberry Pi, GPIO may really be there");
+        dermascope_testkit::skip(
+            "gpio_off_a_raspberry_pi_is_unavailable_with_a_fix",
+            dermascope_testkit::Need::Hardware,
+            "this is a Raspberry Pi, GPIO may really be there",
+        );
         return;
     }
     match GpioButtons::open(&ButtonConfig::new(17)) {
@@ -309,7 +313,11 @@ fn gpio_off_a_raspberry_pi_is_unavailable_with_a_fix() {
 #[test]
 fn spi_panel_without_spi_is_unavailable() {
     if Path::new("/dev/spidev0.0").exists() {
-        println!("SKIPPED: this machine has /dev/spidev0.0");
+        dermascope_testkit::skip(
+            "spi_panel_without_spi_is_unavailable",
+            dermascope_testkit::Need::Hardware,
+            "this machine has /dev/spidev0.0",
+        );
         return;
     }
     match SpiPanelDisplay::open(SpiPanelConfig::st7789_240x240()) {
