@@ -11,30 +11,14 @@ const SAMPLE: usize = 200;
 /// (about 10 px on a 640 px frame), a clearly missed focus.
 const HEAVY_BLUR_FRACTION: f32 = 0.015;
 
-fn derm_images() -> Option<PathBuf> {
-    let root = std::env::var_os("DERMASCOPE_DERM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../../shared/data/derm"
-            ))
-        });
-    let images = root.join("images");
-    if images.is_dir() {
-        Some(images)
-    } else {
-        println!(
-            "SKIPPED: ../shared/data/derm not found (looked in {})",
-            root.display()
-        );
-        None
-    }
-}
-
 #[test]
 fn real_dermoscopy_passes_and_blurred_copies_are_refused() {
-    let Some(dir) = derm_images() else { return };
+    let Some(data) =
+        dermascope_testkit::derm_data("real_dermoscopy_passes_and_blurred_copies_are_refused")
+    else {
+        return;
+    };
+    let dir = data.join("images");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
