@@ -104,6 +104,13 @@ impl CaseId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// What a log line names a case by: a short checksum of the id, stable
+    /// across runs. Reference ids are often file names, and a clinic's file
+    /// names can hold patient names, so ids themselves are never logged.
+    pub fn log_tag(&self) -> String {
+        format!("{:08x}", crc32fast::hash(self.0.as_bytes()))
+    }
 }
 
 impl TryFrom<String> for CaseId {

@@ -103,16 +103,10 @@ pub(super) fn check_or_write_header(
             expected: FORMAT_VERSION,
         });
     }
-    let model = read(KEY_MODEL)?.ok_or_else(|| bad("model id missing"))?;
-    let store_model =
-        String::from_utf8(model.to_vec()).map_err(|_| bad("model id is not UTF-8"))?;
-    let dim = read(KEY_DIM)?.ok_or_else(|| bad("embedding dimension missing"))?;
-    let dim: [u8; 8] = dim
-        .as_ref()
-        .try_into()
-        .map_err(|_| bad("embedding dimension is not 8 bytes"))?;
-    let store_dim = usize::try_from(u64::from_le_bytes(dim))
-        .map_err(|_| bad("embedding dimension does not fit this machine"))?;
+    let StoreIdentity {
+        model_id: store_model,
+        embedding_dim: store_dim,
+    } = read_identity(meta, path)?;
     if store_model != identity.model_id || store_dim != identity.embedding_dim {
         return Err(StoreError::ModelMismatch {
             path: path.to_path_buf(),
@@ -128,4 +122,27 @@ pub(super) fn check_or_write_header(
         .try_into()
         .map_err(|_| bad("write generation is not 8 bytes"))?;
     Ok(u64::from_le_bytes(generation))
+}
+
+/// The encoder identity recorded in a store's header.
+pub(super) fn read_identity(meta: &sled::Tree, path: &Path) -> Result<StoreIdentity, StoreError> {
+    let read = |key: &str| meta.get(key).map_err(storage("reading the store header"));
+    let bad = |reason: &str| StoreError::BadHeader {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    };
+    let model = read(KEY_MODEL)?.ok_or_else(|| bad("model id missing"))?;
+    let store_model =
+        String::from_utf8(model.to_vec()).map_err(|_| bad("model id is not UTF-8"))?;
+    let dim = read(KEY_DIM)?.ok_or_else(|| bad("embedding dimension missing"))?;
+    let dim: [u8; 8] = dim
+        .as_ref()
+        .try_into()
+        .map_err(|_| bad("embedding dimension is not 8 bytes"))?;
+    let store_dim = usize::try_from(u64::from_le_bytes(dim))
+        .map_err(|_| bad("embedding dimension does not fit this machine"))?;
+    Ok(StoreIdentity {
+        model_id: store_model,
+        embedding_dim: store_dim,
+    })
 }

@@ -35,6 +35,31 @@ pub struct OpenOptions {
 }
 
 impl CaseStore {
+    /// The encoder identity of the store at `path`, without opening its
+    /// index; `None` where no store exists. For tools that must decide which
+    /// encoder a store needs (re-embedding, updates) before opening it.
+    pub fn identity_at(path: impl AsRef<Path>) -> Result<Option<StoreIdentity>, StoreError> {
+        let path = path.as_ref();
+        // sled creates a database wherever it is opened: look before opening.
+        if !path.join("conf").is_file() {
+            return Ok(None);
+        }
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(storage("opening the store"))?;
+        let meta = db
+            .open_tree(Tree::Meta.name())
+            .map_err(storage("opening the meta tree"))?;
+        if meta.is_empty() {
+            return Err(StoreError::NotACaseStore {
+                path: path.to_path_buf(),
+            });
+        }
+        super::header::read_identity(&meta, path).map(Some)
+    }
+
     /// Opens (or creates) the store at `path` for the encoder `identity`,
     /// keeping both the f32 and the int8 rows in memory.
     pub fn open(path: impl AsRef<Path>, identity: StoreIdentity) -> Result<Self, StoreError> {

@@ -1,0 +1,362 @@
+//! Moving a case library to another encoder.
+//!
+//! # Guarantees
+//! - **The library switches in one atomic step.** Cases are re-embedded
+//!   from their original photographs into a staging store beside the
+//!   library (`<dir>.reembed`); only when every case is done are the two
+//!   directories swapped with one `renameat2(RENAME_EXCHANGE)`, so the
+//!   library's path holds the complete old store or the complete new one,
+//!   never a mix, whenever the process dies.
+//! - **Resumable.** Each batch is flushed before the next begins; a rerun
+//!   after a kill skips the cases the staging store already holds.
+//! - **Nothing is dropped silently.** A case without an original (or whose
+//!   original no longer decodes) cannot be re-embedded: it is listed in the
+//!   report, and the old store, with every case, is kept beside the library
+//!   as `<dir>.previous-<old model id>` after the switch, never deleted.
+//!
+//! # Limits
+//! Adapter embeddings are not carried over: an adapter belongs to one
+//! encoder, so a new one is trained (`dermascope adapter train`) after the
+//! switch. The daemon must not hold the store open meanwhile (sled's lock
+//! refuses a second opener with an error naming the store).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dermascope_encoder::{decode_rgb, DecodeBudget, Encoder};
+use dermascope_store::{
+    Case, CaseId, CaseStore, CaseWrite, OpenOptions, OriginalPhoto, Residency, StoreError,
+    StoreIdentity,
+};
+use thiserror::Error;
+use tracing::{info, warn};
+
+/// Cases embedded between two flushes: a kill costs at most this many.
+const BATCH: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum ReembedError {
+    #[error("no case store at {path}: nothing to re-embed")]
+    NoStore { path: PathBuf },
+    #[error("case store at {path}: {source}")]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error(
+        "switching {library} to the re-embedded store failed: {source}; the library is unchanged"
+    )]
+    Switch {
+        library: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the library is switched to the new encoder, but keeping the old store as {previous} \
+         failed: {source}; it is still at {staging}: move it there by hand"
+    )]
+    KeepPrevious {
+        staging: PathBuf,
+        previous: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReembedOutcome {
+    /// The library already belonged to this encoder (an earlier run
+    /// switched it); only left-overs were tidied.
+    AlreadyCurrent,
+    /// Every case with an original is re-embedded and the library switched.
+    Switched,
+    /// Stopped by the caller between two flushed batches; rerun to finish.
+    Interrupted,
+    /// `dry_run`: counted, nothing written.
+    DryRun,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReembedReport {
+    pub outcome: ReembedOutcome,
+    pub from_model: String,
+    pub to_model: String,
+    /// Cases in the library when the run began.
+    pub cases: usize,
+    /// Re-embedded by this run.
+    pub reembedded: usize,
+    /// Found re-embedded by an earlier, interrupted run.
+    pub resumed: usize,
+    /// Cases kept only in the previous store: no original photograph.
+    pub without_original: Vec<CaseId>,
+    /// Cases kept only in the previous store: the original would not
+    /// decode or embed, with the reason.
+    pub unreadable: Vec<(CaseId, String)>,
+    /// Where the old store is kept after the switch.
+    pub previous: Option<PathBuf>,
+    pub elapsed_s: f64,
+}
+
+/// Progress after each flushed batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReembedProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Options of a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReembedOptions {
+    /// Count what would be re-embedded; write nothing.
+    pub dry_run: bool,
+}
+
+/// The staging store beside `library`.
+pub fn staging_dir(library: &Path) -> PathBuf {
+    sibling(library, ".reembed")
+}
+
+fn sibling(library: &Path, suffix: &str) -> PathBuf {
+    let mut name = library
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "cases".into());
+    name.push(suffix);
+    library.with_file_name(name)
+}
+
+/// A model id as part of a directory name.
+fn path_safe(model_id: &str) -> String {
+    model_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Re-embeds the library at `library` with `encoder` and switches it over
+/// (see the module's guarantees). `progress` is called after each flushed
+/// batch; returning `ControlFlow::Break` stops the run there, resumable.
+pub fn reembed(
+    library: &Path,
+    encoder: &Encoder,
+    options: ReembedOptions,
+    mut progress: impl FnMut(ReembedProgress) -> ControlFlow<()>,
+) -> Result<ReembedReport, ReembedError> {
+    let started = Instant::now();
+    let target = StoreIdentity {
+        model_id: encoder.model_id().to_owned(),
+        embedding_dim: encoder.dim(),
+    };
+    let store_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ReembedError::Store { path, source }
+    };
+    let current = CaseStore::identity_at(library)
+        .map_err(store_error(library))?
+        .ok_or_else(|| ReembedError::NoStore {
+            path: library.to_path_buf(),
+        })?;
+    let staging = staging_dir(library);
+    let mut report = ReembedReport {
+        outcome: ReembedOutcome::AlreadyCurrent,
+        from_model: current.model_id.clone(),
+        to_model: target.model_id.clone(),
+        cases: 0,
+        reembedded: 0,
+        resumed: 0,
+        without_original: Vec::new(),
+        unreadable: Vec::new(),
+        previous: None,
+        elapsed_s: 0.0,
+    };
+    // A staging store of another encoder is either an earlier switch's old
+    // store (killed before it was renamed) or an abandoned run: both are
+    // kept, as a previous store, never deleted.
+    if let Some(staged) = CaseStore::identity_at(&staging).map_err(store_error(&staging))? {
+        if staged != target && !options.dry_run {
+            report.previous = Some(keep_previous(&staging, library, &staged.model_id)?);
+        }
+    }
+    if current == target {
+        report.elapsed_s = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+
+    let old = CaseStore::open_with(
+        library,
+        current.clone(),
+        OpenOptions {
+            residency: Residency::Int8,
+            no_cache_on_close: true,
+        },
+    )
+    .map_err(store_error(library))?;
+    let ids = old.ids().map_err(store_error(library))?;
+    report.cases = ids.len();
+    if options.dry_run {
+        for id in &ids {
+            if !old.has_original(id).map_err(store_error(library))? {
+                report.without_original.push(id.clone());
+            }
+        }
+        report.outcome = ReembedOutcome::DryRun;
+        report.elapsed_s = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let staged = CaseStore::open_with(
+        &staging,
+        target.clone(),
+        OpenOptions {
+            residency: Residency::Int8,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(store_error(&staging))?;
+    info!(
+        cases = ids.len(),
+        from = %current.model_id,
+        to = %target.model_id,
+        "re-embedding the case library"
+    );
+    let mut batch: Vec<(Case, OriginalPhoto)> = Vec::with_capacity(BATCH);
+    let mut done = 0;
+    for id in &ids {
+        done += 1;
+        if staged.contains(id).map_err(store_error(&staging))? {
+            report.resumed += 1;
+        } else {
+            match reembed_case(&old, id, encoder).map_err(store_error(library))? {
+                Embedded::Case(case, original) => batch.push((*case, original)),
+                Embedded::NoOriginal => report.without_original.push(id.clone()),
+                Embedded::Unreadable(reason) => {
+                    warn!(case = %id.log_tag(), %reason, "original not re-embedded");
+                    report.unreadable.push((id.clone(), reason));
+                }
+                Embedded::Gone => {}
+            }
+        }
+        if batch.len() == BATCH || done == ids.len() {
+            flush(&staged, &mut batch).map_err(store_error(&staging))?;
+            if progress(ReembedProgress {
+                done,
+                total: ids.len(),
+            })
+            .is_break()
+            {
+                report.outcome = ReembedOutcome::Interrupted;
+                report.elapsed_s = started.elapsed().as_secs_f64();
+                return Ok(report);
+            }
+        }
+    }
+    report.reembedded = staged.len().map_err(store_error(&staging))? - report.resumed;
+    drop(old);
+    drop(staged);
+    switch(library, &staging)?;
+    report.previous = Some(keep_previous(&staging, library, &current.model_id)?);
+    report.outcome = ReembedOutcome::Switched;
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    info!(
+        reembedded = report.reembedded,
+        resumed = report.resumed,
+        without_original = report.without_original.len(),
+        unreadable = report.unreadable.len(),
+        "case library switched to the new encoder"
+    );
+    Ok(report)
+}
+
+enum Embedded {
+    Case(Box<Case>, OriginalPhoto),
+    NoOriginal,
+    Unreadable(String),
+    /// Removed between listing and reading.
+    Gone,
+}
+
+fn reembed_case(old: &CaseStore, id: &CaseId, encoder: &Encoder) -> Result<Embedded, StoreError> {
+    let Some(original) = old.original(id)? else {
+        return Ok(Embedded::NoOriginal);
+    };
+    let Some(mut case) = old.get(id)? else {
+        return Ok(Embedded::Gone);
+    };
+    let embedding = decode_rgb(original.jpeg(), DecodeBudget::default())
+        .and_then(|photo| encoder.embed_rgb(&photo));
+    match embedding {
+        Ok(embedding) => {
+            case.embedding = embedding.into_values();
+            case.model_id = encoder.model_id().to_owned();
+            Ok(Embedded::Case(Box::new(case), original))
+        }
+        Err(e) => Ok(Embedded::Unreadable(e.to_string())),
+    }
+}
+
+fn flush(staged: &CaseStore, batch: &mut Vec<(Case, OriginalPhoto)>) -> Result<(), StoreError> {
+    let writes: Vec<CaseWrite<'_>> = batch
+        .iter()
+        .map(|(case, original)| CaseWrite {
+            case,
+            original: Some(original),
+        })
+        .collect();
+    staged.insert_with_originals(&writes)?;
+    batch.clear();
+    Ok(())
+}
+
+/// Swaps the library and the staging store in one step, then makes the
+/// swap durable by syncing their directory.
+fn switch(library: &Path, staging: &Path) -> Result<(), ReembedError> {
+    let failed = |source| ReembedError::Switch {
+        library: library.to_path_buf(),
+        source,
+    };
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        library,
+        rustix::fs::CWD,
+        staging,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(|e| failed(e.into()))?;
+    sync_parent(library).map_err(failed)
+}
+
+/// Renames the old store (now at `staging`) to a free
+/// `<library>.previous-<model>` name.
+fn keep_previous(staging: &Path, library: &Path, model_id: &str) -> Result<PathBuf, ReembedError> {
+    let base = format!(".previous-{}", path_safe(model_id));
+    let mut previous = sibling(library, &base);
+    let mut n = 2;
+    while previous.exists() {
+        previous = sibling(library, &format!("{base}-{n}"));
+        n += 1;
+    }
+    std::fs::rename(staging, &previous)
+        .and_then(|()| sync_parent(library))
+        .map_err(|source| ReembedError::KeepPrevious {
+            staging: staging.to_path_buf(),
+            previous: previous.clone(),
+            source,
+        })?;
+    Ok(previous)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
+}
