@@ -168,7 +168,9 @@ impl Analyzer {
                 .store
                 .search(&embedding, self.top_k, &filter, self.raw_score),
         }
-        .map_err(|e| format!("The case library could not be searched ({e})."))?;
+        // What to do first: the screen cuts a long text, and the detail is
+        // also in the log.
+        .map_err(|e| format!("Restart the device; if it repeats, call service. ({e})"))?;
         timings.search_ms = ms(started.elapsed());
 
         let started = Instant::now();

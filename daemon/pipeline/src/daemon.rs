@@ -91,19 +91,29 @@ pub fn screen_label(screen: &Screen) -> String {
 /// Confirmed captures go to disk here, so the loop never waits for a flush.
 struct CaseWriter {
     queue: Option<Sender<(Case, Option<Vec<f32>>)>>,
+    /// Captures the writer could not store, as the screen should explain
+    /// them: the loop shows them at its next tick.
+    failures: Receiver<String>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl CaseWriter {
     fn start(analyzer: Arc<Analyzer>) -> std::io::Result<Self> {
         let (queue, cases) = mpsc::channel();
+        let (failed, failures) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("case-writer".into())
-            .spawn(move || write_cases(&analyzer, cases))?;
+            .spawn(move || write_cases(&analyzer, cases, &failed))?;
         Ok(Self {
             queue: Some(queue),
+            failures,
             thread: Some(thread),
         })
+    }
+
+    /// What to tell the clinician about a capture that was not stored.
+    fn next_failure(&self) -> Option<String> {
+        self.failures.try_recv().ok()
     }
 
     fn submit(&self, case: Case, adapter_embedding: Option<Vec<f32>>) {
@@ -125,13 +135,26 @@ impl CaseWriter {
     }
 }
 
-fn write_cases(analyzer: &Analyzer, cases: Receiver<(Case, Option<Vec<f32>>)>) {
+fn write_cases(
+    analyzer: &Analyzer,
+    cases: Receiver<(Case, Option<Vec<f32>>)>,
+    failed: &Sender<String>,
+) {
     for (case, adapter_embedding) in cases {
         let id = case.id.clone();
         match analyzer.store.insert(&case) {
             Ok(()) => info!(case = %id.as_str(), "capture stored as a case"),
             Err(e) => {
                 error!(case = %id.as_str(), error = %e, "capture could not be stored");
+                let what_to_fix = if e.is_disk_full() {
+                    "The device's storage is full, so this capture was not kept; earlier cases \
+                     are safe. Call service to free space."
+                } else {
+                    "This capture was not kept; earlier cases are safe. Restart the device; if \
+                     it repeats, call service."
+                };
+                // The loop is gone only when shutting down; the log has it.
+                let _ = failed.send(what_to_fix.to_string());
                 continue;
             }
         }
@@ -193,6 +216,13 @@ impl Daemon {
         let mut last_live = Instant::now();
         loop {
             supervisor.alive();
+            if let Some(what_to_fix) = writer.next_failure() {
+                let screen = Screen::Error {
+                    title: "Capture not saved".into(),
+                    what_to_fix,
+                };
+                self.show(&screen, &mut summary.screens)?;
+            }
             if shutdown.load(Ordering::Relaxed) {
                 info!("shutdown requested");
                 return Ok(());
