@@ -254,6 +254,70 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
         err.contains("was embedded by model") && err.contains("dermascope ingest"),
         "{err}"
     );
+    assert!(err.contains("dermascope reembed --store"), "{err}");
+}
+
+/// The way out the mismatch error names: `dermascope reembed` moves a
+/// library ingested with its originals to another encoder, after which the
+/// new encoder's commands work on it and the old store is kept beside it.
+#[test]
+fn reembed_moves_a_library_to_another_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = synthetic_library(dir.path(), 2);
+    let images = dir.path().join("images");
+    let store = dir.path().join("store");
+    let other = dir.path().join("other-bundle");
+    std::fs::create_dir(&other).unwrap();
+    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
+    std::fs::write(
+        other.join("manifest.toml"),
+        manifest.replace("model_id = \"", "model_id = \"other-"),
+    )
+    .unwrap();
+    for file in ["encoder-fp32.onnx", "encoder-int8.onnx"] {
+        std::os::unix::fs::symlink(bundle().join(file), other.join(file)).unwrap();
+    }
+    let other_arg = ["--bundle", other.to_str().unwrap()];
+    let mut extra = vec!["--keep-originals"];
+    extra.extend_from_slice(&other_arg);
+    let ingested = ingest(&images, &labels, &store, &extra);
+    assert!(ingested.status.success(), "{:?}", text(&ingested));
+    let store_arg = store.to_str().unwrap();
+
+    let dry = dermascope(&["reembed", "--store", store_arg, "--dry-run"]);
+    let (out, err) = text(&dry);
+    assert!(dry.status.success(), "{err}");
+    assert!(out.contains("6 would be re-embedded"), "{out}");
+
+    let moved = dermascope(&["reembed", "--store", store_arg, "--json"]);
+    let (out, err) = text(&moved);
+    assert!(moved.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["outcome"], "switched", "{report}");
+    assert_eq!(report["reembedded"], 6, "{report}");
+    assert!(report["from_model"].as_str().unwrap().starts_with("other-"));
+    let previous = report["previous"].as_str().unwrap();
+    assert!(Path::new(previous).join("conf").is_file(), "{previous}");
+
+    // The default encoder now finds the same photograph first.
+    let query = images.join("SYN_1001.jpg");
+    let search = dermascope(&[
+        "search",
+        query.to_str().unwrap(),
+        "-k",
+        "1",
+        "--store",
+        store_arg,
+    ]);
+    let (out, err) = text(&search);
+    assert!(search.status.success(), "{err}");
+    assert!(out.contains("SYN_1001") && out.contains("1.000"), "{out}");
+    let again = dermascope(&["reembed", "--store", store_arg]);
+    assert!(
+        text(&again).0.contains("nothing to do"),
+        "{:?}",
+        text(&again)
+    );
 }
 
 #[test]

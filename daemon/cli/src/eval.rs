@@ -28,9 +28,9 @@ use dermascope_store::{
 use serde::Serialize;
 
 use crate::adapter::{train_and_install, TrainingArgs};
-use crate::ingest::ingest;
-use crate::labels::{read_labels, LabelledImage};
+use crate::ingest::ingest_with_progress;
 use crate::{open_store_at, EncoderArgs};
+use dermascope_library::{read_labels, IngestOptions, LabelledImage};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -507,13 +507,16 @@ pub(crate) fn embedded_rows(
                 .join("\n")
         );
     }
-    let summary = ingest(
+    let summary = ingest_with_progress(
         store,
         encoder,
         images,
         &file.rows,
-        CaseSource::Reference,
-        workers,
+        IngestOptions {
+            source: CaseSource::Reference,
+            workers: usize::from(workers),
+            keep_originals: false,
+        },
     )?;
     let rejected = file.rejected.len() + summary.rejected.len();
     if rejected > 0 {

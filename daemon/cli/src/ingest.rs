@@ -1,27 +1,17 @@
-//! `dermascope ingest`: labelled photographs into the case store.
-//!
-//! Resumable: rows whose case is already stored are skipped, so a run that
-//! was interrupted (or killed) is finished by running it again. Cases are
-//! written in small batches and each batch is acknowledged only once flushed.
+//! `dermascope ingest`: labelled photographs into the case store (the work
+//! is `dermascope_library::ingest`; this is its command line).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use clap::Args;
-use dermascope_encoder::{decode_rgb, DecodeBudget, Encoder};
-use dermascope_store::{Case, CaseMetadata, CaseSource, CaseStore, Residency};
-use image::codecs::jpeg::JpegEncoder;
+use dermascope_encoder::Encoder;
+use dermascope_library::{ingest, read_labels, IngestOptions, IngestSummary, LabelledImage};
+use dermascope_store::{CaseSource, CaseStore, Residency};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::labels::{read_labels, LabelledImage, RejectedRow};
 use crate::{open_store, EncoderArgs, StoreArgs};
-
-/// Cases per flush: small enough that a kill loses little work, large enough
-/// that fsync does not dominate.
-const BATCH: usize = 16;
-const THUMBNAIL_SIDE: u32 = 96;
 
 #[derive(Args, Debug)]
 pub struct IngestArgs {
@@ -34,6 +24,11 @@ pub struct IngestArgs {
     /// Where these cases come from.
     #[arg(long, value_enum, default_value_t = SourceArg::Reference)]
     source: SourceArg,
+    /// Keep each photograph with its case (as JPEG), so the library can be
+    /// re-embedded by another encoder (`dermascope reembed`); costs about
+    /// the photographs' own size on disk.
+    #[arg(long)]
+    keep_originals: bool,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -57,13 +52,6 @@ impl From<SourceArg> for CaseSource {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct IngestSummary {
-    pub ingested: usize,
-    pub already_stored: usize,
-    pub rejected: Vec<RejectedRow>,
-}
-
 pub fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
     // Parallelism comes from embedding several photographs at once, one
     // thread each, rather than from splitting one photograph's products.
@@ -71,13 +59,16 @@ pub fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
     // Ingest never scores: the smallest copy keeps the index current.
     let store = open_store(&args.store, &encoder, Residency::Int8)?;
     let labels = read_labels(&args.labels)?;
-    let mut summary = ingest(
+    let mut summary = ingest_with_progress(
         &store,
         &encoder,
         &args.images,
         &labels.rows,
-        args.source.into(),
-        args.encoder.threads,
+        IngestOptions {
+            source: args.source.into(),
+            workers: usize::from(args.encoder.threads),
+            keep_originals: args.keep_originals,
+        },
     )?;
     let mut rejected = labels.rejected;
     rejected.append(&mut summary.rejected);
@@ -95,147 +86,27 @@ pub fn run(args: &IngestArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Embeds and stores every row not yet in `store`. A failed write (a full
-/// disk) stops the run with an error; every batch written before it stays.
-pub fn ingest(
+/// [`ingest`] with a progress bar on stderr.
+pub fn ingest_with_progress(
     store: &CaseStore,
     encoder: &Encoder,
     images: &Path,
     rows: &[LabelledImage],
-    source: CaseSource,
-    workers: u16,
+    options: IngestOptions,
 ) -> anyhow::Result<IngestSummary> {
-    let mut summary = IngestSummary::default();
-    let mut todo = Vec::new();
-    for row in rows {
-        if store.contains(&row.case_id)? {
-            summary.already_stored += 1;
-        } else {
-            todo.push(row);
-        }
-    }
-    if todo.is_empty() {
-        return Ok(summary);
-    }
-    let progress = ProgressBar::new(todo.len() as u64);
+    let progress = ProgressBar::hidden();
     progress.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {per_sec}  eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let started = Instant::now();
-    let workers = usize::from(workers.max(1));
-    for batch in todo.chunks(BATCH) {
-        let outcomes = embed_in_parallel(encoder, images, batch, source, workers);
-        let mut cases = Vec::with_capacity(batch.len());
-        for (row, outcome) in batch.iter().zip(outcomes) {
-            match outcome {
-                Ok(case) => cases.push(case),
-                Err(reason) => summary.rejected.push(RejectedRow {
-                    line: row.line,
-                    image: row.image.clone(),
-                    reason,
-                }),
-            }
+    let summary = ingest(store, encoder, images, rows, options, |p| {
+        if progress.is_hidden() {
+            progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         }
-        store
-            .insert_batch(&cases)
-            .context("writing cases to the store (cases written before this batch are safe)")?;
-        summary.ingested += cases.len();
-        progress.inc(batch.len() as u64);
-    }
-    progress.finish_and_clear();
-    tracing::info!(
-        ingested = summary.ingested,
-        rejected = summary.rejected.len(),
-        seconds = started.elapsed().as_secs_f64(),
-        "ingest finished"
-    );
-    Ok(summary)
-}
-
-/// tract's plan is shared between threads; each image runs single-threaded,
-/// which uses both cores better than splitting one image's matrix products.
-fn embed_in_parallel(
-    encoder: &Encoder,
-    images: &Path,
-    batch: &[&LabelledImage],
-    source: CaseSource,
-    workers: usize,
-) -> Vec<Result<Case, String>> {
-    let per_worker = batch.len().div_ceil(workers).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = batch
-            .chunks(per_worker)
-            .map(|rows| {
-                scope.spawn(move || {
-                    rows.iter()
-                        .map(|row| case_from_row(encoder, images, row, source))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err("embedding thread panicked".to_string())])
-            })
-            .collect()
-    })
-}
-
-fn case_from_row(
-    encoder: &Encoder,
-    images: &Path,
-    row: &LabelledImage,
-    source: CaseSource,
-) -> Result<Case, String> {
-    let path = images.join(&row.image);
-    let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("image {} not found", path.display()),
-        _ => format!("cannot read {}: {e}", path.display()),
+        progress.set_length(p.total as u64);
+        progress.set_position(p.done as u64);
+        ControlFlow::Continue(())
     })?;
-    let photo = decode_rgb(&bytes, DecodeBudget::default()).map_err(|e| e.to_string())?;
-    let embedding = encoder.embed_rgb(&photo).map_err(|e| e.to_string())?;
-    let thumbnail_jpeg = thumbnail(&photo).map_err(|e| format!("thumbnail: {e}"))?;
-    let now = now_ms();
-    Ok(Case {
-        id: row.case_id.clone(),
-        embedding: embedding.into_values(),
-        diagnosis: row.diagnosis.clone(),
-        source,
-        metadata: CaseMetadata {
-            age_years: row.age_years,
-            sex: row.sex,
-            anatomical_site: row.anatomical_site.clone(),
-            fitzpatrick_type: None,
-            note: None,
-            lesion_id: row.lesion_id.clone(),
-        },
-        thumbnail_jpeg,
-        model_id: encoder.model_id().to_string(),
-        created_at_ms: now,
-        updated_at_ms: now,
-        // Reference labels in HAM10000 are established by histopathology,
-        // follow-up, expert consensus or confocal microscopy; a row without
-        // a method is stored unconfirmed.
-        label_confirmed: row.dx_type.is_some(),
-        device_id: None,
-        revision: 1,
-    })
-}
-
-/// A small JPEG for the device's screen; the full photograph is not kept.
-pub fn thumbnail(photo: &image::RgbImage) -> Result<Vec<u8>, image::ImageError> {
-    let small =
-        image::DynamicImage::ImageRgb8(photo.clone()).thumbnail(THUMBNAIL_SIDE, THUMBNAIL_SIDE);
-    let mut jpeg = Vec::new();
-    JpegEncoder::new_with_quality(&mut jpeg, 80).encode_image(&small)?;
-    Ok(jpeg)
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    progress.finish_and_clear();
+    Ok(summary)
 }

@@ -5,8 +5,8 @@ mod adapter;
 mod embed;
 mod eval;
 mod ingest;
-mod labels;
 mod paths;
+mod reembed;
 mod run;
 mod search;
 
@@ -52,6 +52,7 @@ enum Command {
     /// Train, index and inspect the adapter classifier.
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
+    Reembed(reembed::ReembedArgs),
 }
 
 /// The case store's location.
@@ -161,6 +162,7 @@ fn main() -> ExitCode {
         Command::Adapter(command) => adapter::run(&command),
         Command::Run(args) => run::run(&args),
         Command::Press(args) => run::press(&args),
+        Command::Reembed(args) => reembed::run(&args),
     };
     match outcome {
         Ok(code) => code,

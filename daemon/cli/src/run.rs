@@ -12,9 +12,9 @@ use dermascope_pipeline::{hardware, index_adapter_space, Analyzer, Config, Daemo
 use dermascope_store::{CaseSource, Residency, ScoreKind};
 
 use crate::adapter::load_installed;
-use crate::ingest::ingest;
-use crate::labels::read_labels;
+use crate::ingest::ingest_with_progress;
 use crate::{open_store_at, paths};
+use dermascope_library::{read_labels, IngestOptions};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -111,13 +111,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             file.rows.len(),
             dir.display()
         );
-        let summary = ingest(
+        let summary = ingest_with_progress(
             &store,
             &encoder,
             &dir.join("images"),
             &file.rows,
-            CaseSource::Reference,
-            2,
+            IngestOptions {
+                source: CaseSource::Reference,
+                workers: 2,
+                keep_originals: false,
+            },
         )?;
         eprintln!(
             "library: {} cases ({} rows refused; `dermascope ingest` lists why)",

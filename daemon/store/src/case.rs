@@ -419,6 +419,15 @@ impl fmt::Debug for OriginalPhoto {
     }
 }
 
+/// Milliseconds since the Unix epoch, for `created_at_ms`/`updated_at_ms`.
+/// A clock before 1970 (a Pi without network time can start there) gives 0:
+/// timestamps are for people; nothing orders or identifies cases by them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Dimension and finiteness; shared by cases, index rows and queries.
 pub(crate) fn validate_embedding(embedding: &[f32], dim: usize) -> Result<(), CaseError> {
     if embedding.len() != dim {

@@ -72,7 +72,7 @@ mod report;
 mod store;
 
 pub use case::{
-    Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, OriginalPhoto, Sex,
+    now_ms, Case, CaseError, CaseId, CaseMetadata, CaseSource, Diagnosis, OriginalPhoto, Sex,
     MAX_CASE_ID_BYTES, MAX_DEVICE_ID_BYTES, MAX_DIAGNOSIS_CODE_BYTES, MAX_ORIGINAL_BYTES,
     MAX_ORIGINAL_PIXELS, MAX_SITE_BYTES,
 };

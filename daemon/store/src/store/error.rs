@@ -13,8 +13,10 @@ use crate::index::IndexError;
 pub enum StoreError {
     #[error(
         "store at {path} was embedded by model {store_model:?} (dim {store_dim}); this encoder is \
-         {encoder_model:?} (dim {encoder_dim}): re-run `dermascope ingest` into a new store or \
-         `dermascope reembed` this one"
+         {encoder_model:?} (dim {encoder_dim}): re-run `dermascope ingest` into a new store, or \
+         move this one to the new encoder with `dermascope reembed --store {path} --bundle \
+         <the new encoder's bundle>` (cases need their original photographs: ingest with \
+         --keep-originals)"
     )]
     ModelMismatch {
         path: PathBuf,

@@ -5,10 +5,39 @@
 //! file and rerun.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use dermascope_store::{CaseId, Diagnosis, Sex};
+use dermascope_store::{CaseId, Diagnosis, Sex, MAX_SITE_BYTES};
+use thiserror::Error;
+
+/// Why a labels file as a whole cannot be read (a bad row is a
+/// [`RejectedRow`], never this).
+#[derive(Debug, Error)]
+pub enum LabelsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is UTF-16 encoded: save it as UTF-8 (CSV UTF-8 in a spreadsheet program)")]
+    Utf16 { path: PathBuf },
+    #[error("reading the header of {path}: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: csv::Error,
+    },
+    #[error(
+        "{path} lacks the column(s) {missing}: the header must name at least image,label \
+         (and lesion_id, dx_type, age, sex, anatom_site where known); it has {columns:?}"
+    )]
+    MissingColumns {
+        path: PathBuf,
+        missing: String,
+        columns: Vec<String>,
+    },
+}
 
 /// A row that passed every check the file alone allows.
 #[derive(Debug, Clone)]
@@ -50,13 +79,20 @@ impl RejectedRow {
     }
 }
 
-pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+/// Longest field accepted in a labels file: the store's limit on sites and
+/// lesion ids, checked per row so one overlong field refuses its row alone,
+/// not the batch it would have been written in.
+const MAX_FIELD_BYTES: usize = MAX_SITE_BYTES;
+
+pub fn read_labels(path: &Path) -> Result<LabelsFile, LabelsError> {
+    let bytes = std::fs::read(path).map_err(|source| LabelsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
-        bail!(
-            "{} is UTF-16 encoded: save it as UTF-8 (CSV UTF-8 in a spreadsheet program)",
-            path.display()
-        );
+        return Err(LabelsError::Utf16 {
+            path: path.to_path_buf(),
+        });
     }
     let body = bytes.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(&bytes);
     let mut reader = csv::ReaderBuilder::new()
@@ -65,7 +101,10 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
         .from_reader(body);
     let header = reader
         .byte_headers()
-        .with_context(|| format!("reading the header of {}", path.display()))?
+        .map_err(|source| LabelsError::Header {
+            path: path.to_path_buf(),
+            source,
+        })?
         .clone();
     let columns: Vec<String> = header
         .iter()
@@ -78,13 +117,11 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
         .filter(|c| column(c).is_none())
         .collect();
     if !missing.is_empty() {
-        bail!(
-            "{} lacks the column(s) {}: the header must name at least image,label \
-             (and lesion_id, dx_type, age, sex, anatom_site where known); it has {:?}",
-            path.display(),
-            missing.join(", "),
-            columns
-        );
+        return Err(LabelsError::MissingColumns {
+            path: path.to_path_buf(),
+            missing: missing.join(", "),
+            columns,
+        });
     }
     let image_col = column("image").unwrap_or(0);
     let label_col = column("label").unwrap_or(1);
@@ -112,6 +149,10 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
         let field = |col: Option<usize>| -> Result<Option<String>, String> {
             match col.and_then(|c| record.get(c)) {
                 None => Ok(None),
+                Some(raw) if raw.len() > MAX_FIELD_BYTES => Err(format!(
+                    "a field is {} bytes; at most {MAX_FIELD_BYTES} are accepted",
+                    raw.len()
+                )),
                 Some(raw) => match std::str::from_utf8(raw) {
                     Ok("") => Ok(None),
                     Ok(text) => Ok(Some(text.to_string())),
@@ -124,6 +165,7 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
         let image = field(Some(image_col)).ok().flatten().unwrap_or_default();
         let parsed = (|| -> Result<LabelledImage, String> {
             let image = field(Some(image_col))?.ok_or("the image column is empty")?;
+            plain_file_name(&image)?;
             let label = field(Some(label_col))?.ok_or("the label column is empty")?;
             let diagnosis = Diagnosis::from_code(&label.to_ascii_lowercase()).map_err(|_| {
                 format!(
@@ -189,4 +231,62 @@ pub fn read_labels(path: &Path) -> anyhow::Result<LabelsFile> {
         }
     }
     Ok(out)
+}
+
+/// An image column names a file inside the images folder and nothing else:
+/// an absolute path or `..` would let a labels file read any file the user
+/// can read.
+fn plain_file_name(image: &str) -> Result<(), String> {
+    let mut components = Path::new(image).components();
+    match (components.next(), components.next()) {
+        (Some(std::path::Component::Normal(_)), None) if !image.contains('\\') => Ok(()),
+        _ => Err(format!(
+            "image {image:?} is not a plain file name inside the images folder"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(csv: &str) -> LabelsFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        std::fs::write(&path, csv).unwrap();
+        read_labels(&path).unwrap()
+    }
+
+    #[test]
+    fn paths_outside_the_images_folder_are_refused_row_by_row() {
+        let file = read(
+            "image,label\nok.jpg,nv\n/etc/passwd,nv\n../secret.jpg,mel\nsub/dir.jpg,nv\n..,nv\n",
+        );
+        assert_eq!(file.rows.len(), 1);
+        assert_eq!(file.rows[0].image, "ok.jpg");
+        assert_eq!(file.rejected.len(), 4);
+        for row in &file.rejected {
+            assert!(row.reason.contains("plain file name"), "{row:?}");
+        }
+    }
+
+    #[test]
+    fn an_overlong_field_refuses_its_row_only() {
+        let site = "x".repeat(2000);
+        let lesion = "L".repeat(2000);
+        let file = read(&format!(
+            "image,label,lesion_id,anatom_site\na.jpg,nv,L1,{site}\nb.jpg,nv,{lesion},back\nc.jpg,mel,L3,back\n"
+        ));
+        assert_eq!(file.rows.len(), 1);
+        assert_eq!(file.rows[0].image, "c.jpg");
+        assert_eq!(
+            file.rejected.iter().map(|r| r.line).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert!(
+            file.rejected[0].reason.contains("2000 bytes"),
+            "{:?}",
+            file.rejected
+        );
+    }
 }
