@@ -412,66 +412,185 @@ fn remove_swaps_rows_and_keeps_results_exact() {
     assert_eq!(index.tags(&id(1)).unwrap(), tags_for(7));
 }
 
+/// Whether case `x` is in the index after `step` of the writer's steps in
+/// `insert_and_delete_while_other_threads_search`: step `s` (1-based) adds
+/// case `999 + s` and, when that is even, removes case `s`.
+fn present_after(x: usize, step: usize) -> bool {
+    let inserted = x < 1000 + step;
+    let removed = x % 2 == 1 && x <= step;
+    inserted && !removed
+}
+
 #[test]
 fn insert_and_delete_while_other_threads_search() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
     let mut rng = Rng(7);
     let dim = 64;
-    let vectors = clustered(&mut rng, 3000, dim, 10);
-    let index = Arc::new(RwLock::new(build(&vectors[..1000])));
-    let sentinel = vectors[0].clone();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let vectors = Arc::new(clustered(&mut rng, 3000, dim, 10));
+    // The index and how many writer steps it holds, under one lock: a
+    // reader sees both from the same instant.
+    let index = Arc::new(RwLock::new((build(&vectors[..1000]), 0usize)));
+    // Queries from cases that are there from the start, that are removed,
+    // and that arrive later: their neighbours change as the writer goes.
+    let queries: Arc<Vec<usize>> = Arc::new(vec![0, 1, 7, 333, 999, 1001, 1500, 2222, 2999]);
+    let stop = Arc::new(AtomicBool::new(false));
+    // One more than the latest writer step each reader has searched at (0:
+    // none yet).
+    let seen: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+    let searched = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..2)
         .map(|r| {
-            let index = Arc::clone(&index);
-            let stop = Arc::clone(&stop);
-            let started = Arc::clone(&started);
-            let sentinel = sentinel.clone();
+            let (index, vectors, queries) = (
+                Arc::clone(&index),
+                Arc::clone(&vectors),
+                Arc::clone(&queries),
+            );
+            let (stop, seen, searched) =
+                (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&searched));
             std::thread::spawn(move || {
-                let mut searches = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let guard = index.read().unwrap();
-                    let kind = if r == 0 {
-                        ScoreKind::F32
-                    } else {
-                        ScoreKind::Int8
+                let kind = if r == 0 {
+                    ScoreKind::F32
+                } else {
+                    ScoreKind::Int8
+                };
+                let mut steps = std::collections::BTreeSet::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let q = queries[n % queries.len()];
+                    n += 1;
+                    let (hits, step, len) = {
+                        let guard = index.read().unwrap();
+                        let hits = guard
+                            .0
+                            .search(&vectors[q], 5, &CaseFilter::any(), kind)
+                            .unwrap();
+                        (hits, guard.1, guard.0.len())
                     };
-                    let hits = guard
-                        .search(&sentinel, 5, &CaseFilter::any(), kind)
-                        .unwrap();
-                    assert_eq!(hits.len(), 5.min(guard.len()));
-                    // The sentinel is never removed: its own embedding finds it first.
-                    assert_eq!(hits[0].id, id(0));
-                    for h in &hits {
-                        let truth = dot64(guard.embedding(&h.id).unwrap(), &sentinel);
-                        assert!((h.score as f64 - truth).abs() < 0.05);
+                    seen[r].store(step + 1, Ordering::SeqCst);
+                    searched.fetch_add(1, Ordering::SeqCst);
+                    steps.insert(step);
+                    // The snapshot this search saw, rebuilt from the writer's
+                    // known history rather than read from the index.
+                    assert_eq!(len, (0..3000).filter(|&x| present_after(x, step)).count());
+                    let mut truth: Vec<(f64, usize)> = (0..3000)
+                        .filter(|&x| present_after(x, step))
+                        .map(|x| (dot64(&vectors[x], &vectors[q]), x))
+                        .collect();
+                    truth.sort_by(|a, b| b.0.total_cmp(&a.0));
+                    assert_eq!(hits.len(), 5);
+                    for w in hits.windows(2) {
+                        assert!(w[0].score >= w[1].score, "step {step}: hits not sorted");
                     }
-                    if searches == 0 {
-                        started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let kth = truth[4].0;
+                    for (rank, h) in hits.iter().enumerate() {
+                        let x: usize = h.id.as_str()["case-".len()..].parse().unwrap();
+                        assert!(
+                            present_after(x, step),
+                            "step {step}: {x} found, but it was not in the index then"
+                        );
+                        let score = dot64(&vectors[x], &vectors[q]);
+                        match kind {
+                            // Exact: the snapshot's own top 5, in order
+                            // (up to ties within float rounding).
+                            ScoreKind::F32 => {
+                                assert!((h.score as f64 - score).abs() < 1e-4);
+                                assert!(
+                                    (score - truth[rank].0).abs() < 1e-5,
+                                    "step {step}, query {q}: rank {rank} is {x}, expected {}",
+                                    truth[rank].1
+                                );
+                            }
+                            // Approximate scores, so a near neighbour may swap
+                            // in, but never one far below the true fifth.
+                            ScoreKind::Int8 => {
+                                assert!((h.score as f64 - score).abs() < 0.02);
+                                assert!(
+                                    score > kth - 0.04,
+                                    "step {step}: {x} scores {score}, fifth {kth}"
+                                );
+                            }
+                        }
                     }
-                    searches += 1;
+                    // A present query case finds itself first.
+                    if present_after(q, step) {
+                        assert_eq!(hits[0].id, id(q), "step {step}");
+                    }
                 }
-                searches
+                steps
             })
         })
         .collect();
-    // On a loaded machine the readers may not be scheduled before the writer
-    // finishes; wait until both search, so the writes really interleave.
-    while started.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        std::thread::yield_now();
-    }
+    // Before some of the writer's steps, wait until both readers have
+    // searched the index as it is now: the writes then really interleave
+    // with searches however the threads are scheduled.
+    // A reader that failed an assertion has stopped: go on to the joins
+    // below, which report its panic, rather than wait for it forever.
+    let wait_for_readers = |step: usize| {
+        while seen.iter().any(|s| s.load(Ordering::SeqCst) <= step)
+            && !readers.iter().any(|r| r.is_finished())
+        {
+            std::thread::yield_now();
+        }
+    };
+    wait_for_readers(0);
     for (i, v) in vectors.iter().enumerate().skip(1000) {
-        let mut guard = index.write().unwrap();
-        guard.upsert(id(i), v, &tags_for(i)).unwrap();
-        if i.is_multiple_of(2) {
-            assert!(guard.remove(&id(i - 999)));
+        let step = i - 999;
+        {
+            let mut guard = index.write().unwrap();
+            guard.0.upsert(id(i), v, &tags_for(i)).unwrap();
+            if i.is_multiple_of(2) {
+                assert!(guard.0.remove(&id(i - 999)));
+            }
+            guard.1 = step;
+        }
+        if step.is_multiple_of(250) {
+            wait_for_readers(step);
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        let searches = r.join().unwrap();
-        assert!(searches > 0);
+    stop.store(true, Ordering::Relaxed);
+    // A reader's own failure first: it is the cause of any gap below.
+    let joined: Vec<_> = readers.into_iter().map(|r| r.join()).collect();
+    let mut steps_seen = Vec::new();
+    for result in joined {
+        match result {
+            Ok(steps) => steps_seen.push(steps),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
+    for steps in steps_seen {
+        // Each reader searched at the start, at every checkpoint and at the end.
+        for step in (0..=2000).step_by(250) {
+            assert!(steps.contains(&step), "no search at step {step}: {steps:?}");
+        }
+    }
+    assert!(searched.load(Ordering::SeqCst) >= 18);
+
+    // The index the writes left equals one built from scratch from the
+    // cases that should be there.
     let guard = index.read().unwrap();
-    assert_eq!(guard.len(), 1000 + 2000 - 1000);
+    let live = &guard.0;
+    assert_eq!(live.len(), 1000 + 2000 - 1000);
+    let mut fresh = FlatIndex::new(dim).unwrap();
+    for x in (0..3000).filter(|&x| present_after(x, 2000)) {
+        fresh.upsert(id(x), &vectors[x], &tags_for(x)).unwrap();
+    }
+    let mut live_ids: Vec<&CaseId> = live.ids().collect();
+    let mut fresh_ids: Vec<&CaseId> = fresh.ids().collect();
+    live_ids.sort();
+    fresh_ids.sort();
+    assert_eq!(live_ids, fresh_ids);
+    for x in fresh_ids {
+        assert_eq!(live.embedding(x), fresh.embedding(x));
+        assert_eq!(live.tags(x), fresh.tags(x));
+        assert_eq!(live.int8_step(x), fresh.int8_step(x));
+    }
+    for q in clustered(&mut rng, 20, dim, 10) {
+        for kind in [ScoreKind::F32, ScoreKind::Int8] {
+            assert_eq!(
+                live.search(&q, 10, &CaseFilter::any(), kind).unwrap(),
+                fresh.search(&q, 10, &CaseFilter::any(), kind).unwrap()
+            );
+        }
+    }
 }
