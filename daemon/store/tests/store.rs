@@ -100,7 +100,7 @@ fn cases_round_trip_through_reopen_and_are_searchable() {
         assert_eq!(store.len().unwrap(), 120);
         assert_eq!(store.get(&cases[5].id).unwrap().as_ref(), Some(&cases[5]));
     }
-    let store = CaseStore::open(dir.path(), identity(DIM)).unwrap();
+    let store = reopen(dir.path());
     assert_eq!(store.open_report().cases_indexed, 120);
     assert!(store.open_report().corrupt.is_empty());
     for case in &cases {
@@ -818,4 +818,44 @@ fn a_format_2_store_written_by_the_previous_build_migrates() {
         .expect("reopening the migrated store");
     assert_eq!(store.pending_uploads().unwrap()[0].revision, 2);
     assert_eq!(store.len().unwrap(), 4);
+}
+
+/// A store held open elsewhere is refused with a message that names what
+/// to stop, after a bounded wait (not forever, not a raw lock error).
+#[test]
+fn a_store_in_use_by_another_process_is_refused_clearly() {
+    // sled's lock is per process, so the holder must be another process:
+    // this test binary again, running this test in holder mode.
+    if let Some(dir) = std::env::var_os("HOLD_STORE") {
+        let _store = CaseStore::open(&dir, identity(DIM)).unwrap();
+        println!("holding");
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    drop(CaseStore::open(dir.path(), identity(DIM)).unwrap());
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_store_in_use_by_another_process_is_refused_clearly",
+            "--nocapture",
+        ])
+        .env("HOLD_STORE", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0,
+            "the holder exited before holding the store"
+        );
+    }
+    let refused = CaseStore::open(dir.path(), identity(DIM)).unwrap_err();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(matches!(refused, StoreError::InUse { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("dermascope run"), "{refused}");
 }

@@ -34,6 +34,11 @@ pub enum StoreError {
         found: u32,
         expected: u32,
     },
+    #[error(
+        "the case store at {path} is in use by another process (is `dermascope run` running?): \
+         stop it first"
+    )]
+    InUse { path: PathBuf },
     #[error("{path} holds data but no case-store header; it is not a Dermascope case store")]
     NotACaseStore { path: PathBuf },
     #[error("store header at {path} is unreadable: {reason}")]

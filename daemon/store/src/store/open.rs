@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -44,11 +44,7 @@ impl CaseStore {
         if !path.join("conf").is_file() {
             return Ok(None);
         }
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-            .map_err(storage("opening the store"))?;
+        let db = open_sled(path)?;
         let meta = db
             .open_tree(Tree::Meta.name())
             .map_err(storage("opening the meta tree"))?;
@@ -82,11 +78,7 @@ impl CaseStore {
                 identity.model_id, identity.embedding_dim
             )));
         }
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-            .map_err(storage("opening the store"))?;
+        let db = open_sled(&path)?;
         let trees = Trees::open(&db)?;
 
         let generation = check_or_write_header(&db, &trees, &path, &identity)?;
@@ -168,6 +160,41 @@ impl CaseStore {
 /// The cache file `open` loads for this residency. `Both` loads the f32
 /// rows and derives the int8 copy, which is cheaper than reading and
 /// checksumming a second file.
+/// How long `open` waits for sled's file lock. sled 0.34 releases it from
+/// a background thread shortly after the last handle is dropped, so a
+/// reopen in the same process (a restart of the loop, `reembed`'s switch)
+/// can find it still held for some milliseconds; another process holding
+/// it is refused once this is over.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if is_lock_held(&e) => {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::InUse {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(storage("opening the store")(e)),
+        }
+    }
+}
+
+/// sled 0.34 reports a held lock as an untyped I/O error (`ErrorKind::Other`)
+/// whose message is all that tells it apart.
+fn is_lock_held(error: &std::io::Error) -> bool {
+    error.to_string().contains("could not acquire lock")
+}
+
 pub(super) fn primary_cache(residency: Residency) -> CacheKind {
     match residency {
         Residency::Int8 => CacheKind::Int8,
