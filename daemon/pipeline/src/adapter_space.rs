@@ -31,7 +31,7 @@ pub fn index_adapter_space(
             match store.get(id) {
                 Ok(Some(case)) => embeddings.push((case.id, case.embedding)),
                 Ok(None) => {}
-                Err(e) => warn!(case = %id.as_str(), error = %e, "case skipped"),
+                Err(e) => warn!(case = %id.log_tag(), error = %e, "case skipped"),
             }
         }
         let outputs = adapter.predict_many(

@@ -222,7 +222,7 @@ impl Analyzer {
                 Ok(Some(case)) => case,
                 Ok(None) => continue, // removed since the search
                 Err(e) => {
-                    warn!(case = %hit.id.as_str(), error = %e, "match skipped");
+                    warn!(case = %hit.id.log_tag(), error = %e, "match skipped");
                     continue;
                 }
             };
@@ -231,7 +231,7 @@ impl Analyzer {
             let thumbnail = match decode_thumbnail(&case.thumbnail_jpeg) {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(case = %hit.id.as_str(), error = %e, "thumbnail unreadable");
+                    warn!(case = %hit.id.log_tag(), error = %e, "thumbnail unreadable");
                     match Thumbnail::new(1, 1, vec![128; 3]) {
                         Ok(grey) => grey,
                         Err(_) => continue,

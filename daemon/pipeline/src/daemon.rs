@@ -143,9 +143,9 @@ fn write_cases(
     for (case, adapter_embedding) in cases {
         let id = case.id.clone();
         match analyzer.store.insert(&case) {
-            Ok(()) => info!(case = %id.as_str(), "capture stored as a case"),
+            Ok(()) => info!(case = %id.log_tag(), "capture stored as a case"),
             Err(e) => {
-                error!(case = %id.as_str(), error = %e, "capture could not be stored");
+                error!(case = %id.log_tag(), error = %e, "capture could not be stored");
                 let what_to_fix = if e.is_disk_full() {
                     "The device's storage is full, so this capture was not kept; earlier cases \
                      are safe. Call service to free space."
@@ -163,7 +163,7 @@ fn write_cases(
                 .store
                 .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
             {
-                warn!(case = %id.as_str(), error = %e, "adapter embedding not stored; recomputed at next start");
+                warn!(case = %id.log_tag(), error = %e, "adapter embedding not stored; recomputed at next start");
             }
         }
     }

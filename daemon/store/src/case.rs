@@ -109,7 +109,7 @@ impl CaseId {
     /// across runs. Reference ids are often file names, and a clinic's file
     /// names can hold patient names, so ids themselves are never logged.
     pub fn log_tag(&self) -> String {
-        format!("{:08x}", crc32fast::hash(self.0.as_bytes()))
+        log_tag_of(&self.0)
     }
 }
 
@@ -417,6 +417,11 @@ impl fmt::Debug for OriginalPhoto {
             .field("bytes", &self.jpeg.len())
             .finish()
     }
+}
+
+/// [`CaseId::log_tag`] of a key that may not even be a valid id.
+pub(crate) fn log_tag_of(id: &str) -> String {
+    format!("{:08x}", crc32fast::hash(id.as_bytes()))
 }
 
 /// Milliseconds since the Unix epoch, for `created_at_ms`/`updated_at_ms`.

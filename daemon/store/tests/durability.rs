@@ -3,13 +3,22 @@
 //! Runs with its own `main` (harness = false): the same binary is re-executed
 //! as a writer child (selected by `DERMASCOPE_STORE_CHILD`) that the parent
 //! SIGKILLs, or that hits a file-size limit (EFBIG, as on a full disk).
+//!
+//! The child reports what it does, one line at a time: `write <op> <kind>
+//! [ids]` as a write or cache write starts, `ack <id>` / `rm <id>` for what
+//! it acknowledged, `done <op>` when the call returned. The parent kills it
+//! at points it picks from those reports (never after a wall-clock delay),
+//! so what is checked depends on what was acknowledged, not on how fast the
+//! machine is.
 
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use common::{identity, make_case, Rng};
@@ -19,7 +28,18 @@ const DIM: usize = 128;
 const ROLE: &str = "DERMASCOPE_STORE_CHILD";
 const DIR: &str = "DERMASCOPE_STORE_DIR";
 const RUN: &str = "DERMASCOPE_STORE_RUN";
-const CRASH_RUNS: u64 = 25;
+/// Set: the writer stops between writes once it has acknowledged this many
+/// cases, says `paused` and waits to be killed.
+const STOP_AFTER_ACKS: &str = "DERMASCOPE_STORE_STOP_AFTER_ACKS";
+const CRASH_RUNS: u64 = 27;
+/// The writer checkpoints the index cache every this many steps.
+const CHECKPOINT_EVERY: u64 = 40;
+/// Watchdog, not a measurement: a writer that reports nothing for this long
+/// has hung (a healthy one reports every few milliseconds).
+const SILENCE_WATCHDOG: Duration = Duration::from_secs(60);
+/// Watchdog, not a measurement: a writer the parent has not killed by now
+/// has lost its parent; it exits rather than write forever.
+const CHILD_WATCHDOG: Duration = Duration::from_secs(300);
 
 fn main() {
     match std::env::var(ROLE).as_deref() {
@@ -78,11 +98,33 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// Writes until killed: single inserts, batches and removals. A line is
-/// printed only after the call returned Ok, i.e. after the acknowledgement.
+/// Numbers the writes and reports them: `write` before the call, `done`
+/// after it returned Ok (and after its `ack`/`rm` lines).
+struct Reporter {
+    op: u64,
+}
+
+impl Reporter {
+    fn start(&mut self, what: &str) -> u64 {
+        self.op += 1;
+        say(&format!("write {} {what}", self.op));
+        self.op
+    }
+
+    fn done(&self, op: u64) {
+        say(&format!("done {op}"));
+    }
+}
+
+/// Writes until killed: single inserts, batches, removals and cache
+/// checkpoints. An `ack` or `rm` line is printed only after the call
+/// returned Ok, i.e. after the acknowledgement.
 fn child_ingest() {
     let dir = env_or_die(DIR);
     let run: u64 = env_or_die(RUN).parse().unwrap_or(0);
+    let stop_after: Option<usize> = std::env::var(STOP_AFTER_ACKS)
+        .ok()
+        .and_then(|n| n.parse().ok());
     let store = match CaseStore::open(&dir, identity(DIM)) {
         Ok(s) => s,
         Err(e) => {
@@ -93,76 +135,151 @@ fn child_ingest() {
     say("open");
     let mut rng = Rng(0xBAD_5EED ^ run);
     let mut mine: Vec<String> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut report = Reporter { op: 0 };
+    let mut acks = 0;
+    let watchdog = Instant::now() + CHILD_WATCHDOG;
     let mut i = 0;
-    while Instant::now() < deadline {
+    while Instant::now() < watchdog {
         i += 1;
         // Some kills must land while the index cache is being written.
-        if i % 40 == 0 {
+        if i % CHECKPOINT_EVERY == 0 {
+            let op = report.start("checkpoint");
             if let Err(e) = store.checkpoint() {
                 eprintln!("checkpoint failed: {e}");
                 std::process::exit(4);
             }
+            report.done(op);
         }
         let roll = rng.below(10);
         if roll < 6 {
             let id = format!("r{run:02}-{i:05}");
+            let op = report.start(&format!("insert {id}"));
             if let Err(e) = store.insert(&make_case(&id, DIM)) {
                 eprintln!("insert failed: {e}");
                 std::process::exit(4);
             }
             say(&format!("ack {id}"));
+            report.done(op);
+            acks += 1;
             mine.push(id);
         } else if roll < 9 {
             let n = 2 + rng.below(6);
             let batch: Vec<_> = (0..n)
                 .map(|j| make_case(&format!("r{run:02}-{i:05}-b{j}"), DIM))
                 .collect();
+            let ids: Vec<String> = batch.iter().map(|c| c.id.to_string()).collect();
+            let op = report.start(&format!("batch {}", ids.join(",")));
             if let Err(e) = store.insert_batch(&batch) {
                 eprintln!("batch insert failed: {e}");
                 std::process::exit(4);
             }
-            for case in &batch {
-                say(&format!("ack {}", case.id));
-                mine.push(case.id.to_string());
+            for id in ids {
+                say(&format!("ack {id}"));
+                acks += 1;
+                mine.push(id);
             }
+            report.done(op);
         } else if !mine.is_empty() {
             let victim = mine.swap_remove(rng.below(mine.len() as u64) as usize);
-            say(&format!("rm? {victim}"));
+            let op = report.start(&format!("remove {victim}"));
             let id = CaseId::new(victim.clone()).unwrap_or_else(|_| std::process::exit(5));
             if let Err(e) = store.remove(&id) {
                 eprintln!("remove failed: {e}");
                 std::process::exit(4);
             }
             say(&format!("rm {victim}"));
+            report.done(op);
+        }
+        if stop_after.is_some_and(|n| acks >= n) {
+            say("paused");
+            // Blocks until the parent kills us; end of input means it died.
+            let _ = std::io::stdin().read(&mut [0u8; 1]);
+            std::process::exit(7);
         }
     }
+    eprintln!("watchdog: not killed within {CHILD_WATCHDOG:?}");
     std::process::exit(6);
+}
+
+/// A write whose call had started but not returned when the writer died.
+#[derive(Debug, Clone)]
+struct InFlight {
+    op: u64,
+    kind: String,
+    ids: Vec<String>,
 }
 
 #[derive(Default)]
 struct Ledger {
     /// Acknowledged and never the target of a removal.
     present: BTreeSet<String>,
-    /// Acknowledged removals.
+    /// Acknowledged removals, and unacknowledged ones found to have landed.
     removed: BTreeSet<String>,
+    /// Writes under way when a writer died: each lands whole or not at all.
+    unsettled: Vec<InFlight>,
+}
+
+/// What one writer's report says about its run.
+#[derive(Debug, Default)]
+struct RunReport {
+    acks: usize,
+    /// The write or cache write under way when the writer died.
+    in_flight: Option<InFlight>,
+    /// Writes acknowledged since the writer opened the store or last
+    /// finished a checkpoint: what a reopen must replay onto the cache.
+    writes_since_checkpoint: u64,
+    paused: bool,
 }
 
 impl Ledger {
-    fn read(&mut self, stdout: &str) -> usize {
-        let mut acks = 0;
-        for line in stdout.lines() {
-            if let Some(id) = line.strip_prefix("ack ") {
+    fn read<'a>(&mut self, lines: impl IntoIterator<Item = &'a str>) -> RunReport {
+        let mut run = RunReport::default();
+        for line in lines {
+            if line == "open" {
+                run.writes_since_checkpoint = 0;
+            } else if line == "paused" {
+                run.paused = true;
+            } else if let Some(rest) = line.strip_prefix("write ") {
+                let mut words = rest.split(' ');
+                let op = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let kind = words.next().unwrap_or("").to_owned();
+                let ids: Vec<String> = words
+                    .next()
+                    .map(|ids| ids.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default();
+                if kind == "remove" {
+                    // Unacknowledged removal: either outcome is allowed.
+                    for id in &ids {
+                        self.present.remove(id);
+                    }
+                }
+                // A write that never said `done` failed (the full-disk
+                // writer goes on after one): it too may have landed or not.
+                if let Some(failed) = run.in_flight.replace(InFlight { op, kind, ids }) {
+                    self.unsettled.push(failed);
+                }
+            } else if let Some(id) = line.strip_prefix("ack ") {
                 self.present.insert(id.to_owned());
-                acks += 1;
-            } else if let Some(id) = line.strip_prefix("rm? ") {
-                // Unacknowledged removal: either outcome is allowed.
-                self.present.remove(id);
+                run.acks += 1;
             } else if let Some(id) = line.strip_prefix("rm ") {
                 self.removed.insert(id.to_owned());
+            } else if let Some(op) = line.strip_prefix("done ") {
+                let op: u64 = op.parse().unwrap_or(0);
+                if let Some(done) = run.in_flight.take_if(|w| w.op == op) {
+                    if done.kind == "checkpoint" {
+                        run.writes_since_checkpoint = 0;
+                    } else {
+                        run.writes_since_checkpoint += 1;
+                    }
+                }
             }
         }
-        acks
+        if let Some(w) = &run.in_flight {
+            if w.kind != "checkpoint" {
+                self.unsettled.push(w.clone());
+            }
+        }
+        run
     }
 }
 

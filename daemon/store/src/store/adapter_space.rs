@@ -71,7 +71,7 @@ impl CaseStore {
             let row = match codec::decode_adapter_row(&value) {
                 Ok(row) => row,
                 Err(reason) => {
-                    warn!(case = %id.as_str(), %reason, "unreadable adapter embedding; recomputing it");
+                    warn!(case = %id.log_tag(), %reason, "unreadable adapter embedding; recomputing it");
                     continue;
                 }
             };

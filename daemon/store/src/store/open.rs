@@ -312,7 +312,7 @@ fn load_cached(
                 .map_err(|e| e.to_string())
         });
         if let Err(reason) = pushed {
-            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            warn!(case = %crate::case::log_tag_of(id_text), %reason, "corrupt embedding row left out of the index");
             index.remove(&id);
             corrupt.insert(
                 id_text.clone(),
@@ -359,7 +359,7 @@ fn scan(
                     .map_err(|e| e.to_string())
             });
         if let Err(reason) = pushed {
-            warn!(case_id = %id_text, %reason, "corrupt embedding row left out of the index");
+            warn!(case = %crate::case::log_tag_of(&id_text), %reason, "corrupt embedding row left out of the index");
             corrupt.insert(
                 id_text.clone(),
                 CorruptEntry {
