@@ -151,10 +151,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
 
     // The display first: every later problem needs a screen to show on.
-    let display = hardware::open_display(&config)?;
-    let trigger = hardware::open_trigger(&config)?;
-    let light = hardware::open_light(&config)?;
-    let feed = hardware::start_camera(&config)?;
+    let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
+    let display = hardware::open_display(&config, &drivers)?;
+    let trigger = hardware::open_trigger(&config, &drivers)?;
+    let light = hardware::open_light(&config, &drivers)?;
+    let feed = hardware::start_camera(&config, &drivers)?;
     let analyzer = Analyzer {
         encoder,
         adapter,

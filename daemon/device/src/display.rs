@@ -79,6 +79,21 @@ impl DisplayError {
     }
 }
 
+/// What every [`Display::present`] does first, so all displays (here and
+/// in `dermascope-device-linux`) treat a screen alike: refuses a buffer
+/// that does not hold a `width` x `height` screen
+/// ([`DisplayError::BadScreen`]), then fits it to `target` as
+/// [`Display::present`] describes.
+pub fn fit_screen_to(
+    width: u32,
+    height: u32,
+    rgb: &[u8],
+    target: (u32, u32),
+) -> Result<Vec<u8>, DisplayError> {
+    check_screen(width, height, rgb)?;
+    Ok(fit_screen(width, height, rgb, target))
+}
+
 /// Checks that `rgb` holds a `width` x `height` screen.
 pub(crate) fn check_screen(width: u32, height: u32, rgb: &[u8]) -> Result<(), DisplayError> {
     let expected = width as usize * height as usize * 3;

@@ -1,23 +1,34 @@
 //! The dermatoscope's hardware behind four small traits, so the capture
 //! pipeline runs the same on the handheld and on a PC.
 //!
-//! | trait | on the device | on a PC (host) |
+//! This crate holds the traits, their errors, the host stand-ins and the
+//! settings the real drivers take; it names no hardware crate and builds
+//! on any OS (the control socket on Unix only). The real drivers are in
+//! `dermascope-device-linux`, reached through [`Drivers`]:
+//!
+//! | trait | on the device (`dermascope-device-linux`) | on a PC (host, here) |
 //! |---|---|---|
-//! | [`FrameSource`] | [`V4l2Source`]: V4L2 mmap streaming, MJPEG preferred, YUYV fallback ([`V4l2Source::open`] fails fast, [`V4l2Source::waiting_for`] waits for the camera) | [`ReplaySource`]: a folder of JPEG/PNG photographs, looped at a set rate |
-//! | [`Trigger`] | [`GpioButtons`]: debounced edge interrupts on a push button | [`ControlSocketTrigger`]: lines on a Unix socket; [`ScriptedTrigger`]: a fixed list |
-//! | [`Light`] | [`GpioLight`]: the LED ring on an output pin | [`LoggingLight`]: logs its state |
-//! | [`Display`] | [`FramebufferDisplay`] (`/dev/fb0`) or [`SpiPanelDisplay`] (ST7789/ILI9341) | [`PngSnapshotDisplay`]: PNG files; [`InMemoryDisplay`]: the last screen in memory |
+//! | [`FrameSource`] | `V4l2Source`: V4L2 mmap streaming, MJPEG preferred, YUYV fallback | [`ReplaySource`]: a folder of JPEG/PNG photographs, looped at a set rate |
+//! | [`Trigger`] | `GpioButtons`: debounced edge interrupts on a push button | [`ControlSocketTrigger`]: lines on a Unix socket; [`ScriptedTrigger`]: a fixed list |
+//! | [`Light`] | `GpioLight`: the LED ring on an output pin | [`LoggingLight`]: logs its state |
+//! | [`Display`] | `FramebufferDisplay` (`/dev/fb0`) or `SpiPanelDisplay` (ST7789/ILI9341) | [`PngSnapshotDisplay`]: PNG files; [`InMemoryDisplay`]: the last screen in memory |
+//!
+//! [`Drivers`] opens the real devices from plain settings ([`CameraConfig`],
+//! [`ButtonConfig`], [`SpiPanelConfig`]); [`NoHardware`] is the host's
+//! stand-in for it, refusing every device with what to use instead.
 //!
 //! Replay pacing and the camera's reopen backoff read the time from a
 //! [`Clock`]: the monotonic clock unless `with_clock` hands in another, such
 //! as the [`ManualClock`] tests use to check them without sleeping.
 //!
-//! Every driver compiles on every Linux target (x86_64 and aarch64). Real
-//! drivers fail at construction, with a typed error saying what to fix, on a
-//! machine that lacks their hardware: [`TriggerError::Unavailable`] and
-//! [`LightError::Unavailable`] off a Raspberry Pi,
+//! Real drivers fail at construction, with a typed error saying what to
+//! fix, on a machine that lacks their hardware: [`TriggerError::Unavailable`]
+//! and [`LightError::Unavailable`] off a Raspberry Pi,
 //! [`DisplayError::Unavailable`] without SPI, [`DisplayError::NotFound`]
 //! without a framebuffer, [`CaptureError::NotFound`] without a camera.
+//!
+//! Architecture Invariant: no dependency on a hardware crate (v4l, rppal,
+//! libc); `daemon/testkit/tests/dependency_rules.rs` checks it.
 //!
 //! # Boundaries
 //!
@@ -45,30 +56,30 @@
 //! * **Bug in the caller**: [`DisplayError::BadScreen`] (buffer size does
 //!   not match the stated size).
 
-mod camera;
 mod capture;
 mod clock;
+#[cfg(unix)]
 mod control_socket;
 mod decode;
 mod display;
-mod framebuffer;
-mod gpio;
+mod drivers;
 mod png_display;
 mod replay;
-mod spi_panel;
+mod settings;
 mod trigger;
 
-pub use camera::{CameraConfig, NegotiatedFormat, PixelEncoding, V4l2Source};
 pub use capture::{CaptureError, Frame, FrameSource};
-pub use clock::{Clock, ManualClock, MonotonicClock};
+pub use clock::{monotonic, Clock, ManualClock, MonotonicClock};
+#[cfg(unix)]
 pub use control_socket::ControlSocketTrigger;
 pub use decode::{decode_mjpeg, yuyv_to_rgb, MAX_FRAME_SIDE};
-pub use display::{Display, DisplayError, InMemoryDisplay, PresentedScreens, Screen};
-pub use framebuffer::FramebufferDisplay;
-pub use gpio::{ButtonConfig, GpioButtons, GpioLight};
+pub use display::{
+    fit_screen_to, Display, DisplayError, InMemoryDisplay, PresentedScreens, Screen,
+};
+pub use drivers::{Drivers, NoHardware};
 pub use png_display::PngSnapshotDisplay;
 pub use replay::ReplaySource;
-pub use spi_panel::{PanelController, SpiPanelConfig, SpiPanelDisplay};
+pub use settings::{ButtonConfig, CameraConfig, PanelController, SpiPanelConfig};
 pub use trigger::{
     Light, LightError, LoggingLight, ScriptedTrigger, Trigger, TriggerError, TriggerEvent,
 };

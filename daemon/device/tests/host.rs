@@ -1,19 +1,18 @@
-//! The host implementations, and the real drivers' behaviour on a machine
-//! without the hardware. Nothing here needs a camera, GPIO or a screen.
+//! The host implementations. Nothing here needs a camera, GPIO or a screen;
+//! the real drivers' tests are in `dermascope-device-linux`.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dermascope_device::{
     decode_mjpeg, yuyv_to_rgb, ButtonConfig, CameraConfig, CaptureError, ControlSocketTrigger,
-    Display, DisplayError, FrameSource, FramebufferDisplay, GpioButtons, GpioLight,
-    InMemoryDisplay, Light, LightError, LoggingLight, ManualClock, PngSnapshotDisplay,
-    ReplaySource, ScriptedTrigger, SpiPanelConfig, SpiPanelDisplay, Trigger, TriggerError,
-    TriggerEvent, V4l2Source,
+    Display, DisplayError, Drivers, FrameSource, InMemoryDisplay, Light, LightError, LoggingLight,
+    ManualClock, NoHardware, PngSnapshotDisplay, ReplaySource, ScriptedTrigger, SpiPanelConfig,
+    Trigger, TriggerError, TriggerEvent,
 };
 use image::{ImageFormat, Rgb, RgbImage};
 
@@ -221,136 +220,6 @@ fn mjpeg_frames_decode_and_corrupt_ones_are_typed() {
     assert!(decode_mjpeg(&jpeg, 10, now).is_ok());
 }
 
-fn absent_path(prefix: &str) -> PathBuf {
-    (40..1000)
-        .map(|n| PathBuf::from(format!("{prefix}{n}")))
-        .find(|path| !path.exists())
-        .unwrap()
-}
-
-#[test]
-fn v4l2_open_of_a_missing_camera_is_not_found() {
-    let device = absent_path("/dev/video");
-    match V4l2Source::open(CameraConfig::new(&device)) {
-        Err(error @ CaptureError::NotFound { .. }) => {
-            assert!(error.is_retryable());
-            assert!(error.to_string().contains(&device.display().to_string()));
-        }
-        other => panic!("expected NotFound, got {other:?}"),
-    }
-}
-
-#[test]
-fn v4l2_source_waiting_for_an_absent_camera_backs_off_between_attempts() {
-    let mut config = CameraConfig::new(absent_path("/dev/video"));
-    config.reopen_backoff_min = Duration::from_millis(20);
-    config.reopen_backoff_max = Duration::from_millis(40);
-    let clock = ManualClock::new();
-    let mut camera = V4l2Source::waiting_for(config).with_clock(Arc::new(clock.clone()));
-    assert!(camera.negotiated().is_none());
-    assert!(camera.describe().contains("not opened yet"));
-    let ms = Duration::from_millis;
-    // Each attempt happens after the wait before it: the first at once,
-    // then 20, 40 and 40 ms (doubling, capped), so a caller looping on
-    // next_frame cannot spin.
-    let mut attempts = Vec::new();
-    for _ in 0..4 {
-        assert!(matches!(
-            camera.next_frame(),
-            Err(CaptureError::NotFound { .. })
-        ));
-        attempts.push(clock.elapsed());
-    }
-    assert_eq!(attempts, [ms(0), ms(20), ms(60), ms(100)]);
-    assert_eq!(clock.sleeps(), [ms(20), ms(40), ms(40)]);
-    // A caller that was away longer than the backoff is not made to wait.
-    clock.advance(ms(500));
-    assert!(camera.next_frame().is_err());
-    assert_eq!(clock.sleeps().len(), 3);
-    assert_eq!(clock.elapsed(), ms(600));
-    // Nor is one that comes back part-way: it waits only the rest.
-    clock.advance(ms(15));
-    assert!(camera.next_frame().is_err());
-    assert_eq!(clock.sleeps()[3..], [ms(25)]);
-}
-
-#[test]
-fn v4l2_open_of_something_that_is_not_a_camera_is_unsupported() {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    match V4l2Source::open(CameraConfig::new(file.path())) {
-        Err(error @ CaptureError::Unsupported { .. }) => assert!(!error.is_retryable()),
-        other => panic!("expected Unsupported, got {other:?}"),
-    }
-}
-
-fn is_raspberry_pi() -> bool {
-    fs::read_to_string("/proc/device-tree/model").is_ok_and(|model| model.contains("Raspberry Pi"))
-}
-
-#[test]
-fn gpio_off_a_raspberry_pi_is_unavailable_with_a_fix() {
-    if is_raspberry_pi() {
-        dermascope_testkit::skip(
-            "gpio_off_a_raspberry_pi_is_unavailable_with_a_fix",
-            dermascope_testkit::Need::Hardware,
-            "this is a Raspberry Pi, GPIO may really be there",
-        );
-        return;
-    }
-    match GpioButtons::open(&ButtonConfig::new(17)) {
-        Err(TriggerError::Unavailable { reason }) => {
-            assert!(reason.contains("Raspberry Pi"), "{reason}");
-            assert!(reason.contains("control-socket"), "{reason}");
-        }
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
-    assert!(matches!(
-        GpioLight::open(18),
-        Err(LightError::Unavailable { .. })
-    ));
-}
-
-#[test]
-fn spi_panel_without_spi_is_unavailable() {
-    if Path::new("/dev/spidev0.0").exists() {
-        dermascope_testkit::skip(
-            "spi_panel_without_spi_is_unavailable",
-            dermascope_testkit::Need::Hardware,
-            "this machine has /dev/spidev0.0",
-        );
-        return;
-    }
-    match SpiPanelDisplay::open(SpiPanelConfig::st7789_240x240()) {
-        Err(DisplayError::Unavailable { reason }) => {
-            assert!(reason.contains("dtparam=spi=on"), "{reason}")
-        }
-        other => panic!("expected Unavailable, got {other:?}"),
-    }
-}
-
-#[test]
-fn framebuffer_open_explains_missing_and_wrong_devices() {
-    let device = absent_path("/dev/fb");
-    match FramebufferDisplay::open(&device) {
-        Err(DisplayError::NotFound {
-            device: reported,
-            fix,
-        }) => {
-            assert_eq!(reported, device);
-            assert!(fix.contains("overlay"), "{fix}");
-        }
-        other => panic!("expected NotFound, got {other:?}"),
-    }
-    let file = tempfile::NamedTempFile::new().unwrap();
-    match FramebufferDisplay::open(file.path()) {
-        Err(error @ DisplayError::UnsupportedFormat { .. }) => {
-            assert!(error.to_string().contains("not a framebuffer"), "{error}");
-            assert!(!error.is_retryable());
-        }
-        other => panic!("expected UnsupportedFormat, got {other:?}"),
-    }
-}
-
 fn send(socket: &Path, lines: &str) -> Vec<String> {
     let mut client = UnixStream::connect(socket).unwrap();
     client
@@ -537,4 +406,59 @@ fn in_memory_display_keeps_the_last_screen_behind_a_trait_object() {
     let last = presented.last().unwrap();
     assert_eq!((last.width, last.height), (4, 2));
     assert_eq!(last.rgb, vec![9; 24]);
+}
+
+#[test]
+fn no_hardware_refuses_every_device_with_its_typed_error_and_the_stand_in_to_use() {
+    let drivers: &dyn Drivers = &NoHardware;
+    match drivers.open_camera(&CameraConfig::new("/dev/video0")) {
+        Err(error @ CaptureError::Unsupported { .. }) => {
+            // Not retryable: the camera thread must stop asking, not spin.
+            assert!(!error.is_retryable());
+            let message = error.to_string();
+            assert!(message.contains("/dev/video0"), "{message}");
+            assert!(message.contains("replay camera"), "{message}");
+        }
+        Err(other) => panic!("expected Unsupported, got {other:?}"),
+        Ok(_) => panic!("NoHardware opened a camera"),
+    }
+    match drivers.open_buttons(&ButtonConfig::new(17)) {
+        Err(TriggerError::Unavailable { reason }) => {
+            assert!(reason.contains("control-socket"), "{reason}")
+        }
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("NoHardware opened buttons"),
+    }
+    match drivers.open_light(18) {
+        Err(LightError::Unavailable { reason }) => {
+            assert!(reason.contains("pin 18"), "{reason}")
+        }
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("NoHardware opened a light"),
+    }
+    match drivers.open_framebuffer(Path::new("/dev/fb7")) {
+        Err(DisplayError::Unavailable { reason }) => {
+            assert!(
+                reason.contains("/dev/fb7") && reason.contains("PNG display"),
+                "{reason}"
+            )
+        }
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("NoHardware opened a framebuffer"),
+    }
+    let panel = SpiPanelConfig {
+        spi_bus: 1,
+        chip_select: 2,
+        ..SpiPanelConfig::st7789_240x240()
+    };
+    match drivers.open_spi_panel(&panel) {
+        Err(DisplayError::Unavailable { reason }) => {
+            assert!(
+                reason.contains("/dev/spidev1.2") && reason.contains("PNG display"),
+                "{reason}"
+            )
+        }
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("NoHardware opened an SPI panel"),
+    }
 }

@@ -1,11 +1,19 @@
-//! Opening the configured drivers: the real ones on the device, the host
-//! stand-ins on a PC. The loop only ever sees the traits.
+//! Opening the configured drivers: the host stand-ins here, the real ones
+//! through a [`Drivers`] the caller hands in (the binary's Linux drivers on
+//! the device, [`NoHardware`] in a host build or a test). The loop only ever
+//! sees the traits.
+//!
+//! Architecture Invariant: the pipeline names no driver crate; it maps its
+//! configuration onto `dermascope-device`'s plain settings and asks
+//! [`Drivers`] for the hardware, so it builds without v4l or rppal.
+
+use std::sync::Arc;
 
 use dermascope_device::{
-    ButtonConfig, CameraConfig, ControlSocketTrigger, Display, FrameSource, FramebufferDisplay,
-    GpioButtons, GpioLight, Light, LoggingLight, PanelController, PngSnapshotDisplay, ReplaySource,
-    SpiPanelConfig, SpiPanelDisplay, Trigger, V4l2Source,
+    ButtonConfig, CameraConfig, ControlSocketTrigger, Display, FrameSource, Light, LoggingLight,
+    PanelController, PngSnapshotDisplay, ReplaySource, SpiPanelConfig, Trigger,
 };
+pub use dermascope_device::{Drivers, NoHardware};
 
 use crate::config::{CameraKind, Config, DisplayKind, PanelKind, TriggerKind};
 use crate::feed::CameraFeed;
@@ -37,7 +45,10 @@ pub enum HardwareError {
 
 /// Starts the camera thread for the configured source. An absent or busy
 /// camera is not an error here: the thread keeps trying and the screen says so.
-pub fn start_camera(config: &Config) -> Result<CameraFeed, HardwareError> {
+pub fn start_camera(
+    config: &Config,
+    drivers: &Arc<dyn Drivers>,
+) -> Result<CameraFeed, HardwareError> {
     let camera = config.camera.clone();
     let feed = match camera.source {
         CameraKind::V4l2 => {
@@ -45,8 +56,9 @@ pub fn start_camera(config: &Config) -> Result<CameraFeed, HardwareError> {
             v4l2.width = camera.width;
             v4l2.height = camera.height;
             v4l2.fps = camera.fps;
+            let drivers = Arc::clone(drivers);
             CameraFeed::start_with(format!("V4L2 {}", camera.device.display()), move || {
-                V4l2Source::open(v4l2.clone()).map(|s| Box::new(s) as Box<dyn FrameSource>)
+                drivers.open_camera(&v4l2)
             })
         }
         CameraKind::Replay => {
@@ -60,15 +72,18 @@ pub fn start_camera(config: &Config) -> Result<CameraFeed, HardwareError> {
     feed.map_err(HardwareError::Thread)
 }
 
-pub fn open_trigger(config: &Config) -> Result<Box<dyn Trigger>, HardwareError> {
+pub fn open_trigger(
+    config: &Config,
+    drivers: &Arc<dyn Drivers>,
+) -> Result<Box<dyn Trigger>, HardwareError> {
     let t = &config.trigger;
     match t.input {
         TriggerKind::Gpio => {
             let mut buttons = ButtonConfig::new(t.capture_pin);
             buttons.confirm_pin = t.confirm_pin;
             buttons.debounce = std::time::Duration::from_millis(t.debounce_ms);
-            GpioButtons::open(&buttons)
-                .map(|b| Box::new(b) as Box<dyn Trigger>)
+            drivers
+                .open_buttons(&buttons)
                 .map_err(|source| HardwareError::Trigger {
                     key: "trigger.input",
                     value: "gpio".into(),
@@ -85,16 +100,22 @@ pub fn open_trigger(config: &Config) -> Result<Box<dyn Trigger>, HardwareError> 
     }
 }
 
-pub fn open_light(config: &Config) -> Result<Box<dyn Light>, HardwareError> {
+pub fn open_light(
+    config: &Config,
+    drivers: &Arc<dyn Drivers>,
+) -> Result<Box<dyn Light>, HardwareError> {
     match config.trigger.led_pin {
-        Some(pin) => GpioLight::open(pin)
-            .map(|l| Box::new(l) as Box<dyn Light>)
+        Some(pin) => drivers
+            .open_light(pin)
             .map_err(|source| HardwareError::Light { pin, source }),
         None => Ok(Box::new(LoggingLight::new())),
     }
 }
 
-pub fn open_display(config: &Config) -> Result<Box<dyn Display>, HardwareError> {
+pub fn open_display(
+    config: &Config,
+    drivers: &Arc<dyn Drivers>,
+) -> Result<Box<dyn Display>, HardwareError> {
     let d = &config.display;
     match d.output {
         DisplayKind::Png => PngSnapshotDisplay::new(d.png_dir.clone(), d.width, d.height)
@@ -103,12 +124,14 @@ pub fn open_display(config: &Config) -> Result<Box<dyn Display>, HardwareError> 
                 output: "png",
                 source,
             }),
-        DisplayKind::Framebuffer => FramebufferDisplay::open(d.framebuffer.clone())
-            .map(|f| Box::new(f) as Box<dyn Display>)
-            .map_err(|source| HardwareError::Display {
-                output: "framebuffer",
-                source,
-            }),
+        DisplayKind::Framebuffer => {
+            drivers
+                .open_framebuffer(&d.framebuffer)
+                .map_err(|source| HardwareError::Display {
+                    output: "framebuffer",
+                    source,
+                })
+        }
         DisplayKind::Spi => {
             let mut panel = match d.panel {
                 PanelKind::St7789 => SpiPanelConfig::st7789_240x240(),
@@ -123,8 +146,8 @@ pub fn open_display(config: &Config) -> Result<Box<dyn Display>, HardwareError> 
             panel.dc_pin = d.dc_pin;
             panel.reset_pin = d.reset_pin;
             panel.backlight_pin = d.backlight_pin;
-            SpiPanelDisplay::open(panel)
-                .map(|p| Box::new(p) as Box<dyn Display>)
+            drivers
+                .open_spi_panel(&panel)
                 .map_err(|source| HardwareError::Display {
                     output: "spi",
                     source,

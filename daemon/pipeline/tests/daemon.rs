@@ -217,6 +217,49 @@ fn blurred_frames_are_refused_with_the_reason_and_not_stored() {
     assert_eq!(store.len().unwrap(), 6);
 }
 
+/// Drivers whose camera is never there: each open fails as the V4L2 driver
+/// does for a missing node (retryable `NotFound`, tested in
+/// dermascope-device-linux), so the camera thread keeps trying.
+fn absent_camera() -> Arc<dyn hardware::Drivers> {
+    use hardware::{Drivers, NoHardware};
+    struct AbsentCamera;
+    impl Drivers for AbsentCamera {
+        fn open_camera(
+            &self,
+            config: &dermascope_device::CameraConfig,
+        ) -> Result<Box<dyn FrameSource>, dermascope_device::CaptureError> {
+            Err(dermascope_device::CaptureError::NotFound {
+                device: config.device.display().to_string(),
+            })
+        }
+        fn open_buttons(
+            &self,
+            config: &dermascope_device::ButtonConfig,
+        ) -> Result<Box<dyn dermascope_device::Trigger>, dermascope_device::TriggerError> {
+            NoHardware.open_buttons(config)
+        }
+        fn open_light(
+            &self,
+            pin: u8,
+        ) -> Result<Box<dyn dermascope_device::Light>, dermascope_device::LightError> {
+            NoHardware.open_light(pin)
+        }
+        fn open_framebuffer(
+            &self,
+            device: &Path,
+        ) -> Result<Box<dyn Display>, dermascope_device::DisplayError> {
+            NoHardware.open_framebuffer(device)
+        }
+        fn open_spi_panel(
+            &self,
+            config: &dermascope_device::SpiPanelConfig,
+        ) -> Result<Box<dyn Display>, dermascope_device::DisplayError> {
+            NoHardware.open_spi_panel(config)
+        }
+    }
+    Arc::new(AbsentCamera)
+}
+
 #[test]
 fn absent_camera_is_shown_and_retried_while_the_daemon_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,7 +270,7 @@ fn absent_camera_is_shown_and_retried_while_the_daemon_keeps_running() {
         Path::new("test.toml"),
     )
     .unwrap();
-    let feed = hardware::start_camera(&config).unwrap();
+    let feed = hardware::start_camera(&config, &absent_camera()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let events = vec![TriggerEvent::Capture, TriggerEvent::Shutdown];
     let (mut daemon, _) = daemon(feed, store, encoder, events);
@@ -268,8 +311,14 @@ fn a_folder_of_corrupt_frames_gives_a_camera_problem_not_a_hang() {
 
 #[test]
 fn missing_hardware_says_what_to_change() {
+    // A build without the Linux drivers; their own errors for missing
+    // hardware are tested in dermascope-device-linux.
+    let drivers: Arc<dyn hardware::Drivers> = Arc::new(hardware::NoHardware);
     let gpio = Config::parse("[trigger]\ninput = \"gpio\"\n", Path::new("t.toml")).unwrap();
-    let err = hardware::open_trigger(&gpio).err().unwrap().to_string();
+    let err = hardware::open_trigger(&gpio, &drivers)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("input = \"socket\""), "{err}");
 
     let fb = Config::parse(
@@ -277,13 +326,19 @@ fn missing_hardware_says_what_to_change() {
         Path::new("t.toml"),
     )
     .unwrap();
-    let err = hardware::open_display(&fb).err().unwrap().to_string();
+    let err = hardware::open_display(&fb, &drivers)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("fb-not-here") && err.contains("output = \"png\""),
         "{err}"
     );
 
     let spi = Config::parse("[display]\noutput = \"spi\"\n", Path::new("t.toml")).unwrap();
-    let err = hardware::open_display(&spi).err().unwrap().to_string();
+    let err = hardware::open_display(&spi, &drivers)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("output = \"png\""), "{err}");
 }

@@ -12,7 +12,6 @@
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,49 +23,13 @@ use v4l::video::capture::Parameters;
 use v4l::video::Capture;
 use v4l::{Device, Format, FourCC};
 
-use crate::capture::{CaptureError, Frame, FrameSource};
-use crate::clock::{self, Clock};
-use crate::decode::{decode_mjpeg, yuyv_to_rgb};
+use dermascope_device::{
+    decode_mjpeg, yuyv_to_rgb, CameraConfig, CaptureError, Clock, Frame, FrameSource,
+};
 
 /// Driver buffers: one being decoded, the rest filling, so a slow decode
 /// does not make the driver drop frames immediately.
 const BUFFER_COUNT: u32 = 4;
-
-/// What to ask the camera for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CameraConfig {
-    /// Device node, e.g. `/dev/video0`.
-    pub device: PathBuf,
-    /// Requested width in pixels (the driver may grant another).
-    pub width: u32,
-    /// Requested height in pixels.
-    pub height: u32,
-    /// Requested frames per second.
-    pub fps: u32,
-    /// How long to wait for one frame before reporting
-    /// [`CaptureError::Timeout`].
-    pub frame_timeout: Duration,
-    /// Wait before the first reopen attempt after a disconnect.
-    pub reopen_backoff_min: Duration,
-    /// Ceiling of the doubling reopen backoff.
-    pub reopen_backoff_max: Duration,
-}
-
-impl CameraConfig {
-    /// 640x480 at 30 fps from `device`, 2 s frame timeout, reopen backoff
-    /// from 100 ms doubling up to 2 s.
-    pub fn new(device: impl Into<PathBuf>) -> Self {
-        Self {
-            device: device.into(),
-            width: 640,
-            height: 480,
-            fps: 30,
-            frame_timeout: Duration::from_secs(2),
-            reopen_backoff_min: Duration::from_millis(100),
-            reopen_backoff_max: Duration::from_secs(2),
-        }
-    }
-}
 
 /// Pixel encodings this driver can turn into RGB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +112,7 @@ impl V4l2Source {
     /// trying on later calls with the reopen backoff: for a daemon that may
     /// start before the camera is plugged in or enumerated.
     pub fn waiting_for(config: CameraConfig) -> Self {
-        let clock = clock::monotonic();
+        let clock = dermascope_device::monotonic();
         Self {
             backoff: config.reopen_backoff_min,
             config,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use rppal::gpio::{Gpio, OutputPin};
 use rppal::spi::{Bus, Mode, SlaveSelect, Spi};
 
-use crate::display::{check_screen, fit_screen, Display, DisplayError};
 use crate::gpio::gpio_unavailable_reason;
+use dermascope_device::{fit_screen_to, Display, DisplayError, SpiPanelConfig};
 
 /// spidev's default transfer limit (`bufsiz` module parameter).
 const SPI_CHUNK_BYTES: usize = 4096;
@@ -32,84 +32,6 @@ const MADCTL: u8 = 0x36;
 const COLMOD: u8 = 0x3A;
 /// COLMOD value for 16 bits per pixel (RGB565) on both controllers.
 const COLMOD_RGB565: u8 = 0x55;
-
-/// Panel controller chip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PanelController {
-    /// Sitronix ST7789 (240x240 and 240x320 IPS modules).
-    St7789,
-    /// Ilitek ILI9341 (320x240 TFT modules).
-    Ili9341,
-}
-
-/// How the panel is wired and set up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpiPanelConfig {
-    /// Controller chip.
-    pub controller: PanelController,
-    /// Visible width in pixels, after `madctl`'s rotation.
-    pub width: u16,
-    /// Visible height in pixels.
-    pub height: u16,
-    /// Column of the controller's memory where the visible area starts
-    /// (240x240 ST7789 modules sit inside 240x320 memory).
-    pub x_offset: u16,
-    /// Row where the visible area starts.
-    pub y_offset: u16,
-    /// Memory access control byte: rotation/mirroring and RGB/BGR order.
-    pub madctl: u8,
-    /// IPS panels show inverted colours unless inversion is switched on.
-    pub invert_colors: bool,
-    /// SPI bus number (`/dev/spidev<bus>.<chip_select>`).
-    pub spi_bus: u8,
-    /// Chip-select line of that bus.
-    pub chip_select: u8,
-    /// SPI clock in hertz.
-    pub clock_hz: u32,
-    /// BCM pin driving the panel's D/C line (low = command).
-    pub dc_pin: u8,
-    /// BCM pin driving the panel's reset line, if wired.
-    pub reset_pin: Option<u8>,
-    /// BCM pin switching the backlight, if wired (set high on open).
-    pub backlight_pin: Option<u8>,
-}
-
-impl SpiPanelConfig {
-    /// A 240x240 ST7789 IPS module (Waveshare/Adafruit 1.3"-1.54" class) on
-    /// SPI0 CE0, D/C on GPIO 25, reset on GPIO 27, backlight on GPIO 24.
-    pub fn st7789_240x240() -> Self {
-        Self {
-            controller: PanelController::St7789,
-            width: 240,
-            height: 240,
-            x_offset: 0,
-            y_offset: 0,
-            madctl: 0x00,
-            invert_colors: true,
-            spi_bus: 0,
-            chip_select: 0,
-            clock_hz: 40_000_000,
-            dc_pin: 25,
-            reset_pin: Some(27),
-            backlight_pin: Some(24),
-        }
-    }
-
-    /// A 320x240 ILI9341 module in landscape (row/column exchange, BGR
-    /// panel) on SPI0 CE0, D/C on GPIO 25, reset on GPIO 27, backlight on
-    /// GPIO 24.
-    pub fn ili9341_320x240() -> Self {
-        Self {
-            controller: PanelController::Ili9341,
-            width: 320,
-            height: 240,
-            madctl: 0x28,
-            invert_colors: false,
-            clock_hz: 32_000_000,
-            ..Self::st7789_240x240()
-        }
-    }
-}
 
 /// What the panel driver needs from the wires; the real one is SPI plus a
 /// D/C pin, the test one records.
@@ -322,8 +244,7 @@ impl Display for SpiPanelDisplay {
     }
 
     fn present(&mut self, width: u32, height: u32, rgb: &[u8]) -> Result<(), DisplayError> {
-        check_screen(width, height, rgb)?;
-        let fitted = fit_screen(width, height, rgb, self.size());
+        let fitted = fit_screen_to(width, height, rgb, self.size())?;
         write_screen(&mut self.bus, &self.config, &rgb565_be(&fitted))
     }
 }

@@ -8,31 +8,7 @@ use std::time::Duration;
 
 use rppal::gpio::{Gpio, InputPin, Level, OutputPin, Trigger as Edge};
 
-use crate::trigger::{Light, LightError, Trigger, TriggerError, TriggerEvent};
-
-/// Which pins the buttons are on (BCM numbering, not header positions).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ButtonConfig {
-    /// Button that takes a photograph; wired to ground, internal pull-up.
-    pub capture_pin: u8,
-    /// Optional second button that confirms the last capture.
-    pub confirm_pin: Option<u8>,
-    /// Presses closer together than this on one pin count once.
-    pub debounce: Duration,
-}
-
-impl ButtonConfig {
-    /// A capture button on `capture_pin`, no confirm button, 30 ms debounce
-    /// (longer than typical tactile-switch bounce, shorter than a
-    /// deliberate double press).
-    pub fn new(capture_pin: u8) -> Self {
-        Self {
-            capture_pin,
-            confirm_pin: None,
-            debounce: Duration::from_millis(30),
-        }
-    }
-}
+use dermascope_device::{ButtonConfig, Light, LightError, Trigger, TriggerError, TriggerEvent};
 
 /// Push buttons on GPIO pins, pressed = pulled to ground.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::display::{check_screen, fit_screen, Display, DisplayError};
+use dermascope_device::{fit_screen_to, Display, DisplayError};
 
 const FBIOGET_VSCREENINFO: u64 = 0x4600;
 const FBIOGET_FSCREENINFO: u64 = 0x4602;
@@ -307,8 +307,7 @@ impl Display for FramebufferDisplay {
     }
 
     fn present(&mut self, width: u32, height: u32, rgb: &[u8]) -> Result<(), DisplayError> {
-        check_screen(width, height, rgb)?;
-        let fitted = fit_screen(width, height, rgb, self.size());
+        let fitted = fit_screen_to(width, height, rgb, self.size())?;
         let bytes = self.layout.encode(&fitted);
         self.file
             .write_all_at(&bytes, self.layout.first_byte)

@@ -37,7 +37,8 @@
 
 use std::process::ExitCode;
 
-use dermascope_device::{CameraConfig, CaptureError, Frame, FrameSource, V4l2Source};
+use dermascope_device::{CameraConfig, CaptureError, Frame, FrameSource};
+use dermascope_device_linux::V4l2Source;
 
 /// Reopen attempts shown after the disconnect (each waits out the backoff).
 const NOT_FOUND_ATTEMPTS: u32 = 3;
