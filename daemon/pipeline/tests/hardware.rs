@@ -28,12 +28,13 @@ enum Asked {
 /// camera thread asks once), the rest are host stand-ins.
 struct Recording(Mutex<Sender<Asked>>);
 
-impl Recording {
-    fn new() -> (Arc<dyn Drivers>, Receiver<Asked>) {
-        let (sender, asked) = mpsc::channel();
-        (Arc::new(Recording(Mutex::new(sender))), asked)
-    }
+/// Recording drivers, and what they were asked for, in order.
+fn recording() -> (Arc<dyn Drivers>, Receiver<Asked>) {
+    let (sender, asked) = mpsc::channel();
+    (Arc::new(Recording(Mutex::new(sender))), asked)
+}
 
+impl Recording {
     fn record(&self, asked: Asked) {
         self.0.lock().unwrap().send(asked).unwrap();
     }
@@ -107,7 +108,7 @@ reset_pin = 23
 backlight_pin = 18
 "#,
     );
-    let (drivers, asked) = Recording::new();
+    let (drivers, asked) = recording();
 
     let display = hardware::open_display(&config, &drivers).unwrap();
     assert_eq!(display.size(), RECORDED_DISPLAY);
@@ -169,7 +170,7 @@ fn host_kinds_never_ask_the_drivers() {
         dir.path().join("control.sock"),
         dir.path().join("screens"),
     ));
-    let (drivers, asked) = Recording::new();
+    let (drivers, asked) = recording();
     let display = hardware::open_display(&config, &drivers).unwrap();
     assert_eq!(display.size(), (240, 240));
     hardware::open_trigger(&config, &drivers).unwrap();
