@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 use dermascope_encoder::Encoder;
-use dermascope_library::{ingest, read_labels, IngestOptions, IngestSummary, LabelledImage};
+use dermascope_library::{
+    ingest, read_labels, IngestOptions, IngestProgress, IngestSummary, LabelledImage,
+};
 use dermascope_store::{CaseSource, CaseStore, Residency};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -94,19 +96,56 @@ pub fn ingest_with_progress(
     rows: &[LabelledImage],
     options: IngestOptions,
 ) -> anyhow::Result<IngestSummary> {
-    let progress = ProgressBar::hidden();
-    progress.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {per_sec}  eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let summary = ingest(store, encoder, images, rows, options, |p| {
-        if progress.is_hidden() {
-            progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        }
-        progress.set_length(p.total as u64);
-        progress.set_position(p.done as u64);
-        ControlFlow::Continue(())
-    })?;
-    progress.finish_and_clear();
+    let mut bar = IngestBar::new();
+    let summary = ingest(store, encoder, images, rows, options, |p| bar.update(p))?;
+    bar.finish();
     Ok(summary)
+}
+
+/// Says on stderr how many rows of a labels file `eval` and `adapter train`
+/// could not use (`dermascope ingest` lists each with its reason).
+pub fn warn_unusable(labels: &Path, unusable: usize) {
+    if unusable > 0 {
+        eprintln!(
+            "{unusable} rows of {} could not be used (run `dermascope ingest` to see why)",
+            labels.display()
+        );
+    }
+}
+
+/// A progress bar on stderr for photographs being embedded, shown from the
+/// first flushed batch on (nothing is drawn when every row is stored).
+pub struct IngestBar(ProgressBar);
+
+impl Default for IngestBar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IngestBar {
+    pub fn new() -> Self {
+        let bar = ProgressBar::hidden();
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {per_sec}  eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Self(bar)
+    }
+
+    pub fn update(&mut self, p: IngestProgress) -> ControlFlow<()> {
+        if self.0.is_hidden() {
+            self.0
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        self.0.set_length(p.total as u64);
+        self.0.set_position(p.done as u64);
+        ControlFlow::Continue(())
+    }
+
+    /// Clears the bar; the next update starts a new one.
+    pub fn finish(&mut self) {
+        self.0.finish_and_clear();
+        *self = Self::new();
+    }
 }

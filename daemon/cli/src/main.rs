@@ -9,6 +9,7 @@ mod paths;
 mod reembed;
 mod run;
 mod search;
+mod training;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,10 +11,9 @@ use dermascope_encoder::{EncoderOptions, VariantChoice};
 use dermascope_pipeline::{hardware, index_adapter_space, Analyzer, Config, Daemon, Supervisor};
 use dermascope_store::{CaseSource, Residency, ScoreKind};
 
-use crate::adapter::load_installed;
 use crate::ingest::ingest_with_progress;
 use crate::{open_store_at, paths};
-use dermascope_library::{read_labels, IngestOptions};
+use dermascope_library::{load_installed, read_labels, IngestOptions};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -9,9 +9,9 @@ use clap::Args;
 use dermascope_encoder::EncoderManifest;
 use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
 
-use dermascope_pipeline::index_adapter_space;
+use dermascope_library::{index_adapter_space, load_installed};
 
-use crate::adapter::{load_installed, AdapterDirArgs};
+use crate::adapter::AdapterDirArgs;
 use crate::ingest::SourceArg;
 use crate::{open_store, paths, EncoderArgs, StoreArgs};
 

@@ -17,17 +17,19 @@
 //! * **case writer**: stores confirmed captures (flush + fsync) behind the
 //!   loop's back; shutdown waits for it.
 
-mod adapter_space;
 pub mod analysis;
 pub mod config;
 mod daemon;
 mod feed;
 pub mod hardware;
 
-pub use adapter_space::{index_adapter_space, AdapterSpaceError};
 pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 pub use config::{Config, ConfigError};
 pub use daemon::{
     screen_label, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor, LOOP_TICK,
 };
 pub use feed::{BurstError, CameraFeed, CameraHealth};
+
+// The daemon's assembly brings the adapter space up to date at start; the
+// work itself belongs to the case library.
+pub use dermascope_library::{index_adapter_space, AdapterSpaceError};
