@@ -44,7 +44,7 @@ fn old_case(i: usize) -> Case {
         id: CaseId::generate(),
         embedding: embedding.iter().map(|x| x / norm).collect(),
         diagnosis: Diagnosis::from_code(["nv", "mel", "bkl"][i % 3]).unwrap(),
-        source: if i % 2 == 0 {
+        source: if i.is_multiple_of(2) {
             CaseSource::Captured
         } else {
             CaseSource::Reference
