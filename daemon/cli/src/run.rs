@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use dermascope_encoder::{EncoderOptions, VariantChoice};
-use dermascope_pipeline::{hardware, index_adapter_space, Analyzer, Config, Daemon, Supervisor};
+use dermascope_pipeline::{
+    hardware, index_adapter_space, Analyzer, Config, Daemon, KeepOriginals, Supervisor,
+};
 use dermascope_store::{CaseSource, Residency, ScoreKind};
 
 use crate::ingest::ingest_with_progress;
@@ -118,7 +120,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             IngestOptions {
                 source: CaseSource::Reference,
                 workers: 2,
-                keep_originals: false,
+                keep_originals: config.store.keep_originals == KeepOriginals::All,
             },
         )?;
         eprintln!(
@@ -172,6 +174,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         burst: config.pipeline.burst as usize,
         camera_timeout: std::time::Duration::from_millis(config.pipeline.camera_timeout_ms),
         live_view: std::time::Duration::from_millis(config.pipeline.live_view_ms),
+        cases: dermascope_pipeline::CaseSettings {
+            device_id: Some(dermascope_pipeline::device_id(&config)?),
+            keep_originals: config.store.keep_originals != KeepOriginals::None,
+        },
     };
     let supervisor = Systemd {
         watchdog: std::env::var_os("WATCHDOG_USEC").is_some(),

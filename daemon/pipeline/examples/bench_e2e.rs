@@ -238,6 +238,7 @@ fn main() -> Result<(), String> {
         burst: 3,
         camera_timeout: Duration::from_secs(3),
         live_view: Duration::ZERO,
+        cases: dermascope_pipeline::CaseSettings::default(),
     };
     let adapter_id = daemon
         .analyzer

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use dermascope_adapter::{Adapter, AdapterOutput};
 use dermascope_device::Frame;
 use dermascope_encoder::Encoder;
+use dermascope_library::{thumbnail, thumbnail_jpeg};
 use dermascope_quality::{self as quality, QualityThresholds, RejectReason, Verdict};
 use dermascope_store::{CaseFilter, CaseStore, Diagnosis, ScoreKind, SearchHit};
 use dermascope_ui::{MatchView, PredictionView, RejectionView, ResultsView, Screen, Thumbnail};
@@ -14,8 +15,7 @@ use image::RgbImage;
 use serde::Serialize;
 use tracing::warn;
 
-/// Side of the thumbnails drawn on screen and stored with captured cases.
-pub const THUMBNAIL_SIDE: u32 = 96;
+pub use dermascope_library::THUMBNAIL_SIDE;
 
 /// Where the time of one capture went, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -49,6 +49,24 @@ pub struct CapturedLesion {
     pub thumbnail_jpeg: Vec<u8>,
     /// The adapter's suggestion, else the top match's diagnosis code.
     pub suggested_code: Option<String>,
+    /// The frame the answer came from: kept with a confirmed case as its
+    /// original photograph (encoded by the case writer, not on the way to
+    /// the screen).
+    pub frame: Arc<Frame>,
+}
+
+/// Why a chosen frame got no answer; each says what to do first (the
+/// screen cuts a long text, and the detail is also in the log).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("The camera frame has the wrong size. Restart the device.")]
+    FrameSize,
+    #[error("The encoder failed ({0}). Restart the device.")]
+    Encoder(#[from] dermascope_encoder::EncoderError),
+    #[error("Restart the device; if it repeats, call service. ({0})")]
+    Search(#[from] dermascope_store::StoreError),
+    #[error("The photograph could not be shown ({0}).")]
+    Thumbnail(#[from] dermascope_ui::ThumbnailError),
 }
 
 /// The outcome of one capture.
@@ -94,7 +112,7 @@ impl Analyzer {
                 Analysis {
                     screen: Screen::Error {
                         title: "Could not search".into(),
-                        what_to_fix: problem,
+                        what_to_fix: problem.to_string(),
                     },
                     timings: *timings,
                     capture: None,
@@ -103,7 +121,7 @@ impl Analyzer {
         }
     }
 
-    fn choose_frame<'f>(&self, frames: &'f [Arc<Frame>]) -> Result<&'f Frame, RejectionView> {
+    fn choose_frame<'f>(&self, frames: &'f [Arc<Frame>]) -> Result<&'f Arc<Frame>, RejectionView> {
         let mut views = Vec::with_capacity(frames.len());
         for frame in frames {
             match quality::Frame::new(frame.width, frame.height, &frame.rgb) {
@@ -118,31 +136,35 @@ impl Analyzer {
         if let Some(best) = quality::sharpest_accepted(&reports) {
             return Ok(&frames[best]);
         }
-        // Every frame refused: tell the clinician the commonest reason.
-        let mut counts = [0usize; 4];
-        for report in &reports {
-            if let Verdict::Reject(reason) = report.verdict {
-                counts[reason_index(reason)] += 1;
-            }
-        }
-        let commonest = (0..4).max_by_key(|&i| counts[i]).unwrap_or(3);
-        Err(match commonest {
-            0 => RejectionView::TooDark,
-            1 => RejectionView::TooBright,
-            2 => RejectionView::NoLesion,
-            _ => RejectionView::Blurry,
-        })
+        // Every frame refused: tell the clinician the commonest reason (on
+        // a tie the later one in this order, blur last: it is the usual one).
+        let order = [
+            RejectReason::TooDark,
+            RejectReason::TooBright,
+            RejectReason::NoLesion,
+            RejectReason::Blurry,
+        ];
+        let commonest = order
+            .into_iter()
+            .max_by_key(|reason| {
+                reports
+                    .iter()
+                    .filter(|r| r.verdict == Verdict::Reject(*reason))
+                    .count()
+            })
+            .unwrap_or(RejectReason::Blurry);
+        Err(rejection_view(commonest))
     }
 
-    fn answer(&self, frame: &Frame, timings: &mut StageTimings) -> Result<Analysis, String> {
+    fn answer(
+        &self,
+        frame: &Arc<Frame>,
+        timings: &mut StageTimings,
+    ) -> Result<Analysis, AnswerError> {
         let photo = RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())
-            .ok_or_else(|| "the camera frame has the wrong size".to_string())?;
+            .ok_or(AnswerError::FrameSize)?;
         let started = Instant::now();
-        let embedding = self
-            .encoder
-            .embed_rgb(&photo)
-            .map_err(|e| format!("The encoder failed ({e}). Restart the device."))?
-            .into_values();
+        let embedding = self.encoder.embed_rgb(&photo)?.into_values();
         timings.encoder_ms = ms(started.elapsed());
 
         let started = Instant::now();
@@ -167,15 +189,14 @@ impl Analyzer {
             None => self
                 .store
                 .search(&embedding, self.top_k, &filter, self.raw_score),
-        }
-        // What to do first: the screen cuts a long text, and the detail is
-        // also in the log.
-        .map_err(|e| format!("Restart the device; if it repeats, call service. ({e})"))?;
+        }?;
         timings.search_ms = ms(started.elapsed());
 
         let started = Instant::now();
         let (matches, top_match_code) = self.match_views(&hits);
-        let query = thumbnail_of(&photo);
+        let small = thumbnail(&photo);
+        let (width, height) = small.dimensions();
+        let query = Thumbnail::new(width, height, small.into_raw());
         timings.thumbnails_ms = ms(started.elapsed());
 
         // The adapter's class, else the most similar case's diagnosis: shown
@@ -194,8 +215,8 @@ impl Analyzer {
                 probability: *probability,
             });
         let suggested_code = adapter_class.map(|(code, _)| code).or(top_match_code);
-        let thumbnail_jpeg = jpeg_thumbnail(&photo).unwrap_or_default();
-        let query = query.map_err(|e| format!("The photograph could not be shown ({e})."))?;
+        let thumbnail_jpeg = thumbnail_jpeg(&photo).unwrap_or_default();
+        let query = query?;
         Ok(Analysis {
             screen: Screen::Results(ResultsView {
                 query,
@@ -208,6 +229,7 @@ impl Analyzer {
                 adapter_embedding: adapted.map(|a| a.embedding),
                 thumbnail_jpeg,
                 suggested_code,
+                frame: Arc::clone(frame),
             }),
         })
     }
@@ -252,12 +274,12 @@ impl Analyzer {
     }
 }
 
-fn reason_index(reason: RejectReason) -> usize {
+fn rejection_view(reason: RejectReason) -> RejectionView {
     match reason {
-        RejectReason::TooDark => 0,
-        RejectReason::TooBright => 1,
-        RejectReason::NoLesion => 2,
-        RejectReason::Blurry => 3,
+        RejectReason::TooDark => RejectionView::TooDark,
+        RejectReason::TooBright => RejectionView::TooBright,
+        RejectReason::NoLesion => RejectionView::NoLesion,
+        RejectReason::Blurry => RejectionView::Blurry,
     }
 }
 
@@ -268,24 +290,17 @@ pub fn display_name(code: &str) -> String {
         .unwrap_or_else(|_| code.to_string())
 }
 
-fn thumbnail_of(photo: &RgbImage) -> Result<Thumbnail, String> {
-    let small = image::imageops::thumbnail(photo, THUMBNAIL_SIDE, THUMBNAIL_SIDE);
-    let (w, h) = small.dimensions();
-    Thumbnail::new(w, h, small.into_raw()).map_err(|e| e.to_string())
+/// Why a stored thumbnail could not be drawn.
+#[derive(Debug, thiserror::Error)]
+enum ThumbnailReadError {
+    #[error("not a readable JPEG: {0}")]
+    Decode(#[from] image::ImageError),
+    #[error(transparent)]
+    Shape(#[from] dermascope_ui::ThumbnailError),
 }
 
-fn decode_thumbnail(jpeg: &[u8]) -> Result<Thumbnail, String> {
-    let image = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
-        .map_err(|e| e.to_string())?
-        .into_rgb8();
+fn decode_thumbnail(jpeg: &[u8]) -> Result<Thumbnail, ThumbnailReadError> {
+    let image = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)?.into_rgb8();
     let (w, h) = image.dimensions();
-    Thumbnail::new(w, h, image.into_raw()).map_err(|e| e.to_string())
-}
-
-/// The capture's thumbnail as stored with a confirmed case.
-pub fn jpeg_thumbnail(photo: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
-    let small = image::imageops::thumbnail(photo, THUMBNAIL_SIDE, THUMBNAIL_SIDE);
-    let mut jpeg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80).encode_image(&small)?;
-    Ok(jpeg)
+    Ok(Thumbnail::new(w, h, image.into_raw())?)
 }

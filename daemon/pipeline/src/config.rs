@@ -38,6 +38,7 @@ pub struct Config {
     pub encoder: EncoderSection,
     pub adapter: AdapterSection,
     pub store: StoreSection,
+    pub device: DeviceSection,
     pub pipeline: PipelineSection,
     pub quality: QualityThresholds,
 }
@@ -198,14 +199,38 @@ impl Default for AdapterSection {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     pub dir: PathBuf,
+    /// Which cases keep their original photograph (what another encoder
+    /// re-embeds): `captures` (the default), `all` (reference cases added
+    /// with `--cases` too: about the photographs' size again on disk), or
+    /// `none`.
+    pub keep_originals: KeepOriginals,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("var/cases"),
+            keep_originals: KeepOriginals::Captures,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeepOriginals {
+    None,
+    #[default]
+    Captures,
+    All,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceSection {
+    /// This device's id, recorded on every case it creates. Default: the id
+    /// in `device-id` beside the store directory, made (a UUIDv7) at first
+    /// start and kept, so a device keeps its id across re-embedding.
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -261,6 +286,18 @@ impl Config {
             value,
             allowed: allowed.to_string(),
         };
+        if let Some(id) = &self.device.id {
+            if id.is_empty()
+                || id.len() > dermascope_store::MAX_DEVICE_ID_BYTES
+                || id.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "device.id",
+                    format!("{id:?}"),
+                    "must be 1..=128 bytes without control characters",
+                ));
+            }
+        }
         let c = &self.camera;
         if !(16..=8192).contains(&c.width) {
             return Err(invalid(
@@ -484,6 +521,20 @@ mod tests {
         assert!(err.contains("quality.max_clipped_highlights"), "{err}");
         let err = parse("[camera]\nfps = \"fast\"\n").unwrap_err().to_string();
         assert!(err.contains("fps"), "{err}");
+        let err = parse("[store]\nkeep_originals = \"some\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("keep_originals") && err.contains("captures"),
+            "{err}"
+        );
+        let err = parse("[device]\nid = \"\"\n").unwrap_err().to_string();
+        assert!(err.contains("device.id"), "{err}");
+        let config =
+            parse("[store]\nkeep_originals = \"all\"\n[device]\nid = \"clinic-7-scope-2\"\n")
+                .unwrap();
+        assert_eq!(config.store.keep_originals, KeepOriginals::All);
+        assert_eq!(config.device.id.as_deref(), Some("clinic-7-scope-2"));
         let err = parse("[sync]\nurl = \"x\"\n").unwrap_err().to_string();
         assert!(err.contains("sync") && err.contains("camera"), "{err}");
     }

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use dermascope_device::{Display, Light, Trigger, TriggerError, TriggerEvent};
-use dermascope_store::{Case, CaseId, CaseMetadata, CaseSource, Diagnosis};
+use dermascope_store::{
+    now_ms, Case, CaseError, CaseId, CaseMetadata, CaseSource, CaseWrite, Diagnosis,
+};
 use dermascope_ui::{Canvas, RejectionView, Screen, StatusView, SyncState, Thumbnail};
 use tracing::{debug, error, info, warn};
 
@@ -61,6 +63,27 @@ pub struct Daemon {
     pub camera_timeout: Duration,
     /// 0: never refresh the live view.
     pub live_view: Duration,
+    /// What every confirmed capture is stored with.
+    pub cases: CaseSettings,
+}
+
+/// What a confirmed capture is stored with.
+#[derive(Clone, Debug)]
+pub struct CaseSettings {
+    /// This device's id, recorded on every case it creates.
+    pub device_id: Option<String>,
+    /// Keep the chosen frame as the case's original photograph (JPEG at
+    /// the camera's resolution), so another encoder can re-embed it.
+    pub keep_originals: bool,
+}
+
+impl Default for CaseSettings {
+    fn default() -> Self {
+        Self {
+            device_id: None,
+            keep_originals: true,
+        }
+    }
 }
 
 /// What a run did, for logs and tests.
@@ -88,9 +111,17 @@ pub fn screen_label(screen: &Screen) -> String {
     }
 }
 
+/// A confirmed capture on its way to the store.
+struct PendingCase {
+    case: Case,
+    adapter_embedding: Option<Vec<f32>>,
+    /// Encoded as the original photograph by the writer, off the loop.
+    frame: Option<Arc<dermascope_device::Frame>>,
+}
+
 /// Confirmed captures go to disk here, so the loop never waits for a flush.
 struct CaseWriter {
-    queue: Option<Sender<(Case, Option<Vec<f32>>)>>,
+    queue: Option<Sender<PendingCase>>,
     /// Captures the writer could not store, as the screen should explain
     /// them: the loop shows them at its next tick.
     failures: Receiver<String>,
@@ -116,9 +147,9 @@ impl CaseWriter {
         self.failures.try_recv().ok()
     }
 
-    fn submit(&self, case: Case, adapter_embedding: Option<Vec<f32>>) {
+    fn submit(&self, pending: PendingCase) {
         if let Some(queue) = &self.queue {
-            if queue.send((case, adapter_embedding)).is_err() {
+            if queue.send(pending).is_err() {
                 error!("the case writer has stopped; the capture was not stored");
             }
         }
@@ -135,14 +166,29 @@ impl CaseWriter {
     }
 }
 
-fn write_cases(
-    analyzer: &Analyzer,
-    cases: Receiver<(Case, Option<Vec<f32>>)>,
-    failed: &Sender<String>,
-) {
-    for (case, adapter_embedding) in cases {
+fn write_cases(analyzer: &Analyzer, cases: Receiver<PendingCase>, failed: &Sender<String>) {
+    for pending in cases {
+        let PendingCase {
+            case,
+            adapter_embedding,
+            frame,
+        } = pending;
         let id = case.id.clone();
-        match analyzer.store.insert(&case) {
+        // A frame the store refuses as an original (over its caps) still
+        // becomes a case: the case is what the clinician confirmed.
+        let original = frame.and_then(|frame| {
+            let photo = image::RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())?;
+            dermascope_library::original_from_rgb(&photo)
+                .inspect_err(
+                    |e| warn!(case = %id.log_tag(), error = %e, "original photograph not kept"),
+                )
+                .ok()
+        });
+        let write = CaseWrite {
+            case: &case,
+            original: original.as_ref(),
+        };
+        match analyzer.store.insert_with_originals(&[write]) {
             Ok(()) => info!(case = %id.log_tag(), "capture stored as a case"),
             Err(e) => {
                 error!(case = %id.log_tag(), error = %e, "capture could not be stored");
@@ -263,17 +309,25 @@ impl Daemon {
                             &capture,
                             label.as_deref(),
                             self.analyzer.encoder.model_id(),
+                            self.cases.device_id.as_deref(),
                         ) {
                             Ok(case) => {
-                                writer.submit(case, capture.adapter_embedding.clone());
+                                writer.submit(PendingCase {
+                                    case,
+                                    adapter_embedding: capture.adapter_embedding.clone(),
+                                    frame: self
+                                        .cases
+                                        .keep_originals
+                                        .then(|| Arc::clone(&capture.frame)),
+                                });
                                 summary.confirmed += 1;
                             }
-                            Err(message) => {
-                                warn!(%message, "confirmation refused");
+                            Err(refused) => {
+                                warn!(error = %refused, "confirmation refused");
                                 last_capture = Some(capture);
                                 let screen = Screen::Error {
                                     title: "Label not recognised".into(),
-                                    what_to_fix: message,
+                                    what_to_fix: refused.to_string(),
                                 };
                                 self.show(&screen, &mut summary.screens)?;
                             }
@@ -437,27 +491,35 @@ fn live_thumbnail(frame: &dermascope_device::Frame) -> Option<Thumbnail> {
     Thumbnail::new(w, h, small.into_raw()).ok()
 }
 
+/// Why a confirmation did not become a case.
+#[derive(Debug, thiserror::Error)]
+enum ConfirmError {
+    #[error("no label given and no suggestion to keep")]
+    NoLabel,
+    #[error(transparent)]
+    Label(#[from] CaseError),
+}
+
 /// A confirmed capture as a case: the clinician's label when given
 /// (confirmed), else the suggestion (unconfirmed, for later review).
 fn case_from_capture(
     capture: &CapturedLesion,
     label: Option<&str>,
     model_id: &str,
-) -> Result<Case, String> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    device_id: Option<&str>,
+) -> Result<Case, ConfirmError> {
+    let now = now_ms();
     let (code, confirmed) = match label {
         Some(label) => (label.to_ascii_lowercase(), true),
         None => (
             capture
                 .suggested_code
                 .clone()
-                .ok_or("no label given and no suggestion to keep")?,
+                .ok_or(ConfirmError::NoLabel)?,
             false,
         ),
     };
-    let diagnosis = Diagnosis::from_code(&code).map_err(|e| e.to_string())?;
+    let diagnosis = Diagnosis::from_code(&code)?;
     // A UUIDv7, not the clock alone: two devices capturing in the same
     // millisecond, or one whose clock stepped back, must not collide.
     Ok(Case {
@@ -471,7 +533,7 @@ fn case_from_capture(
         created_at_ms: now,
         updated_at_ms: now,
         label_confirmed: confirmed,
-        device_id: None,
+        device_id: device_id.map(str::to_owned),
         revision: 1,
     })
 }

@@ -22,14 +22,17 @@ pub mod config;
 mod daemon;
 mod feed;
 pub mod hardware;
+pub mod identity;
 
 pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, KeepOriginals};
 pub use daemon::{
-    screen_label, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor, LOOP_TICK,
+    screen_label, CaseSettings, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor,
+    LOOP_TICK,
 };
 pub use feed::{BurstError, CameraFeed, CameraHealth};
 
 // The daemon's assembly brings the adapter space up to date at start; the
 // work itself belongs to the case library.
 pub use dermascope_library::{index_adapter_space, AdapterSpaceError};
+pub use identity::{device_id, DeviceIdError};

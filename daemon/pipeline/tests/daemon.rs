@@ -128,6 +128,7 @@ fn daemon(
             burst: 3,
             camera_timeout: Duration::from_secs(3),
             live_view: Duration::ZERO,
+            cases: dermascope_pipeline::CaseSettings::default(),
         },
         presented,
     )

@@ -121,6 +121,7 @@ pub fn host_daemon(
         // Watchdog for the burst: 3 frames at 30 fps take 0.1 s.
         camera_timeout: Duration::from_secs(10),
         live_view: Duration::ZERO,
+        cases: dermascope_pipeline::CaseSettings::default(),
     }
 }
 
