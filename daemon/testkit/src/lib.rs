@@ -89,9 +89,14 @@ pub fn skip(test: &str, need: Need, reason: &str) {
     }
 }
 
-/// The workspace root (the folder holding `Cargo.lock`).
+/// The workspace root (the folder holding `Cargo.lock`), found from the
+/// running test's package: cargo sets `CARGO_MANIFEST_DIR` when it runs a
+/// test, which stays right even when this crate was compiled from another
+/// checkout sharing the build directory.
 pub fn workspace_root() -> PathBuf {
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     while !dir.join("Cargo.lock").exists() {
         if !dir.pop() {
             panic!("no Cargo.lock above {}", env!("CARGO_MANIFEST_DIR"));
