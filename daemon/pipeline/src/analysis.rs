@@ -17,21 +17,23 @@ use tracing::warn;
 
 pub use dermascope_library::THUMBNAIL_SIDE;
 
-/// Where the time of one capture went, in milliseconds.
+/// Where the time of one capture went, in milliseconds. A stage that did
+/// not run (no frames, a refused frame, no adapter) is `None`, so a reader
+/// never mistakes "not run" for "took no time".
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StageTimings {
     /// Waiting for the burst's frames from the camera.
-    pub burst_ms: f64,
-    pub quality_ms: f64,
-    pub encoder_ms: f64,
-    pub adapter_ms: f64,
-    pub search_ms: f64,
+    pub burst_ms: Option<f64>,
+    pub quality_ms: Option<f64>,
+    pub encoder_ms: Option<f64>,
+    pub adapter_ms: Option<f64>,
+    pub search_ms: Option<f64>,
     /// Reading and decoding the matches' thumbnails.
-    pub thumbnails_ms: f64,
+    pub thumbnails_ms: Option<f64>,
     /// Drawing the screen into the canvas.
-    pub render_ms: f64,
+    pub render_ms: Option<f64>,
     /// Handing the pixels to the display.
-    pub present_ms: f64,
+    pub present_ms: Option<f64>,
     /// Trigger to results drawn.
     pub total_ms: f64,
 }
@@ -74,6 +76,9 @@ pub struct Analysis {
     pub screen: Screen,
     pub timings: StageTimings,
     pub capture: Option<CapturedLesion>,
+    /// The cases a results screen lists, best first, with their scores
+    /// (empty for any other screen): what the clinician was shown.
+    pub shown: Vec<SearchHit>,
 }
 
 /// Everything that turns frames into an answer; shared by the daemon and
@@ -94,7 +99,7 @@ impl Analyzer {
     pub fn analyse(&self, frames: &[Arc<Frame>], timings: &mut StageTimings) -> Analysis {
         let started = Instant::now();
         let chosen = self.choose_frame(frames);
-        timings.quality_ms = ms(started.elapsed());
+        timings.quality_ms = Some(ms(started.elapsed()));
         let frame = match chosen {
             Ok(frame) => frame,
             Err(reason) => {
@@ -102,6 +107,7 @@ impl Analyzer {
                     screen: Screen::rejected(reason),
                     timings: *timings,
                     capture: None,
+                    shown: Vec::new(),
                 }
             }
         };
@@ -116,6 +122,7 @@ impl Analyzer {
                     },
                     timings: *timings,
                     capture: None,
+                    shown: Vec::new(),
                 }
             }
         }
@@ -165,7 +172,7 @@ impl Analyzer {
             .ok_or(AnswerError::FrameSize)?;
         let started = Instant::now();
         let embedding = self.encoder.embed_rgb(&photo)?.into_values();
-        timings.encoder_ms = ms(started.elapsed());
+        timings.encoder_ms = Some(ms(started.elapsed()));
 
         let started = Instant::now();
         let adapted: Option<AdapterOutput> = match &self.adapter {
@@ -178,7 +185,9 @@ impl Analyzer {
             },
             None => None,
         };
-        timings.adapter_ms = ms(started.elapsed());
+        if self.adapter.is_some() {
+            timings.adapter_ms = Some(ms(started.elapsed()));
+        }
 
         let started = Instant::now();
         let filter = CaseFilter::any();
@@ -190,14 +199,14 @@ impl Analyzer {
                 .store
                 .search(&embedding, self.top_k, &filter, self.raw_score),
         }?;
-        timings.search_ms = ms(started.elapsed());
+        timings.search_ms = Some(ms(started.elapsed()));
 
         let started = Instant::now();
-        let (matches, top_match_code) = self.match_views(&hits);
+        let (matches, shown, top_match_code) = self.match_views(&hits);
         let small = thumbnail(&photo);
         let (width, height) = small.dimensions();
         let query = Thumbnail::new(width, height, small.into_raw());
-        timings.thumbnails_ms = ms(started.elapsed());
+        timings.thumbnails_ms = Some(ms(started.elapsed()));
 
         // The adapter's class, else the most similar case's diagnosis: shown
         // as the suggestion, and kept if the clinician confirms without a label.
@@ -231,13 +240,16 @@ impl Analyzer {
                 suggested_code,
                 frame: Arc::clone(frame),
             }),
+            shown,
         })
     }
 
-    /// The matches as the screen shows them, and the diagnosis code of the
-    /// most similar one (read here once rather than again for the suggestion).
-    fn match_views(&self, hits: &[SearchHit]) -> (Vec<MatchView>, Option<String>) {
+    /// The matches as the screen shows them, the hits they are, and the
+    /// diagnosis code of the most similar one (read here once rather than
+    /// again for the suggestion).
+    fn match_views(&self, hits: &[SearchHit]) -> (Vec<MatchView>, Vec<SearchHit>, Option<String>) {
         let mut matches = Vec::with_capacity(hits.len());
+        let mut shown = Vec::with_capacity(hits.len());
         let mut top_code = None;
         for hit in hits {
             let case = match self.store.get(&hit.id) {
@@ -269,8 +281,9 @@ impl Analyzer {
                 thumbnail,
                 confirmed: case.label_confirmed,
             });
+            shown.push(hit.clone());
         }
-        (matches, top_code)
+        (matches, shown, top_code)
     }
 }
 

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use dermascope_device::{Display, Light, Trigger, TriggerError, TriggerEvent};
 use dermascope_store::{
-    now_ms, Case, CaseError, CaseId, CaseMetadata, CaseSource, CaseWrite, Diagnosis,
+    now_ms, Case, CaseError, CaseId, CaseMetadata, CaseSource, CaseWrite, Diagnosis, SearchHit,
 };
 use dermascope_ui::{Canvas, RejectionView, Screen, StatusView, SyncState, Thumbnail};
 use tracing::{debug, error, info, warn};
 
-use crate::analysis::{Analyzer, CapturedLesion, StageTimings};
+use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 
 /// What the daemon tells its supervisor (systemd on the device).
@@ -97,6 +97,9 @@ pub struct RunSummary {
     /// What the screen showed, oldest first (the last 1,000), as
     /// [`screen_label`] names it: what tests and logs check.
     pub screens: VecDeque<String>,
+    /// For each results screen, oldest first (the last 1,000), the cases it
+    /// listed and their scores, best first.
+    pub matches: VecDeque<Vec<SearchHit>>,
 }
 
 /// A short name for a screen: `ready`, `capturing`, `results:N`,
@@ -282,7 +285,18 @@ impl Daemon {
             };
             match event {
                 Some(TriggerEvent::Capture) => {
-                    let (screen, timings, capture) = self.capture(&mut summary.screens);
+                    let Analysis {
+                        screen,
+                        timings,
+                        capture,
+                        shown,
+                    } = self.capture(&mut summary.screens);
+                    if matches!(screen, Screen::Results(_)) {
+                        if summary.matches.len() == 1000 {
+                            summary.matches.pop_front();
+                        }
+                        summary.matches.push_back(shown);
+                    }
                     summary.captures += 1;
                     if capture.is_none() {
                         summary.rejected += 1;
@@ -292,7 +306,8 @@ impl Daemon {
                     }
                     let mut timings = timings;
                     let drawn = self.show_timed(&screen, &mut timings, &mut summary.screens);
-                    timings.total_ms += timings.render_ms + timings.present_ms;
+                    timings.total_ms += timings.render_ms.unwrap_or_default()
+                        + timings.present_ms.unwrap_or_default();
                     info!(
                         total_ms = timings.total_ms,
                         encoder_ms = timings.encoder_ms,
@@ -358,10 +373,7 @@ impl Daemon {
         }
     }
 
-    fn capture(
-        &mut self,
-        log: &mut VecDeque<String>,
-    ) -> (Screen, StageTimings, Option<CapturedLesion>) {
+    fn capture(&mut self, log: &mut VecDeque<String>) -> Analysis {
         let started = Instant::now();
         let mut timings = StageTimings::default();
         if let Err(e) = self.light.set(true) {
@@ -380,7 +392,7 @@ impl Daemon {
         if let Err(e) = self.light.set(false) {
             warn!(error = %e, "light ring did not switch off");
         }
-        timings.burst_ms = started.elapsed().as_secs_f64() * 1000.0;
+        timings.burst_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let frames = match frames {
             Ok(frames) => frames,
             Err(e) => {
@@ -392,20 +404,20 @@ impl Daemon {
                     BurstError::Timeout { .. } => RejectionView::CameraError.default_advice(),
                 };
                 timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
-                return (
-                    Screen::Rejected {
+                return Analysis {
+                    screen: Screen::Rejected {
                         reason: RejectionView::CameraError,
                         what_to_do: what_to_do.to_string(),
                     },
                     timings,
-                    None,
-                );
+                    capture: None,
+                    shown: Vec::new(),
+                };
             }
         };
-        let analysis = self.analyzer.analyse(&frames, &mut timings);
-        let mut timings = analysis.timings;
-        timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
-        (analysis.screen, timings, analysis.capture)
+        let mut analysis = self.analyzer.analyse(&frames, &mut timings);
+        analysis.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+        analysis
     }
 
     fn ready_screen(&self, health: Option<&CameraHealth>) -> Screen {
@@ -468,10 +480,10 @@ impl Daemon {
         if let Err(e) = dermascope_ui::render(&mut canvas, &status, screen) {
             return Err(DaemonError::Display(format!("drawing failed: {e:?}")));
         }
-        timings.render_ms = started.elapsed().as_secs_f64() * 1000.0;
+        timings.render_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
         let presented = self.display.present(width, height, canvas.pixels());
-        timings.present_ms = started.elapsed().as_secs_f64() * 1000.0;
+        timings.present_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         match presented {
             Ok(()) => Ok(()),
             Err(e) if e.is_retryable() => {

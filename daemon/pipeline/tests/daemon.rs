@@ -67,6 +67,35 @@ fn write_images(dir: &Path, count: u32, blur: f32) {
     }
 }
 
+/// How similar each library case is to the replayed lesion (`lesion(0, 0.0)`),
+/// by construction: far enough apart that int8 scoring keeps the order.
+const SIMILARITY: [f32; 6] = [0.95, 0.2, 0.8, 0.6, 0.4, 0.0];
+
+/// `ref-i` ids best first by [`SIMILARITY`]: what top 5 must list.
+const EXPECTED_ORDER: [&str; 5] = ["ref-0", "ref-2", "ref-3", "ref-4", "ref-1"];
+
+/// A unit vector with cosine `similarity` to the unit vector `query`: the
+/// query scaled, plus a pseudo-random direction orthogonal to it.
+fn at_similarity(query: &[f32], similarity: f32, seed: u32) -> Vec<f32> {
+    let mut other: Vec<f32> = (0..query.len())
+        .map(|j| ((j as f32 + 1.0) * (seed as f32 + 1.7)).sin())
+        .collect();
+    let along: f32 = other.iter().zip(query).map(|(o, q)| o * q).sum();
+    for (o, q) in other.iter_mut().zip(query) {
+        *o -= along * q;
+    }
+    let norm = other.iter().map(|o| o * o).sum::<f32>().sqrt();
+    let side = (1.0 - similarity * similarity).sqrt();
+    query
+        .iter()
+        .zip(&other)
+        .map(|(q, o)| similarity * q + side * o / norm)
+        .collect()
+}
+
+/// Six reference cases whose embeddings sit at [`SIMILARITY`] to the
+/// encoder's embedding of the replayed lesion, so the right answer to a
+/// capture of it is known without trusting the search.
 fn library(dir: &Path, encoder: &Encoder) -> Arc<CaseStore> {
     let store = CaseStore::open(
         dir,
@@ -76,6 +105,7 @@ fn library(dir: &Path, encoder: &Encoder) -> Arc<CaseStore> {
         },
     )
     .unwrap();
+    let query = encoder.embed_rgb(&lesion(0, 0.0)).unwrap().into_values();
     let mut cases = Vec::new();
     for (i, code) in ["nv", "mel", "bkl", "nv", "mel", "df"].iter().enumerate() {
         let photo = lesion(i as u32 + 20, 0.0);
@@ -85,7 +115,7 @@ fn library(dir: &Path, encoder: &Encoder) -> Arc<CaseStore> {
             .unwrap();
         cases.push(Case {
             id: CaseId::new(format!("ref-{i}")).unwrap(),
-            embedding: encoder.embed_rgb(&photo).unwrap().into_values(),
+            embedding: at_similarity(&query, SIMILARITY[i], i as u32),
             diagnosis: Diagnosis::from_code(code).unwrap(),
             source: CaseSource::Reference,
             metadata: CaseMetadata::default(),
@@ -147,7 +177,9 @@ fn encoder() -> Encoder {
 #[test]
 fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
     let dir = tempfile::tempdir().unwrap();
-    write_images(&dir.path().join("replay"), 4, 0.0);
+    // One photograph, so every frame of every burst is the lesion the
+    // library was built around.
+    write_images(&dir.path().join("replay"), 1, 0.0);
     let encoder = encoder();
     let store = library(&dir.path().join("store"), &encoder);
     let feed = replay_feed(&dir.path().join("replay"));
@@ -188,8 +220,57 @@ fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
         .iter()
         .any(|c| c.diagnosis.code == "mel" && c.label_confirmed));
     assert!(captured.iter().any(|c| !c.label_confirmed));
-    let t = &summary.timings[0];
-    assert!(t.encoder_ms > 0.0 && t.total_ms >= t.encoder_ms);
+
+    // The first capture lists the five most similar cases, best first,
+    // with their scores (int8 scoring: within 0.02).
+    assert_eq!(summary.matches.len(), 2);
+    let first: Vec<&str> = summary.matches[0].iter().map(|h| h.id.as_str()).collect();
+    assert_eq!(first, EXPECTED_ORDER, "{:?}", summary.matches[0]);
+    for hit in &summary.matches[0] {
+        let i: usize = hit.id.as_str()["ref-".len()..].parse().unwrap();
+        assert!(
+            (hit.score - SIMILARITY[i]).abs() < 0.02,
+            "{}: {} vs {}",
+            hit.id.as_str(),
+            hit.score,
+            SIMILARITY[i]
+        );
+    }
+    // The second may also find the first capture (the same lesion, so
+    // first) if the case writer stored it in time; the references follow
+    // in the same order.
+    let second = &summary.matches[1];
+    let captured_first = second
+        .iter()
+        .take_while(|h| !h.id.as_str().starts_with("ref-"));
+    for hit in captured_first.clone() {
+        assert!(hit.score > 0.98, "{second:?}");
+    }
+    let refs: Vec<&str> = second
+        .iter()
+        .skip(captured_first.count())
+        .map(|h| h.id.as_str())
+        .collect();
+    assert!(refs.len() >= 4, "{second:?}");
+    assert_eq!(refs, EXPECTED_ORDER[..refs.len()], "{second:?}");
+
+    // Every stage of an answered capture ran and was timed, the adapter's
+    // (there is none) did not; the stages fit in the total.
+    for t in &summary.timings {
+        let ran = [
+            t.burst_ms,
+            t.quality_ms,
+            t.encoder_ms,
+            t.search_ms,
+            t.thumbnails_ms,
+            t.render_ms,
+            t.present_ms,
+        ];
+        assert!(ran.iter().all(Option::is_some), "{t:?}");
+        assert_eq!(t.adapter_ms, None, "{t:?}");
+        let stages: f64 = ran.iter().flatten().sum();
+        assert!(stages <= t.total_ms + 1e-6, "{t:?}");
+    }
 }
 
 #[test]
@@ -216,6 +297,15 @@ fn blurred_frames_are_refused_with_the_reason_and_not_stored() {
         summary.screens
     );
     assert_eq!(store.len().unwrap(), 6);
+    assert!(summary.matches.is_empty());
+    let t = &summary.timings[0];
+    assert!(t.burst_ms.is_some() && t.quality_ms.is_some(), "{t:?}");
+    assert_eq!(
+        (t.encoder_ms, t.search_ms, t.thumbnails_ms),
+        (None, None, None),
+        "{t:?}"
+    );
+    assert!(t.render_ms.is_some() && t.present_ms.is_some(), "{t:?}");
 }
 
 /// Drivers whose camera is never there: each open fails as the V4L2 driver
@@ -282,6 +372,10 @@ fn absent_camera_is_shown_and_retried_while_the_daemon_keeps_running() {
     let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
     assert!(screens.contains(&"rejected:CameraError"), "{screens:?}");
     assert_eq!(summary.captures, 1);
+    // No frames came: the burst was waited for, nothing after it ran.
+    let t = &summary.timings[0];
+    assert!(t.burst_ms.is_some(), "{t:?}");
+    assert_eq!((t.quality_ms, t.encoder_ms), (None, None), "{t:?}");
 }
 
 #[test]
