@@ -141,10 +141,7 @@ impl EncoderArgs {
 
     pub fn options(&self) -> EncoderOptions {
         EncoderOptions {
-            variant: match &self.variant {
-                Some(name) => VariantChoice::Named(name.clone()),
-                None => VariantChoice::Default,
-            },
+            variant: VariantChoice::from_name(self.variant.as_deref()),
             threads: usize::from(self.threads),
             ..EncoderOptions::default()
         }

@@ -5,17 +5,12 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use dermascope_encoder::{EncoderOptions, VariantChoice};
-use dermascope_pipeline::{
-    hardware, index_adapter_space, Analyzer, Config, Daemon, KeepOriginals, Supervisor,
-};
-use dermascope_store::{CaseSource, Residency, ScoreKind};
+use dermascope_pipeline::{hardware, Config, Daemon, ReferenceCases, StartOptions, Supervisor};
 
-use crate::ingest::ingest_with_progress;
-use crate::{open_store_at, paths};
-use dermascope_library::{load_installed, read_labels, IngestOptions};
+use crate::ingest::IngestBar;
+use crate::paths;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -83,102 +78,31 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             .context("installing the signal handlers")?;
     }
 
-    let bundle = paths::encoder_bundle(config.encoder.bundle.as_ref());
-    let options = EncoderOptions {
-        variant: match &config.encoder.variant {
-            Some(name) => VariantChoice::Named(name.clone()),
-            None => VariantChoice::Default,
-        },
-        threads: config.encoder.threads.unwrap_or(2),
-        ..EncoderOptions::default()
+    let options = StartOptions {
+        bundle: paths::encoder_bundle(config.encoder.bundle.as_ref()),
+        reference_cases: args.cases.as_ref().map(|dir| ReferenceCases {
+            images: dir.join("images"),
+            labels: args
+                .cases_labels
+                .clone()
+                .unwrap_or_else(|| dir.join("labels.csv")),
+        }),
     };
-    let encoder = dermascope_encoder::Encoder::load(&bundle, &options)
-        .with_context(|| format!("loading the encoder from {}", bundle.display()))?;
-    tracing::info!(model = encoder.model_id(), variant = %encoder.variant().name, "encoder loaded");
-
-    // The handheld keeps only the int8 copy of the index resident.
-    let store = open_store_at(&config.store.dir, &encoder, Residency::Int8)?;
-    if let Some(dir) = &args.cases {
-        let labels = args
-            .cases_labels
-            .clone()
-            .unwrap_or_else(|| dir.join("labels.csv"));
-        let file = read_labels(&labels)?;
-        if file.rows.is_empty() {
-            bail!("{} has no usable rows", labels.display());
-        }
-        eprintln!(
-            "adding {} reference cases from {} (already stored ones are skipped)",
-            file.rows.len(),
-            dir.display()
-        );
-        let summary = ingest_with_progress(
-            &store,
-            &encoder,
-            &dir.join("images"),
-            &file.rows,
-            IngestOptions {
-                source: CaseSource::Reference,
-                workers: 2,
-                keep_originals: config.store.keep_originals == KeepOriginals::All,
-            },
-        )?;
-        eprintln!(
-            "library: {} cases ({} rows refused; `dermascope ingest` lists why)",
-            store.len()?,
-            file.rejected.len() + summary.rejected.len()
-        );
-        store.checkpoint()?;
-    }
-    if store.is_empty()? {
-        tracing::warn!("the case library is empty: captures will find no similar cases");
-    }
-
-    let adapter_dir = &config.adapter.dir;
-    let adapter = if adapter_dir
-        .join(dermascope_adapter::MANIFEST_FILE)
-        .is_file()
-    {
-        let adapter = load_installed(adapter_dir, &encoder)?;
-        let computed = index_adapter_space(&store, &adapter)?;
-        tracing::info!(
-            adapter = adapter.adapter_id(),
-            computed,
-            "adapter installed; searching its space"
-        );
-        Some(adapter)
-    } else {
-        None
-    };
-
-    // The display first: every later problem needs a screen to show on.
     let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
-    let display = hardware::open_display(&config, &drivers)?;
-    let trigger = hardware::open_trigger(&config, &drivers)?;
-    let light = hardware::open_light(&config, &drivers)?;
-    let feed = hardware::start_camera(&config, &drivers)?;
-    let analyzer = Analyzer {
-        encoder,
-        adapter,
-        store: Arc::new(store),
-        thresholds: config.quality,
-        top_k: config.pipeline.top_k,
-        raw_score: ScoreKind::Int8,
-    };
-    let daemon = Daemon {
-        analyzer: Arc::new(analyzer),
-        feed,
-        trigger,
-        light,
-        display,
-        burst: config.pipeline.burst as usize,
-        camera_timeout: std::time::Duration::from_millis(config.pipeline.camera_timeout_ms),
-        live_view: std::time::Duration::from_millis(config.pipeline.live_view_ms),
-        cases: dermascope_pipeline::CaseSettings {
-            device_id: Some(dermascope_pipeline::device_id(&config)?),
-            keep_originals: config.store.keep_originals != KeepOriginals::None,
-        },
-    };
+    let mut bar = IngestBar::new();
+    let (daemon, report) = Daemon::from_config(&config, drivers, &options, |p| {
+        let _ = bar.update(p);
+    })?;
+    bar.finish();
+    if options.reference_cases.is_some() {
+        eprintln!(
+            "library: {} cases ({} added, {} rows refused; `dermascope ingest` lists why)",
+            report.library_cases, report.references_added, report.references_refused
+        );
+    }
+    if let Some(problem) = &report.adapter_problem {
+        eprintln!("running without the adapter: {problem}");
+    }
     let supervisor = Systemd {
         watchdog: std::env::var_os("WATCHDOG_USEC").is_some(),
     };

@@ -168,10 +168,26 @@ pub enum VariantChoice {
     Named(String),
 }
 
+impl VariantChoice {
+    /// A variant named by a flag or a configuration key, else the default.
+    pub fn from_name(name: Option<&str>) -> Self {
+        match name {
+            Some(name) => VariantChoice::Named(name.to_owned()),
+            None => VariantChoice::Default,
+        }
+    }
+}
+
+/// Threads for tract's matrix products when nothing says otherwise: both
+/// cores of a two-core board. The daemon's camera thread mostly waits in
+/// the kernel, and one thread made the encoder stage slower end to end
+/// (106.6 against 93.4 ms p50 in `scripts/bench e2e`).
+pub const DEFAULT_THREADS: usize = 2;
+
 #[derive(Debug, Clone)]
 pub struct EncoderOptions {
     pub variant: VariantChoice,
-    /// Threads for tract's matrix products; 1 leaves a core free for capture.
+    /// Threads for tract's matrix products ([`DEFAULT_THREADS`] by default).
     pub threads: usize,
     pub decode_budget: DecodeBudget,
     /// Run depthwise convolutions, max pools and shortcut strides, with the
@@ -189,7 +205,7 @@ impl Default for EncoderOptions {
     fn default() -> Self {
         EncoderOptions {
             variant: VariantChoice::Default,
-            threads: 1,
+            threads: DEFAULT_THREADS,
             decode_budget: DecodeBudget::default(),
             fuse_stages: true,
             prefer_wide_int8_tile: true,

@@ -6,6 +6,8 @@
 //! thumbnails copied from the evaluation cache (`var/eval/<model id>`, made
 //! by `dermascope eval`) when it has enough, else synthetic ones (say so).
 //!
+//! The daemon is assembled by `Daemon::from_config`, as `dermascope run`
+//! does, with only the button and the screen swapped for scripted ones.
 //! Prints p50/p95 per stage for the variant asked for and ends with
 //! `e2e p95 ms: X`.
 
@@ -14,17 +16,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dermascope_adapter::Adapter;
-use dermascope_device::{
-    Display, FrameSource, InMemoryDisplay, LoggingLight, ReplaySource, ScriptedTrigger,
-    TriggerEvent,
-};
+use dermascope_device::{Display, InMemoryDisplay, NoHardware, ScriptedTrigger, TriggerEvent};
 use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
-use dermascope_pipeline::{Analyzer, CameraFeed, Daemon, NoSupervisor, StageTimings};
-use dermascope_quality::QualityThresholds;
+use dermascope_pipeline::{Config, Daemon, NoSupervisor, StageTimings, StartOptions};
 use dermascope_store::{
     Case, CaseId, CaseMetadata, CaseSource, CaseStore, Diagnosis, OpenOptions, Residency,
-    ScoreKind, StoreIdentity,
+    StoreIdentity,
 };
 
 struct Args {
@@ -151,25 +148,6 @@ fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<S
     ))
 }
 
-/// The adapter `dermascope eval` trained (var/eval/<model id>/adapter), with
-/// the library indexed in its space, so the adapter stage is measured too.
-fn install_adapter(store: &CaseStore, encoder: &Encoder) -> Result<Option<Adapter>, String> {
-    let dir = PathBuf::from("var/eval")
-        .join(encoder.model_id())
-        .join("adapter");
-    if !dir.join(dermascope_adapter::MANIFEST_FILE).is_file() {
-        println!(
-            "no adapter in {} (run `dermascope eval` first): adapter stage not measured",
-            dir.display()
-        );
-        return Ok(None);
-    }
-    let adapter =
-        Adapter::load(&dir, encoder.model_id(), encoder.dim()).map_err(|e| e.to_string())?;
-    dermascope_pipeline::index_adapter_space(store, &adapter).map_err(|e| e.to_string())?;
-    Ok(Some(adapter))
-}
-
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -181,31 +159,44 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 
 fn main() -> Result<(), String> {
     let args = parse_args()?;
+    // The library is filled with the benchmark's own encoder instance, then
+    // closed: the daemon below is assembled exactly as `dermascope run` does.
     let options = EncoderOptions {
-        variant: match &args.variant {
-            Some(v) => VariantChoice::Named(v.clone()),
-            None => VariantChoice::Default,
-        },
+        variant: VariantChoice::from_name(args.variant.as_deref()),
         threads: args.threads,
         ..EncoderOptions::default()
     };
     let encoder = Encoder::load(&args.bundle, &options).map_err(|e| e.to_string())?;
     let variant = encoder.variant().name.clone();
     let store_dir = PathBuf::from("var/bench/e2e").join(encoder.model_id());
-    let store = CaseStore::open_with(
-        &store_dir,
-        StoreIdentity {
-            model_id: encoder.model_id().to_string(),
-            embedding_dim: encoder.dim(),
-        },
-        OpenOptions {
-            residency: Residency::Int8,
-            ..OpenOptions::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let provenance = fill_library(&store, &encoder, args.cases)?;
-    let adapter = install_adapter(&store, &encoder)?;
+    let adapter_dir = PathBuf::from("var/eval")
+        .join(encoder.model_id())
+        .join("adapter");
+    let provenance = {
+        let store = CaseStore::open_with(
+            &store_dir,
+            StoreIdentity {
+                model_id: encoder.model_id().to_string(),
+                embedding_dim: encoder.dim(),
+            },
+            OpenOptions {
+                residency: Residency::Int8,
+                ..OpenOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        fill_library(&store, &encoder, args.cases)?
+    };
+    drop(encoder);
+    if !adapter_dir
+        .join(dermascope_adapter::MANIFEST_FILE)
+        .is_file()
+    {
+        println!(
+            "no adapter in {} (run `dermascope eval` first): adapter stage not measured",
+            adapter_dir.display()
+        );
+    }
     let replay = match &args.replay {
         Some(dir) => dir.clone(),
         None => {
@@ -217,29 +208,29 @@ fn main() -> Result<(), String> {
             }
         }
     };
-    let source = ReplaySource::open(&replay, 30.0).map_err(|e| e.to_string())?;
-    let feed =
-        CameraFeed::start(Box::new(source) as Box<dyn FrameSource>).map_err(|e| e.to_string())?;
+    let scratch = PathBuf::from("var/bench/e2e/run");
+    let mut config = Config::default();
+    config.camera.replay_dir = replay.clone();
+    config.camera.replay_fps = 30.0;
+    config.store.dir = store_dir;
+    config.adapter.dir = adapter_dir;
+    config.encoder.variant = args.variant.clone();
+    config.encoder.threads = Some(args.threads);
+    config.trigger.socket = scratch.join("control.sock");
+    config.display.png_dir = scratch.join("screens");
+    config.device.id = Some("bench-e2e".into());
+    let start = StartOptions {
+        bundle: args.bundle.clone(),
+        reference_cases: None,
+    };
+    let (mut daemon, _) = Daemon::from_config(&config, Arc::new(NoHardware), &start, |_| {})
+        .map_err(|e| e.to_string())?;
+    // The button is scripted and the screen drawn into memory, so the
+    // figures are the pipeline's, not a PNG encoder's or a socket's.
     let mut events: Vec<TriggerEvent> = (0..args.captures).map(|_| TriggerEvent::Capture).collect();
     events.push(TriggerEvent::Shutdown);
-    let daemon = Daemon {
-        analyzer: Arc::new(Analyzer {
-            encoder,
-            adapter,
-            store: Arc::new(store),
-            thresholds: QualityThresholds::default(),
-            top_k: 5,
-            raw_score: ScoreKind::Int8,
-        }),
-        feed,
-        trigger: Box::new(ScriptedTrigger::new(events)),
-        light: Box::new(LoggingLight::new()),
-        display: Box::new(InMemoryDisplay::new(320, 240)) as Box<dyn Display>,
-        burst: 3,
-        camera_timeout: Duration::from_secs(3),
-        live_view: Duration::ZERO,
-        cases: dermascope_pipeline::CaseSettings::default(),
-    };
+    daemon.trigger = Box::new(ScriptedTrigger::new(events));
+    daemon.display = Box::new(InMemoryDisplay::new(320, 240)) as Box<dyn Display>;
     let adapter_id = daemon
         .analyzer
         .adapter

@@ -65,6 +65,9 @@ pub struct Daemon {
     pub live_view: Duration,
     /// What every confirmed capture is stored with.
     pub cases: CaseSettings,
+    /// A standing notice added to the ready screen's hint (an adapter that
+    /// did not load, say).
+    pub notice: Option<String>,
 }
 
 /// What a confirmed capture is stored with.
@@ -438,7 +441,12 @@ impl Daemon {
                 } else {
                     self.feed.latest().and_then(|frame| live_thumbnail(&frame))
                 },
-                hint: "Place the scope on the lesion and press the button.".into(),
+                hint: match &self.notice {
+                    Some(notice) => {
+                        format!("{notice} Place the scope on the lesion and press the button.")
+                    }
+                    None => "Place the scope on the lesion and press the button.".into(),
+                },
             },
         }
     }

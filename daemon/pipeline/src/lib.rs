@@ -18,6 +18,7 @@
 //!   loop's back; shutdown waits for it.
 
 pub mod analysis;
+pub mod assembly;
 pub mod config;
 mod daemon;
 mod feed;
@@ -25,6 +26,7 @@ pub mod hardware;
 pub mod identity;
 
 pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
+pub use assembly::{encoder_options, ReferenceCases, StartError, StartOptions, StartReport};
 pub use config::{Config, ConfigError, KeepOriginals};
 pub use daemon::{
     screen_label, CaseSettings, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor,

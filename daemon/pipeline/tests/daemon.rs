@@ -159,6 +159,7 @@ fn daemon(
             camera_timeout: Duration::from_secs(3),
             live_view: Duration::ZERO,
             cases: dermascope_pipeline::CaseSettings::default(),
+            notice: None,
         },
         presented,
     )

@@ -122,6 +122,7 @@ pub fn host_daemon(
         camera_timeout: Duration::from_secs(10),
         live_view: Duration::ZERO,
         cases: dermascope_pipeline::CaseSettings::default(),
+        notice: None,
     }
 }
 
