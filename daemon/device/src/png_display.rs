@@ -44,13 +44,13 @@ impl PngSnapshotDisplay {
 
     fn write_atomically(&self, name: &str, png: &[u8]) -> Result<(), DisplayError> {
         let path = self.dir.join(name);
-        let temporary = self.dir.join(format!(".{name}.tmp"));
         let io_error = |what: &str| {
             let what = format!("{what} {}", path.display());
             move |source| DisplayError::Io { what, source }
         };
-        fs::write(&temporary, png).map_err(io_error("writing"))?;
-        fs::rename(&temporary, &path).map_err(io_error("renaming into"))
+        // Atomic, not durable: a viewer never reads half a screen, and a
+        // screen lost to a power cut is worth no fsync per frame.
+        dermascope_durable::replace(&path, png).map_err(io_error("writing"))
     }
 }
 

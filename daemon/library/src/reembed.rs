@@ -354,9 +354,5 @@ fn keep_previous(staging: &Path, library: &Path, model_id: &str) -> Result<PathB
 }
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(parent)?.sync_all()
+    dermascope_durable::sync_dir(&dermascope_durable::parent_dir(path))
 }

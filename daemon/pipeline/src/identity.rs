@@ -1,6 +1,5 @@
 //! Which device this is: the id recorded on every case it creates.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dermascope_store::CaseId;
@@ -58,14 +57,8 @@ fn kept_or_new(path: &Path) -> Result<String, DeviceIdError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = CaseId::generate().as_str().to_owned();
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(io)?;
-            }
-            let temporary = path.with_extension("tmp");
-            let mut file = std::fs::File::create(&temporary).map_err(io)?;
-            file.write_all(format!("{id}\n").as_bytes()).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            std::fs::rename(&temporary, path).map_err(io)?;
+            std::fs::create_dir_all(dermascope_durable::parent_dir(path)).map_err(io)?;
+            dermascope_durable::replace_durably(path, format!("{id}\n").as_bytes()).map_err(io)?;
             Ok(id)
         }
         Err(e) => Err(io(e)),

@@ -231,6 +231,14 @@ fn rules(graph: &Graph) -> Vec<Rule> {
             .collect(),
     );
     rule(
+        "dermascope-durable (the atomic-write helper every crate may use) depends on nothing",
+        graph
+            .direct("dermascope-durable")
+            .into_iter()
+            .map(|dep| format!("dermascope-durable -> {dep}"))
+            .collect(),
+    );
+    rule(
         "dermascope-pipeline reaches neither dermascope-device-linux, v4l nor rppal",
         graph.reached(PIPELINE, &[DEVICE_LINUX, "v4l", "rppal"]),
     );
