@@ -108,8 +108,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = daemon.run(&shutdown, &supervisor, args.max_captures)?;
     eprintln!(
-        "stopped: {} captures ({} refused by the quality gate or camera), {} confirmed",
-        summary.captures, summary.rejected, summary.confirmed
+        "stopped: {} captures ({} refused by the quality gate or camera), {} confirmed, {} saved",
+        summary.captures, summary.rejected, summary.confirmed, summary.saved
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -242,6 +242,7 @@ impl Daemon {
                 keep_originals: config.store.keep_originals != KeepOriginals::None,
             },
             notice,
+            storage_failed: false,
         };
         Ok((daemon, report))
     }

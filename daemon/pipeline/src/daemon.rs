@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,6 +68,9 @@ pub struct Daemon {
     /// A standing notice added to the ready screen's hint (an adapter that
     /// did not load, say).
     pub notice: Option<String>,
+    /// Set once the store refused a write for a reason other than a full
+    /// disk: confirmations are refused with a clear screen from then on.
+    pub storage_failed: bool,
 }
 
 /// What a confirmed capture is stored with.
@@ -95,6 +98,8 @@ pub struct RunSummary {
     pub captures: u64,
     pub rejected: u64,
     pub confirmed: u64,
+    /// Confirmations the case writer reported flushed.
+    pub saved: u64,
     /// Per-capture stage timings, oldest first (the last 1,000).
     pub timings: VecDeque<StageTimings>,
     /// What the screen showed, oldest first (the last 1,000), as
@@ -105,10 +110,18 @@ pub struct RunSummary {
     pub matches: VecDeque<Vec<SearchHit>>,
 }
 
-/// A short name for a screen: `ready`, `capturing`, `results:N`,
+/// What the ready screen says while a confirmed capture is being written.
+const SAVING: &str = "Saving the case…";
+/// How the ready screen starts once the writer reports a case flushed.
+const SAVED: &str = "Case saved:";
+
+/// A short name for a screen: `ready` (`ready:saving`, `ready:saved` while
+/// and after a confirmation is written), `capturing`, `results:N`,
 /// `rejected:<reason>`, `error:<title>`.
 pub fn screen_label(screen: &Screen) -> String {
     match screen {
+        Screen::Ready { hint, .. } if hint.starts_with(SAVING) => "ready:saving".into(),
+        Screen::Ready { hint, .. } if hint.starts_with(SAVED) => "ready:saved".into(),
         Screen::Ready { .. } => "ready".into(),
         Screen::Capturing { .. } => "capturing".into(),
         Screen::Rejected { reason, .. } => format!("rejected:{reason:?}"),
@@ -125,99 +138,143 @@ struct PendingCase {
     frame: Option<Arc<dermascope_device::Frame>>,
 }
 
-/// Confirmed captures go to disk here, so the loop never waits for a flush.
+/// Confirmations waiting for the writer at most. A flush takes tens of
+/// milliseconds, so more than this means the storage is failing or very
+/// slow: the clinician is told, instead of captures piling up in memory.
+pub const CASE_QUEUE_BOUND: usize = 4;
+
+/// What the case writer tells the loop about each confirmed capture.
+#[derive(Debug)]
+enum WriteOutcome {
+    /// Flushed: it survives a crash from now on.
+    Saved { id: CaseId, diagnosis: String },
+    /// Not stored; earlier cases are safe. `storage_failed`: the store
+    /// refuses writes from now on (sled after an I/O error), so no further
+    /// confirmation is taken until the daemon restarts.
+    NotSaved {
+        id: CaseId,
+        what_to_fix: String,
+        storage_failed: bool,
+    },
+}
+
+/// Why a confirmation was not handed to the writer.
+enum SubmitError {
+    Full,
+    Stopped,
+}
+
+/// Confirmed captures go to disk here, so the loop never waits for a flush;
+/// each outcome comes back to the loop, which shows it.
 struct CaseWriter {
-    queue: Option<Sender<PendingCase>>,
-    /// Captures the writer could not store, as the screen should explain
-    /// them: the loop shows them at its next tick.
-    failures: Receiver<String>,
+    queue: Option<SyncSender<PendingCase>>,
+    outcomes: Receiver<WriteOutcome>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl CaseWriter {
     fn start(analyzer: Arc<Analyzer>) -> std::io::Result<Self> {
-        let (queue, cases) = mpsc::channel();
-        let (failed, failures) = mpsc::channel();
+        let (queue, cases) = mpsc::sync_channel(CASE_QUEUE_BOUND);
+        let (report, outcomes) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("case-writer".into())
-            .spawn(move || write_cases(&analyzer, cases, &failed))?;
+            .spawn(move || write_cases(&analyzer, cases, &report))?;
         Ok(Self {
             queue: Some(queue),
-            failures,
+            outcomes,
             thread: Some(thread),
         })
     }
 
-    /// What to tell the clinician about a capture that was not stored.
-    fn next_failure(&self) -> Option<String> {
-        self.failures.try_recv().ok()
+    /// The next outcome the writer reported, if any.
+    fn next_outcome(&self) -> Option<WriteOutcome> {
+        self.outcomes.try_recv().ok()
     }
 
-    fn submit(&self, pending: PendingCase) {
-        if let Some(queue) = &self.queue {
-            if queue.send(pending).is_err() {
-                error!("the case writer has stopped; the capture was not stored");
-            }
-        }
+    fn submit(&self, pending: PendingCase) -> Result<(), SubmitError> {
+        let Some(queue) = &self.queue else {
+            return Err(SubmitError::Stopped);
+        };
+        queue.try_send(pending).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::Full,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
     }
 
-    /// Waits until every submitted case is flushed.
-    fn finish(mut self) {
+    /// Waits until every submitted case is flushed; returns the outcomes
+    /// the loop had not seen.
+    fn finish(mut self) -> Vec<WriteOutcome> {
         self.queue.take();
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 error!("the case writer panicked");
             }
         }
+        self.outcomes.try_iter().collect()
     }
 }
 
-fn write_cases(analyzer: &Analyzer, cases: Receiver<PendingCase>, failed: &Sender<String>) {
+fn write_cases(analyzer: &Analyzer, cases: Receiver<PendingCase>, report: &Sender<WriteOutcome>) {
     for pending in cases {
-        let PendingCase {
-            case,
-            adapter_embedding,
-            frame,
-        } = pending;
-        let id = case.id.clone();
-        // A frame the store refuses as an original (over its caps) still
-        // becomes a case: the case is what the clinician confirmed.
-        let original = frame.and_then(|frame| {
-            let photo = image::RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())?;
-            dermascope_library::original_from_rgb(&photo)
-                .inspect_err(
-                    |e| warn!(case = %id.log_tag(), error = %e, "original photograph not kept"),
-                )
-                .ok()
-        });
-        let write = CaseWrite {
-            case: &case,
-            original: original.as_ref(),
+        // The loop is gone only when shutting down; the log has it then.
+        let _ = report.send(write_case(analyzer, pending));
+    }
+}
+
+fn write_case(analyzer: &Analyzer, pending: PendingCase) -> WriteOutcome {
+    let PendingCase {
+        case,
+        adapter_embedding,
+        frame,
+    } = pending;
+    let id = case.id.clone();
+    // A frame the store refuses as an original (over its caps) still
+    // becomes a case: the case is what the clinician confirmed.
+    let original = frame.and_then(|frame| {
+        let photo = image::RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone())?;
+        dermascope_library::original_from_rgb(&photo)
+            .inspect_err(
+                |e| warn!(case = %id.log_tag(), error = %e, "original photograph not kept"),
+            )
+            .ok()
+    });
+    let write = CaseWrite {
+        case: &case,
+        original: original.as_ref(),
+    };
+    if let Err(e) = analyzer.store.insert_with_originals(&[write]) {
+        error!(case = %id.log_tag(), error = %e, "capture could not be stored");
+        let (what_to_fix, storage_failed) = if e.is_disk_full() {
+            (
+                "The device's storage is full, so this capture was not kept; earlier cases \
+                 are safe. Call service to free space.",
+                false,
+            )
+        } else {
+            (
+                "This capture was not kept; earlier cases are safe. Restart the device; if \
+                 it repeats, call service.",
+                true,
+            )
         };
-        match analyzer.store.insert_with_originals(&[write]) {
-            Ok(()) => info!(case = %id.log_tag(), "capture stored as a case"),
-            Err(e) => {
-                error!(case = %id.log_tag(), error = %e, "capture could not be stored");
-                let what_to_fix = if e.is_disk_full() {
-                    "The device's storage is full, so this capture was not kept; earlier cases \
-                     are safe. Call service to free space."
-                } else {
-                    "This capture was not kept; earlier cases are safe. Restart the device; if \
-                     it repeats, call service."
-                };
-                // The loop is gone only when shutting down; the log has it.
-                let _ = failed.send(what_to_fix.to_string());
-                continue;
-            }
+        return WriteOutcome::NotSaved {
+            id,
+            what_to_fix: what_to_fix.to_owned(),
+            storage_failed,
+        };
+    }
+    info!(case = %id.log_tag(), "capture stored as a case");
+    if let (Some(vector), Some(adapter)) = (adapter_embedding, &analyzer.adapter) {
+        if let Err(e) = analyzer
+            .store
+            .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
+        {
+            warn!(case = %id.log_tag(), error = %e, "adapter embedding not stored; recomputed at next start");
         }
-        if let (Some(vector), Some(adapter)) = (adapter_embedding, &analyzer.adapter) {
-            if let Err(e) = analyzer
-                .store
-                .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
-            {
-                warn!(case = %id.log_tag(), error = %e, "adapter embedding not stored; recomputed at next start");
-            }
-        }
+    }
+    WriteOutcome::Saved {
+        id,
+        diagnosis: case.diagnosis.display_name,
     }
 }
 
@@ -241,7 +298,14 @@ impl Daemon {
             Ok(()) => self.serve(shutdown, supervisor, max_captures, &writer, &mut summary),
         };
         supervisor.stopping();
-        writer.finish();
+        for outcome in writer.finish() {
+            match outcome {
+                WriteOutcome::Saved { .. } => summary.saved += 1,
+                WriteOutcome::NotSaved { id, .. } => {
+                    error!(case = %id.log_tag(), "a confirmation was not saved before the stop");
+                }
+            }
+        }
         match self.analyzer.store.checkpoint() {
             Ok(_) => info!("case store flushed"),
             Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
@@ -264,15 +328,15 @@ impl Daemon {
             self.feed.describe()
         ));
         let mut last_capture: Option<CapturedLesion> = None;
+        // Confirmed captures the writer has not answered for yet, kept so a
+        // capture the storage refused (full) can be confirmed again.
+        let mut saving: Vec<(CaseId, CapturedLesion)> = Vec::new();
         let mut camera_shown = CameraHealth::Streaming;
         let mut last_live = Instant::now();
         loop {
             supervisor.alive();
-            if let Some(what_to_fix) = writer.next_failure() {
-                let screen = Screen::Error {
-                    title: "Capture not saved".into(),
-                    what_to_fix,
-                };
+            while let Some(outcome) = writer.next_outcome() {
+                let screen = self.settle(outcome, &mut saving, &mut last_capture, summary);
                 self.show(&screen, &mut summary.screens)?;
             }
             if shutdown.load(Ordering::Relaxed) {
@@ -329,8 +393,20 @@ impl Daemon {
                             self.analyzer.encoder.model_id(),
                             self.cases.device_id.as_deref(),
                         ) {
+                            Ok(_) if self.storage_failed => {
+                                last_capture = Some(capture);
+                                let screen = Screen::Error {
+                                    title: "Cases cannot be saved".into(),
+                                    what_to_fix: "The case library failed; earlier cases are \
+                                                  safe. Restart the device; if it repeats, \
+                                                  call service."
+                                        .into(),
+                                };
+                                self.show(&screen, &mut summary.screens)?;
+                            }
                             Ok(case) => {
-                                writer.submit(PendingCase {
+                                let id = case.id.clone();
+                                let submitted = writer.submit(PendingCase {
                                     case,
                                     adapter_embedding: capture.adapter_embedding.clone(),
                                     frame: self
@@ -338,7 +414,37 @@ impl Daemon {
                                         .keep_originals
                                         .then(|| Arc::clone(&capture.frame)),
                                 });
-                                summary.confirmed += 1;
+                                let screen = match submitted {
+                                    Ok(()) => {
+                                        summary.confirmed += 1;
+                                        saving.push((id, capture));
+                                        // "Saved" only once the writer says
+                                        // the case is flushed.
+                                        self.ready_with(SAVING)
+                                    }
+                                    Err(SubmitError::Full) => {
+                                        warn!("case queue full; confirmation refused");
+                                        last_capture = Some(capture);
+                                        Screen::Error {
+                                            title: "Still saving".into(),
+                                            what_to_fix: "Earlier cases are still being saved. \
+                                                          Wait a moment and confirm again."
+                                                .into(),
+                                        }
+                                    }
+                                    Err(SubmitError::Stopped) => {
+                                        error!("the case writer has stopped");
+                                        self.storage_failed = true;
+                                        last_capture = Some(capture);
+                                        Screen::Error {
+                                            title: "Cases cannot be saved".into(),
+                                            what_to_fix: "Restart the device; earlier cases are \
+                                                          safe."
+                                                .into(),
+                                        }
+                                    }
+                                };
+                                self.show(&screen, &mut summary.screens)?;
                             }
                             Err(refused) => {
                                 warn!(error = %refused, "confirmation refused");
@@ -421,6 +527,60 @@ impl Daemon {
         let mut analysis = self.analyzer.analyse(&frames, &mut timings);
         analysis.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
         analysis
+    }
+
+    /// The screen for what the writer reported about one confirmation.
+    fn settle(
+        &mut self,
+        outcome: WriteOutcome,
+        saving: &mut Vec<(CaseId, CapturedLesion)>,
+        last_capture: &mut Option<CapturedLesion>,
+        summary: &mut RunSummary,
+    ) -> Screen {
+        let take = |saving: &mut Vec<(CaseId, CapturedLesion)>, id: &CaseId| {
+            saving
+                .iter()
+                .position(|(pending, _)| pending == id)
+                .map(|i| saving.remove(i).1)
+        };
+        match outcome {
+            WriteOutcome::Saved { id, diagnosis } => {
+                take(saving, &id);
+                summary.saved += 1;
+                self.ready_with(&format!("{SAVED} {diagnosis}."))
+            }
+            WriteOutcome::NotSaved {
+                id,
+                what_to_fix,
+                storage_failed,
+            } => {
+                if storage_failed {
+                    self.storage_failed = true;
+                }
+                // Unless a newer capture replaced it, the refused one can
+                // be confirmed again once space is freed.
+                if let Some(capture) = take(saving, &id) {
+                    if last_capture.is_none() && !storage_failed {
+                        *last_capture = Some(capture);
+                    }
+                }
+                Screen::Error {
+                    title: "Capture not saved".into(),
+                    what_to_fix,
+                }
+            }
+        }
+    }
+
+    /// The ready screen with `message` before the usual hint.
+    fn ready_with(&self, message: &str) -> Screen {
+        match self.ready_screen(None) {
+            Screen::Ready { live, hint } => Screen::Ready {
+                live,
+                hint: format!("{message} {hint}"),
+            },
+            other => other,
+        }
     }
 
     fn ready_screen(&self, health: Option<&CameraHealth>) -> Screen {

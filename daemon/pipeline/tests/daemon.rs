@@ -160,6 +160,7 @@ fn daemon(
             live_view: Duration::ZERO,
             cases: dermascope_pipeline::CaseSettings::default(),
             notice: None,
+            storage_failed: false,
         },
         presented,
     )
@@ -199,10 +200,32 @@ fn capture_finds_similar_cases_and_a_confirmation_becomes_a_case() {
         .unwrap();
     assert_eq!(summary.captures, 2, "{:?}", summary.screens);
     assert_eq!(summary.confirmed, 2);
-    let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
+    // Each confirmation says "saving" at once and "saved" once the writer
+    // has flushed it, which may come after the next press or after the stop.
+    assert_eq!(summary.saved, 2);
+    let saved_shown = summary
+        .screens
+        .iter()
+        .filter(|s| *s == "ready:saved")
+        .count();
+    assert!(saved_shown <= 2, "{:?}", summary.screens);
+    let screens: Vec<&str> = summary
+        .screens
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s != "ready:saved")
+        .collect();
     assert_eq!(
         screens,
-        ["ready", "capturing", "results:5", "capturing", "results:5"]
+        [
+            "ready",
+            "capturing",
+            "results:5",
+            "ready:saving",
+            "capturing",
+            "results:5",
+            "ready:saving"
+        ]
     );
     assert!(presented.count() >= 5);
     let last = presented.last().unwrap();

@@ -190,8 +190,9 @@ fn failed_write_child(dir: &Path) {
             Step::Press(TriggerEvent::Confirm {
                 label: Some("mel".into()),
             }),
-            // The case writer fails on its own thread; the loop must say so.
-            Step::AwaitScreen("capture not saved"),
+            // "Saving" at once; then the case writer fails on its own
+            // thread, and the loop must say so.
+            Step::AwaitScreens("saving, then capture not saved", 2),
             Step::Press(TriggerEvent::Shutdown),
         ],
         presented.clone(),
@@ -208,7 +209,13 @@ fn failed_write_child(dir: &Path) {
     let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
     assert_eq!(
         screens,
-        ["ready", "capturing", "results:5", "error:Capture not saved"]
+        [
+            "ready",
+            "capturing",
+            "results:5",
+            "ready:saving",
+            "error:Capture not saved"
+        ]
     );
     let shown = presented.last().unwrap();
     keep_screen("failed-write", &shown.rgb);

@@ -121,9 +121,12 @@ fn the_adapter_suggests_on_screen_and_its_embedding_is_stored_with_the_capture()
 
     let display = InMemoryDisplay::new(WIDTH, HEIGHT);
     let presented = display.presented();
+    let results_shown = Arc::new(std::sync::Mutex::new(None));
     let trigger = StepTrigger::new(
         vec![
             Step::Press(TriggerEvent::Capture),
+            Step::AwaitScreens("capturing, then results", 2),
+            Step::Keep(Arc::clone(&results_shown)),
             Step::Press(TriggerEvent::Confirm {
                 label: Some("mel".into()),
             }),
@@ -141,13 +144,21 @@ fn the_adapter_suggests_on_screen_and_its_embedding_is_stored_with_the_capture()
         .run(&AtomicBool::new(false), &NoSupervisor, None)
         .unwrap();
     let screens: Vec<&str> = summary.screens.iter().map(String::as_str).collect();
-    assert_eq!(screens, ["ready", "capturing", "results:5"]);
-    assert_eq!(summary.confirmed, 1);
+    assert_eq!(
+        screens[..4],
+        ["ready", "capturing", "results:5", "ready:saving"]
+    );
+    assert_eq!((summary.confirmed, summary.saved), (1, 1));
 
     // The results screen shown is the adapter's answer, suggestion drawn:
     // the same view without it gives other pixels.
-    let shown = body_of(&presented.last().unwrap().rgb);
-    keep_screen("results-with-adapter", &presented.last().unwrap().rgb);
+    let results_shown = results_shown
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the results screen was kept");
+    let shown = body_of(&results_shown.rgb);
+    keep_screen("results-with-adapter", &results_shown.rgb);
     assert!(
         shown == body_pixels(&answer.screen),
         "the results screen shown is not the adapter's answer"

@@ -123,6 +123,7 @@ pub fn host_daemon(
         live_view: Duration::ZERO,
         cases: dermascope_pipeline::CaseSettings::default(),
         notice: None,
+        storage_failed: false,
     }
 }
 
@@ -133,6 +134,12 @@ pub enum Step {
     /// Deliver nothing until the display has shown a screen after the last
     /// delivered event (failing the run after [`SCREEN_WATCHDOG`]).
     AwaitScreen(&'static str),
+    /// The same for this many screens after the last delivered event (a
+    /// confirmation shows "saving" at once, then what the writer reported).
+    AwaitScreens(&'static str, u64),
+    /// Keep the screen shown now in this slot, for the test to look at
+    /// after the run (later screens replace it on the display).
+    Keep(Arc<std::sync::Mutex<Option<dermascope_device::Screen>>>),
 }
 
 /// A scripted button that can wait for the daemon to show something, so a
@@ -172,8 +179,20 @@ impl Trigger for StepTrigger {
                     self.shown_at_last_event = self.presented.count();
                     return Ok(Some(event));
                 }
-                Some(Step::AwaitScreen(what)) => {
-                    if self.presented.count() > self.shown_at_last_event {
+                Some(Step::Keep(slot)) => {
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = self.presented.last();
+                    }
+                    self.steps.pop_front();
+                    continue;
+                }
+                Some(Step::AwaitScreen(what)) | Some(Step::AwaitScreens(what, _)) => {
+                    let wanted = match self.steps.front() {
+                        Some(Step::AwaitScreens(_, n)) => *n,
+                        _ => 1,
+                    };
+                    let what = *what;
+                    if self.presented.count() >= self.shown_at_last_event + wanted {
                         self.steps.pop_front();
                         self.waiting_since = None;
                         continue;
