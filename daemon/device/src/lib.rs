@@ -71,7 +71,7 @@ mod trigger;
 pub use capture::{CaptureError, Frame, FrameSource};
 pub use clock::{monotonic, Clock, ManualClock, MonotonicClock};
 #[cfg(unix)]
-pub use control_socket::ControlSocketTrigger;
+pub use control_socket::{socket_group_id, ControlSocketOptions, ControlSocketTrigger};
 pub use decode::{decode_mjpeg, yuyv_to_rgb, MAX_FRAME_SIDE};
 pub use display::{
     fit_screen_to, Display, DisplayError, InMemoryDisplay, PresentedScreens, Screen,

@@ -38,7 +38,7 @@ pub trait Light: Send {
 
 /// Why a trigger cannot deliver events.
 ///
-/// None of these clear by waiting: `Unavailable` and `SocketInUse` need the
+/// None of these clear by waiting: `Unavailable`, `SocketInUse` and `UnknownGroup` need the
 /// configuration changed, `Io` and `Closed` mean the trigger is gone and
 /// must be rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,12 @@ pub enum TriggerError {
     SocketInUse {
         /// Socket path as configured.
         path: PathBuf,
+    },
+    /// The group allowed on the control socket is not in `/etc/group`.
+    #[error("group {name:?} is not in /etc/group; give its numeric gid instead")]
+    UnknownGroup {
+        /// The group name as configured.
+        name: String,
     },
     /// Setting up or reading the trigger failed.
     #[error("trigger {what}: {source}")]

@@ -101,6 +101,10 @@ pub struct TriggerSection {
     pub led_pin: Option<u8>,
     /// Control socket for `input = "socket"`.
     pub socket: PathBuf,
+    /// A group (name or gid) whose members may also press and confirm on
+    /// the control socket (not shut the daemon down). Unset: only the
+    /// daemon's user and root.
+    pub socket_group: Option<String>,
 }
 
 impl Default for TriggerSection {
@@ -112,6 +116,7 @@ impl Default for TriggerSection {
             debounce_ms: 30,
             led_pin: None,
             socket: PathBuf::from("var/run/dermascope.sock"),
+            socket_group: None,
         }
     }
 }
@@ -342,6 +347,23 @@ impl Config {
                 }
             }
         }
+        if let Some(group) = &t.socket_group {
+            // A group name as useradd takes it, or a numeric gid; resolved
+            // when the socket is opened, so a config checks on any machine.
+            let valid = !group.is_empty()
+                && group.len() <= 32
+                && !group.starts_with('-')
+                && group
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !valid {
+                return Err(invalid(
+                    "trigger.socket_group",
+                    format!("{group:?}"),
+                    "must be a group name (letters, digits, '_', '-', '.'; up to 32) or a gid",
+                ));
+            }
+        }
         if t.debounce_ms > 1000 {
             return Err(invalid(
                 "trigger.debounce_ms",
@@ -515,6 +537,15 @@ mod tests {
             err.contains("trigger.capture_pin") && err.contains("0..=27"),
             "{err}"
         );
+        let err = parse("[trigger]\nsocket_group = \"press; rm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("trigger.socket_group") && err.contains("gid"),
+            "{err}"
+        );
+        let ok = parse("[trigger]\nsocket_group = \"dermascope-press\"\n").unwrap();
+        assert_eq!(ok.trigger.socket_group.as_deref(), Some("dermascope-press"));
         let err = parse("[quality]\nmax_clipped_highlights = 2.0\n")
             .unwrap_err()
             .to_string();

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use dermascope_device::{
-    ButtonConfig, CameraConfig, ControlSocketTrigger, Display, FrameSource, Light, LoggingLight,
-    PanelController, PngSnapshotDisplay, ReplaySource, SpiPanelConfig, Trigger,
+    socket_group_id, ButtonConfig, CameraConfig, ControlSocketOptions, ControlSocketTrigger,
+    Display, FrameSource, Light, LoggingLight, PanelController, PngSnapshotDisplay, ReplaySource,
+    SpiPanelConfig, Trigger,
 };
 pub use dermascope_device::{Drivers, NoHardware};
 
@@ -90,13 +91,24 @@ pub fn open_trigger(
                     source,
                 })
         }
-        TriggerKind::Socket => ControlSocketTrigger::bind(t.socket.clone())
-            .map(|s| Box::new(s) as Box<dyn Trigger>)
-            .map_err(|source| HardwareError::Trigger {
-                key: "trigger.socket",
-                value: t.socket.display().to_string(),
-                source,
-            }),
+        TriggerKind::Socket => {
+            let mut options = ControlSocketOptions::default();
+            if let Some(group) = &t.socket_group {
+                let gid = socket_group_id(group).map_err(|source| HardwareError::Trigger {
+                    key: "trigger.socket_group",
+                    value: group.clone(),
+                    source,
+                })?;
+                options.allowed_gid = Some(gid);
+            }
+            ControlSocketTrigger::bind_with(t.socket.clone(), options)
+                .map(|s| Box::new(s) as Box<dyn Trigger>)
+                .map_err(|source| HardwareError::Trigger {
+                    key: "trigger.socket",
+                    value: t.socket.display().to_string(),
+                    source,
+                })
+        }
     }
 }
 
