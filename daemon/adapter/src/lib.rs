@@ -8,8 +8,10 @@
 //! * [`train()`] fits the network (see [`model`]) with AdamW in plain Rust,
 //!   deterministically for a seed, stopping early on a lesion-grouped
 //!   validation set. No Python at run time.
-//! * [`save`] writes `adapter.onnx` (built with tract-onnx's own protobuf
-//!   types) and `manifest.toml` (encoder model id, classes, sha256).
+//! * [`save`] installs the adapter atomically: its ONNX (built with
+//!   tract-onnx's own protobuf types) under a content-addressed name, then
+//!   `manifest.toml` (encoder model id, classes, the file and its sha256),
+//!   so a crash leaves the old adapter or the new one, whole.
 //! * [`Adapter::load`] verifies the checksum and the encoder it was trained
 //!   for, fixes the batch size and optimises the graph once;
 //!   [`Adapter::predict`] gives probabilities and the normalised adapter
@@ -26,8 +28,8 @@ mod train;
 use std::path::PathBuf;
 
 pub use bundle::{
-    save, Adapter, AdapterManifest, AdapterOutput, TrainingSummary, BATCH_ROWS, MANIFEST_FILE,
-    MODEL_FILE,
+    save, Adapter, AdapterManifest, AdapterOutput, TrainingSummary, BATCH_ROWS, LEGACY_MODEL_FILE,
+    MANIFEST_FILE,
 };
 pub use model::{AdapterShape, AdapterWeights};
 pub use onnx::{export as export_onnx, EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME};

@@ -164,8 +164,8 @@ fn tampered_or_missing_files_are_clear_errors() {
     let (train_set, validation) = split(&examples);
     let trained = train(&train_set, &validation, &small_config()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save(&trained, 7, dir.path()).unwrap();
-    let model = dir.path().join("adapter.onnx");
+    let manifest = save(&trained, 7, dir.path()).unwrap();
+    let model = dir.path().join(&manifest.file);
     let mut bytes = std::fs::read(&model).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
