@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::error::{storage, StoreError};
 use super::CaseStore;
@@ -190,6 +190,9 @@ impl CaseStore {
             .apply_batch(batch)
             .map_err(storage("writing adapter embeddings"))?;
         self.flush("flushing adapter embeddings")?;
+        // Logged once durable, like "cases written": what a killed
+        // re-computation may be expected to have kept.
+        debug!(rows = accepted.len(), "adapter embeddings written");
         let mut space = self
             .adapter_space
             .write()
