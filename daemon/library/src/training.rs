@@ -228,11 +228,23 @@ impl TrainingPlan {
     }
 }
 
+/// Through a temporary file and a rename, so a kill leaves the previous
+/// report or this one, never half of one.
 fn write_report(path: &Path, text: &str) -> Result<(), TrainingError> {
-    std::fs::write(path, text).map_err(|error| TrainingError::Report {
-        path: path.to_path_buf(),
-        error,
-    })
+    use std::io::Write;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    std::fs::File::create(&temp)
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temp, path))
+        .map_err(|error| TrainingError::Report {
+            path: path.to_path_buf(),
+            error,
+        })
 }
 
 /// Trains on `examples` (with a lesion-grouped validation split for early
