@@ -44,6 +44,7 @@ pub fn run(args: &ReembedArgs) -> anyhow::Result<ExitCode> {
         &encoder,
         ReembedOptions {
             dry_run: args.dry_run,
+            ..ReembedOptions::default()
         },
         |progress| {
             bar.set_length(progress.total as u64);

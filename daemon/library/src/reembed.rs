@@ -32,8 +32,9 @@ use dermascope_store::{
 use thiserror::Error;
 use tracing::{info, warn};
 
-/// Cases embedded between two flushes: a kill costs at most this many.
-const BATCH: usize = 16;
+/// Cases embedded between two flushes by default: a kill costs at most
+/// this many.
+pub const BATCH: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum ReembedError {
@@ -108,10 +109,21 @@ pub struct ReembedProgress {
 }
 
 /// Options of a run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct ReembedOptions {
     /// Count what would be re-embedded; write nothing.
     pub dry_run: bool,
+    /// Cases per flushed batch ([`BATCH`]).
+    pub batch: usize,
+}
+
+impl Default for ReembedOptions {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            batch: BATCH,
+        }
+    }
 }
 
 /// The staging store beside `library`.
@@ -227,7 +239,8 @@ pub fn reembed(
         to = %target.model_id,
         "re-embedding the case library"
     );
-    let mut batch: Vec<(Case, OriginalPhoto)> = Vec::with_capacity(BATCH);
+    let batch_size = options.batch.max(1);
+    let mut batch: Vec<(Case, OriginalPhoto)> = Vec::with_capacity(batch_size);
     let mut done = 0;
     for id in &ids {
         done += 1;
@@ -244,8 +257,9 @@ pub fn reembed(
                 Embedded::Gone => {}
             }
         }
-        if batch.len() == BATCH || done == ids.len() {
+        if batch.len() == batch_size || done == ids.len() {
             flush(&staged, &mut batch).map_err(store_error(&staging))?;
+            info!(done, total = ids.len(), "re-embedding: batch flushed");
             if progress(ReembedProgress {
                 done,
                 total: ids.len(),

@@ -113,9 +113,15 @@ fn a_library_moves_to_another_encoder_resumably_and_in_one_switch() {
     let cases = old_library(&library);
 
     // A dry run counts and writes nothing.
-    let dry = reembed(&library, &encoder, ReembedOptions { dry_run: true }, |_| {
-        ControlFlow::Continue(())
-    })
+    let dry = reembed(
+        &library,
+        &encoder,
+        ReembedOptions {
+            dry_run: true,
+            ..ReembedOptions::default()
+        },
+        |_| ControlFlow::Continue(()),
+    )
     .unwrap();
     assert_eq!(dry.outcome, ReembedOutcome::DryRun);
     assert_eq!((dry.cases, dry.without_original.len()), (20, 3));
