@@ -1,7 +1,6 @@
 //! Host display: every presented screen becomes a PNG file, so a PC run
 //! can be watched (open `latest.png`) and reviewed afterwards.
 
-use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
@@ -26,7 +25,8 @@ impl PngSnapshotDisplay {
     /// A `width` x `height` display writing into `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>, width: u32, height: u32) -> Result<Self, DisplayError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|source| DisplayError::Io {
+        // Screens show case thumbnails: the folder is the daemon user's alone.
+        dermascope_durable::create_private_dir_all(&dir).map_err(|source| DisplayError::Io {
             what: format!("creating snapshot folder {}", dir.display()),
             source,
         })?;

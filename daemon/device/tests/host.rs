@@ -368,6 +368,15 @@ fn png_display_writes_numbered_and_latest_screens() {
         .collect();
     names.sort();
     assert_eq!(names, ["latest.png", "screen-1.png", "screen-2.png"]);
+
+    // Screens show case thumbnails: the folder and every screen are the
+    // daemon user's alone, whatever the umask (0022 in most test runs).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out), 0o700);
+    for name in &names {
+        assert_eq!(mode(&out.join(name)), 0o600, "{name}");
+    }
 }
 
 #[test]

@@ -7,6 +7,11 @@
 //!   survives a crash or power cut: the temporary file is fsynced before
 //!   the rename and the directory after it.
 //! - A failure leaves `path` as it was and removes the temporary file.
+//! - Private: on Unix the new file is mode 0600 and [`create_private_dir_all`]
+//!   makes directories 0700, whatever the process umask (it can only take
+//!   bits away), because what the daemon writes (screens with case
+//!   thumbnails, adapters trained on a clinic's cases, the device id) is
+//!   the clinic's, not every local user's.
 //!
 //! # Limits
 //! The temporary file is `.<name>.tmp` beside the target, so one writer per
@@ -34,6 +39,26 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and any missing parents, each new one mode 0700 on Unix.
+/// Directories that exist already keep their mode.
+pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates (or truncates) `path` for writing, mode 0600 on Unix when it is
+/// created.
+fn create_private_file(path: &Path) -> io::Result<File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 pub fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
@@ -51,7 +76,13 @@ fn write_then_rename(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()>
     temporary_name.push(".tmp");
     let temporary = path.with_file_name(temporary_name);
     let written = (|| {
-        let mut file = File::create(&temporary)?;
+        // A temporary left by a killed writer keeps its old mode when
+        // truncated: start from a new file.
+        match fs::remove_file(&temporary) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = create_private_file(&temporary)?;
         file.write_all(bytes)?;
         if durable {
             file.sync_all()?;
@@ -86,6 +117,35 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["manifest.toml"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_and_folders_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let nested = dir.path().join("var/screens");
+        create_private_dir_all(&nested).unwrap();
+        assert_eq!(mode(&dir.path().join("var")), 0o700);
+        assert_eq!(mode(&nested), 0o700);
+        // An existing folder is not changed.
+        fs::set_permissions(&nested, fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir_all(&nested).unwrap();
+        assert_eq!(mode(&nested), 0o755);
+        // The process umask here is whatever the test runner has (0022 on
+        // most machines); a file replacing a world-readable one, and one
+        // replacing a leftover world-readable temporary, are both 0600.
+        let path = nested.join("latest.png");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let leftover = nested.join(".latest.png.tmp");
+        fs::write(&leftover, b"half").unwrap();
+        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o666)).unwrap();
+        replace(&path, b"new").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        replace_durably(&nested.join("device-id"), b"id").unwrap();
+        assert_eq!(mode(&nested.join("device-id")), 0o600);
     }
 
     #[test]

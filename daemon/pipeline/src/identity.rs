@@ -57,7 +57,8 @@ fn kept_or_new(path: &Path) -> Result<String, DeviceIdError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = CaseId::generate().as_str().to_owned();
-            std::fs::create_dir_all(dermascope_durable::parent_dir(path)).map_err(io)?;
+            dermascope_durable::create_private_dir_all(&dermascope_durable::parent_dir(path))
+                .map_err(io)?;
             dermascope_durable::replace_durably(path, format!("{id}\n").as_bytes()).map_err(io)?;
             Ok(id)
         }
@@ -81,6 +82,16 @@ mod tests {
             std::fs::read_to_string(dir.path().join("var/device-id")).unwrap(),
             format!("{first}\n")
         );
+        // The folder it made and the file are the daemon user's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("var"), mode("var/device-id")), (0o700, 0o600));
         config.device.id = Some("scope-2".into());
         assert_eq!(device_id(&config).unwrap(), "scope-2");
         config.device.id = None;

@@ -430,7 +430,7 @@ pub(crate) fn write(
         let dim = index.dim();
         let model = &model_id.as_bytes()[..model_id.len().min(u16::MAX as usize)];
         let header_len = FIXED_HEADER + model.len() + 4;
-        let mut out = BufWriter::with_capacity(CHUNK, File::create(&tmp_path)?);
+        let mut out = BufWriter::with_capacity(CHUNK, crate::private::create_file(&tmp_path)?);
         out.write_all(&vec![0u8; header_len])?;
         out.write_all(&meta)?;
         let mut crc = crc32fast::Hasher::new();

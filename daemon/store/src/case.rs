@@ -251,8 +251,8 @@ pub enum Sex {
 }
 
 /// Optional clinical context. `note` is free text and is patient data: it is
-/// never logged.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// never logged (its `Debug` says only whether there is one).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaseMetadata {
     pub age_years: Option<u16>,
     pub sex: Option<Sex>,
@@ -264,6 +264,30 @@ pub struct CaseMetadata {
     /// follow-ups, can show one lesion): evaluations and adapter training
     /// split by it so that no lesion is on both sides.
     pub lesion_id: Option<String>,
+}
+
+// Hand-written so that a stray `{:?}` cannot print the note, or a lesion id
+// (a clinic's, like a case id, may hold a patient's name).
+impl fmt::Debug for CaseMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |present: bool| if present { "Some(<hidden>)" } else { "None" };
+        f.debug_struct("CaseMetadata")
+            .field("age_years", &self.age_years)
+            .field("sex", &self.sex)
+            .field("anatomical_site", &self.anatomical_site)
+            .field("fitzpatrick_type", &self.fitzpatrick_type)
+            .field("note", &format_args!("{}", hidden(self.note.is_some())))
+            .field(
+                "lesion_id",
+                &format_args!(
+                    "{}",
+                    self.lesion_id
+                        .as_deref()
+                        .map_or("None".to_string(), |l| format!("tag {}", log_tag_of(l)))
+                ),
+            )
+            .finish()
+    }
 }
 
 /// One case of the library.
@@ -450,6 +474,29 @@ pub(crate) fn validate_embedding(embedding: &[f32], dim: usize) -> Result<(), Ca
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_debug_hides_the_note_and_the_lesion_id() {
+        let metadata = CaseMetadata {
+            age_years: Some(54),
+            anatomical_site: Some("back".into()),
+            note: Some("Mrs Jane Doe, follow up in March".into()),
+            lesion_id: Some("doe_jane_lesion_2".into()),
+            ..CaseMetadata::default()
+        };
+        let shown = format!("{metadata:?} {metadata:#?}");
+        for secret in ["Jane", "Doe", "March", "doe_jane"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("note: Some(<hidden>)"), "{shown}");
+        assert!(shown.contains(&log_tag_of("doe_jane_lesion_2")), "{shown}");
+        assert!(shown.contains("age_years: Some(54)"), "{shown}");
+        let empty = format!("{:?}", CaseMetadata::default());
+        assert!(
+            empty.contains("note: None") && empty.contains("lesion_id: None"),
+            "{empty}"
+        );
+    }
 
     #[test]
     fn ham10000_codes_resolve_and_unknown_codes_fail() {

@@ -607,7 +607,7 @@ impl FlatIndex {
         let mut rows = HashMap::with_capacity(n);
         for (row, id) in ids.iter().enumerate() {
             if rows.insert(id.clone(), row).is_some() {
-                return Err(format!("case {id} appears twice"));
+                return Err(format!("case (tag {}) appears twice", id.log_tag()));
             }
         }
         self.ids = ids;

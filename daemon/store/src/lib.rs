@@ -51,6 +51,21 @@
 //! should be reopened before further writes. The in-memory index is updated
 //! only after the flush, so a search never returns an unacknowledged case.
 //!
+//! # Privacy on disk
+//!
+//! A store is the daemon user's alone, whatever the process umask. The
+//! store creates its directory (and any missing parent) mode 0700 before
+//! sled opens it, so every file in it, sled's included (sled makes its own
+//! with the umask), is out of other users' reach; an existing store
+//! directory is tightened to 0700 at every open, and the files found in it
+//! lose their group and other bits (a file sled adds later is covered by
+//! the directory, and tightened at the next open). The index caches are
+//! created 0600. `tests/privacy.rs` opens a store under umask 0022 and
+//! checks the mode of the directory and of every file in it. Logs and
+//! error messages name a case by [`CaseId::log_tag`], never by its id (the
+//! errors' `id` fields keep it for the caller), and [`CaseMetadata`]'s
+//! `Debug` hides the free-text note and the lesion id.
+//!
 //! # The index
 //!
 //! [`FlatIndex`] holds every embedding in one contiguous row-major f32
@@ -68,6 +83,7 @@ mod cache;
 mod case;
 mod codec;
 pub mod index;
+mod private;
 mod report;
 mod store;
 

@@ -9,6 +9,13 @@ use thiserror::Error;
 use crate::case::CaseError;
 use crate::index::IndexError;
 
+/// How a message names a case: by [`crate::CaseId::log_tag`], never by its
+/// id (a clinic's file name, which can hold a patient's name), since
+/// errors end up in logs. The `id` fields keep the id for the caller.
+fn tag(id: &str) -> String {
+    format!("(tag {})", crate::case::log_tag_of(id))
+}
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error(
@@ -45,22 +52,23 @@ pub enum StoreError {
     BadHeader { path: PathBuf, reason: String },
     #[error("invalid store identity: {0}")]
     InvalidIdentity(String),
-    #[error("case {id:?} refused: {source}")]
+    #[error("case {} refused: {source}", tag(id))]
     InvalidCase {
         id: String,
         #[source]
         source: CaseError,
     },
     #[error(
-        "case {id:?} is stored already; a stored case is changed with an update (a new \
-         revision), never overwritten by an insert"
+        "case {} is stored already; a stored case is changed with an update (a new \
+         revision), never overwritten by an insert",
+        tag(id)
     )]
     CaseExists { id: String },
-    #[error("case {id:?} appears twice in one batch; nothing was written")]
+    #[error("case {} appears twice in one batch; nothing was written", tag(id))]
     DuplicateInBatch { id: String },
-    #[error("case {id:?} is not in the store, so it cannot be updated")]
+    #[error("case {} is not in the store, so it cannot be updated", tag(id))]
     NoSuchCase { id: String },
-    #[error("case {id:?} is corrupt in the {tree} tree: {reason}")]
+    #[error("case {} is corrupt in the {tree} tree: {reason}", tag(id))]
     CorruptCase {
         id: String,
         tree: &'static str,
@@ -89,7 +97,7 @@ pub enum StoreError {
     Index(#[from] IndexError),
     #[error("no adapter space is attached: install an adapter (`dermascope adapter train`) first")]
     NoAdapterSpace,
-    #[error("adapter embedding for case {id:?} is empty or not finite")]
+    #[error("adapter embedding for case {} is empty or not finite", tag(id))]
     InvalidAdapterEmbedding { id: String },
     #[error("the in-memory index was poisoned by a panic in another thread; reopen the store")]
     Poisoned,

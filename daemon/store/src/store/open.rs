@@ -168,6 +168,9 @@ impl CaseStore {
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+    // Before sled, which would make the directory with the umask.
+    crate::private::create_dir(path)
+        .map_err(|e| io_error("creating the store directory (mode 0700)", e))?;
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match sled::Config::new()
@@ -175,7 +178,13 @@ fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
             .cache_capacity(SLED_CACHE_BYTES)
             .open()
         {
-            Ok(db) => return Ok(db),
+            Ok(db) => {
+                // After sled, so that the files it just made are covered too.
+                if let Err(e) = crate::private::tighten_all(path) {
+                    warn!(error = %e, "the store directory could not be made private to its user");
+                }
+                return Ok(db);
+            }
             Err(sled::Error::Io(e)) if is_lock_held(&e) => {
                 if Instant::now() >= deadline {
                     return Err(StoreError::InUse {
@@ -295,7 +304,8 @@ fn load_cached(
     for id_text in &touched {
         let Ok(id) = CaseId::new(id_text.clone()) else {
             return Ok(Err(Miss::Invalid(format!(
-                "change log names an invalid id {id_text:?}"
+                "change log names an invalid id (tag {})",
+                crate::case::log_tag_of(id_text)
             ))));
         };
         corrupt.remove(id_text);
