@@ -139,7 +139,7 @@ pub(crate) fn install(
         let path = path.to_path_buf();
         move |source| AdapterError::Io { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    create_private_dir(dir).map_err(io(dir))?;
     let doc = format!(
         "Dermascope adapter for encoder {}; classes {}",
         trained.encoder_model_id,
@@ -222,9 +222,28 @@ fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}{TEMP_SUFFIX}"))
 }
 
+/// An adapter is trained on a clinic's cases: its folder (and any missing
+/// parent) is made 0700 and its files 0600, whatever the umask.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut file = std::fs::File::create(path)?;
+    // A temporary left by an interrupted install would keep its old mode.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -642,6 +661,25 @@ mod tests {
         )
         .unwrap();
         manifest.adapter_id
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_installed_adapter_is_private_to_its_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        // Missing, as var/adapter is before the first install.
+        let dir = root.path().join("var/adapter");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The test runner's umask (0022 on most machines) would leave
+        // 0755 folders and 0644 files.
+        save(&adapter(1), 1, &dir).unwrap();
+        save(&adapter(2), 1, &dir).unwrap();
+        assert_eq!(mode(&root.path().join("var")), 0o700);
+        assert_eq!(mode(&dir), 0o700);
+        for name in names(&dir) {
+            assert_eq!(mode(&dir.join(&name)), 0o600, "{name}");
+        }
     }
 
     #[test]
