@@ -348,7 +348,9 @@ impl Adapter {
             });
         }
         let actual = hex::encode(Sha256::digest(&bytes));
-        if actual != manifest.sha256 {
+        // Hex digits in either case, as the encoder's manifest check reads
+        // them: a hand-edited manifest in upper case is still the same file.
+        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
             return Err(AdapterError::ChecksumMismatch {
                 path: model_path,
                 expected: manifest.sha256.clone(),
