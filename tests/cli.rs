@@ -457,7 +457,9 @@ fn adapter_trains_on_stored_cases_is_used_by_search_and_refuses_bad_labels() {
         out.contains("adapter space: 42 case embeddings computed"),
         "{out}"
     );
-    for file in ["manifest.toml", "adapter.onnx", "report.json", "report.txt"] {
+    // The model file is named by its content (`<adapter id>.onnx`).
+    let model_file = format!("{}.onnx", report["adapter_id"].as_str().unwrap());
+    for file in ["manifest.toml", &model_file, "report.json", "report.txt"] {
         assert!(adapter.join(file).is_file(), "{file} missing");
     }
 
