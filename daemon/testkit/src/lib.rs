@@ -17,6 +17,13 @@
 //!
 //! Architecture Invariant: a test that did not check its claim never counts
 //! as passed in `scripts/test`'s closing line.
+//!
+//! # Fuzzing
+//!
+//! [`fuzz`] is the harness behind every fuzz target (seed corpora under
+//! `fuzz/corpus/`, proptest strategies, allocation limits, a hang watchdog).
+
+pub mod fuzz;
 
 use std::fmt;
 use std::io::Write;
