@@ -176,9 +176,13 @@ fn read_header(
             "{rows_len} row bytes for {count} rows of dim {dim}"
         )));
     }
-    // Checked before allocating anything sized by `count`, so a garbled
-    // count cannot make us reserve gigabytes.
-    let total = (FIXED_HEADER + model_len + 4) as u64 + meta_len as u64 + rows_len as u64;
+    // Checked before allocating anything sized by `count` or `meta_len`, so
+    // a garbled length cannot make us reserve gigabytes; the sum is checked
+    // too, since lengths that wrap it could match the file's size.
+    let total = ((FIXED_HEADER + model_len + 4) as u64)
+        .checked_add(meta_len as u64)
+        .and_then(|t| t.checked_add(rows_len as u64))
+        .ok_or_else(|| invalid("section lengths overflow"))?;
     let on_disk = file
         .metadata()
         .map_err(|e| invalid(format!("stat failed: {e}")))?

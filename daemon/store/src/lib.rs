@@ -82,6 +82,8 @@
 mod cache;
 mod case;
 mod codec;
+#[cfg(test)]
+mod fuzz_targets;
 pub mod index;
 mod private;
 mod report;
