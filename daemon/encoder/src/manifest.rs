@@ -4,7 +4,7 @@
 //! Xception today, MedImageInsight later): the daemon never hard-codes an input
 //! size, a normalisation or an embedding dimension.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -174,8 +174,13 @@ impl EncoderManifest {
             return Err(invalid("no [[variant]] is listed".into()));
         }
         for variant in &self.variants {
-            let file = Path::new(&variant.file);
-            if file.is_absolute() || file.components().count() != 1 {
+            // One normal component: not absolute, and neither `.` nor `..`
+            // (one component each, which would name the bundle folder or
+            // the one above it).
+            let mut parts = Path::new(&variant.file).components();
+            let plain =
+                matches!(parts.next(), Some(Component::Normal(_))) && parts.next().is_none();
+            if !plain {
                 return Err(invalid(format!(
                     "variant {}: file {:?} must be a plain file name inside the bundle",
                     variant.name, variant.file
