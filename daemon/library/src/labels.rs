@@ -89,12 +89,17 @@ pub fn read_labels(path: &Path) -> Result<LabelsFile, LabelsError> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_labels(&bytes, path)
+}
+
+/// [`read_labels`] on the file's bytes; `path` only names the file in errors.
+pub fn parse_labels(bytes: &[u8], path: &Path) -> Result<LabelsFile, LabelsError> {
     if bytes.starts_with(&[0xff, 0xfe]) || bytes.starts_with(&[0xfe, 0xff]) {
         return Err(LabelsError::Utf16 {
             path: path.to_path_buf(),
         });
     }
-    let body = bytes.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(&bytes);
+    let body = bytes.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(bytes);
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)

@@ -28,7 +28,7 @@ pub use evaluation::{
 };
 
 pub use ingest::{ingest, IngestError, IngestOptions, IngestProgress, IngestSummary};
-pub use labels::{read_labels, LabelledImage, LabelsError, LabelsFile, RejectedRow};
+pub use labels::{parse_labels, read_labels, LabelledImage, LabelsError, LabelsFile, RejectedRow};
 pub use photo::{
     original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,
 };
