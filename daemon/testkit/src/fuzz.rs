@@ -87,10 +87,14 @@ pub fn say(line: &str) {
 /// A `#[global_allocator]` for fuzz test binaries: the system allocator,
 /// noting the largest single request made on each thread.
 ///
-/// ```ignore
+/// ```
 /// #[global_allocator]
 /// static ALLOCATOR: dermascope_testkit::fuzz::TrackingAllocator =
 ///     dermascope_testkit::fuzz::TrackingAllocator;
+/// # fn main() {
+/// #     // Panics when the binary lacks the allocator.
+/// #     drop(dermascope_testkit::fuzz::Fuzzer::new("doc"));
+/// # }
 /// ```
 pub struct TrackingAllocator;
 
