@@ -43,9 +43,17 @@
 //! returns `Ok`, and that happens only after both trees were updated in one
 //! sled transaction, `sled::Db::flush` succeeded and we fsynced sled's log
 //! file ourselves (sled 0.34.7's flush only calls `sync_file_range` on Linux,
-//! which does not flush the drive cache or the file's metadata).
-//! An acknowledged case survives a process kill; the crash test in
-//! `tests/durability.rs` kills a writer at random moments and checks exactly
+//! which does not flush the drive cache or the file's metadata), and every
+//! file sled wrote beside it: sled puts each log message over 128 KiB (a
+//! leaf of 16 rows of 2048-d embeddings, an original photograph) in a file
+//! of its own under `blobs/` and fsyncs none of them, nor the directories;
+//! the store fsyncs each new blob and `blobs/` in every flush (and the store
+//! directory when its entries changed), and everything once at open (see
+//! `store/disk_sync.rs`).
+//! An acknowledged case survives a process kill and a power cut: the crash
+//! test in `tests/durability.rs` kills a writer at random moments, and
+//! `scripts/test-powercut` kills the arm64 VM a writer runs in (its page
+//! cache lost with it) at random moments during ingest; both check exactly
 //! this. A write that returns an error (e.g. [`StoreError::DiskFull`]) is not
 //! acknowledged: it may or may not be present after a reopen, and the store
 //! should be reopened before further writes. The in-memory index is updated

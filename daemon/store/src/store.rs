@@ -18,6 +18,7 @@ use crate::index::FlatIndex;
 use crate::report::{CorruptEntry, OpenReport};
 
 mod adapter_space;
+mod disk_sync;
 mod error;
 mod header;
 mod open;
@@ -53,6 +54,8 @@ pub struct CaseStore {
     /// background thread. We fsync this handle after every flush so an
     /// acknowledged case also survives a power cut.
     log_file: std::fs::File,
+    /// The blob files and directories sled never fsyncs (see `disk_sync`).
+    disk: disk_sync::DiskSync,
     /// Serialises writers so the index applies writes in the order sled
     /// did, and guards what the index cache needs to know.
     writer: Mutex<WriterState>,

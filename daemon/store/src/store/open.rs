@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use super::disk_sync::DiskSync;
 use super::error::{io_error, storage, StoreError};
 use super::header::{check_or_write_header, StoreIdentity};
 use super::trees::{Tree, Trees};
@@ -84,6 +85,10 @@ impl CaseStore {
         let generation = check_or_write_header(&db, &trees, &path, &identity)?;
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| io_error("opening sled's log file for fsync", e))?;
+        // What sled recovered (or just created) may so far be only in the
+        // page cache, left there by a writer that was killed: every write
+        // from now on builds on it.
+        let disk = DiskSync::open(&path).map_err(|e| io_error("syncing sled's files", e))?;
 
         let residency = options.residency;
         let primary = primary_cache(residency);
@@ -127,6 +132,7 @@ impl CaseStore {
             trees,
             index: RwLock::new(index),
             log_file,
+            disk,
             writer: Mutex::new(WriterState {
                 generation,
                 cached_generation,

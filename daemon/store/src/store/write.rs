@@ -237,12 +237,19 @@ impl CaseStore {
         Ok(existed)
     }
 
+    /// Makes everything written so far durable: the blobs the write just
+    /// made (before sled's flush, which may remove the blobs they replace),
+    /// sled's log, any blob written meanwhile, the log file and directories.
     pub(super) fn flush(&self, op: &'static str) -> Result<(), StoreError> {
+        let io = |e| io_error(op, e);
         let flushed = self
-            .db
-            .flush()
-            .map_err(storage(op))
-            .and_then(|_| self.log_file.sync_all().map_err(|e| io_error(op, e)));
+            .disk
+            .sync_new_blobs()
+            .map_err(io)
+            .and_then(|_| self.db.flush().map_err(storage(op)))
+            .and_then(|_| self.disk.sync_new_blobs().map_err(io))
+            .and_then(|_| self.log_file.sync_all().map_err(io))
+            .and_then(|_| self.disk.sync_store_dir().map(|_| ()).map_err(io));
         flushed.inspect_err(|err| {
             warn!(error = %err, "store flush failed; the write is not acknowledged");
         })
