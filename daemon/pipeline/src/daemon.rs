@@ -385,80 +385,9 @@ impl Daemon {
                     last_capture = capture;
                     drawn?;
                 }
-                Some(TriggerEvent::Confirm { label }) => match last_capture.take() {
-                    Some(capture) => {
-                        match case_from_capture(
-                            &capture,
-                            label.as_deref(),
-                            self.analyzer.encoder.model_id(),
-                            self.cases.device_id.as_deref(),
-                        ) {
-                            Ok(_) if self.storage_failed => {
-                                last_capture = Some(capture);
-                                let screen = Screen::Error {
-                                    title: "Cases cannot be saved".into(),
-                                    what_to_fix: "The case library failed; earlier cases are \
-                                                  safe. Restart the device; if it repeats, \
-                                                  call service."
-                                        .into(),
-                                };
-                                self.show(&screen, &mut summary.screens)?;
-                            }
-                            Ok(case) => {
-                                let id = case.id.clone();
-                                let submitted = writer.submit(PendingCase {
-                                    case,
-                                    adapter_embedding: capture.adapter_embedding.clone(),
-                                    frame: self
-                                        .cases
-                                        .keep_originals
-                                        .then(|| Arc::clone(&capture.frame)),
-                                });
-                                let screen = match submitted {
-                                    Ok(()) => {
-                                        summary.confirmed += 1;
-                                        saving.push((id, capture));
-                                        // "Saved" only once the writer says
-                                        // the case is flushed.
-                                        self.ready_with(SAVING)
-                                    }
-                                    Err(SubmitError::Full) => {
-                                        warn!("case queue full; confirmation refused");
-                                        last_capture = Some(capture);
-                                        Screen::Error {
-                                            title: "Still saving".into(),
-                                            what_to_fix: "Earlier cases are still being saved. \
-                                                          Wait a moment and confirm again."
-                                                .into(),
-                                        }
-                                    }
-                                    Err(SubmitError::Stopped) => {
-                                        error!("the case writer has stopped");
-                                        self.storage_failed = true;
-                                        last_capture = Some(capture);
-                                        Screen::Error {
-                                            title: "Cases cannot be saved".into(),
-                                            what_to_fix: "Restart the device; earlier cases are \
-                                                          safe."
-                                                .into(),
-                                        }
-                                    }
-                                };
-                                self.show(&screen, &mut summary.screens)?;
-                            }
-                            Err(refused) => {
-                                warn!(error = %refused, "confirmation refused");
-                                last_capture = Some(capture);
-                                let screen = Screen::Error {
-                                    title: "Label not recognised".into(),
-                                    what_to_fix: refused.to_string(),
-                                };
-                                self.show(&screen, &mut summary.screens)?;
-                            }
-                        }
-                    }
-                    None => debug!("confirm without a capture to confirm"),
-                },
+                Some(TriggerEvent::Confirm { label }) => {
+                    self.confirm(label, &mut last_capture, &mut saving, writer, summary)?;
+                }
                 Some(TriggerEvent::Shutdown) => {
                     info!("shutdown event");
                     return Ok(());
@@ -527,6 +456,93 @@ impl Daemon {
         let mut analysis = self.analyzer.analyse(&frames, &mut timings);
         analysis.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
         analysis
+    }
+
+    /// A confirmation of the last capture: handed to the case writer
+    /// ("saving" at once), or refused with a screen saying why.
+    fn confirm(
+        &mut self,
+        label: Option<String>,
+        last_capture: &mut Option<CapturedLesion>,
+        saving: &mut Vec<(CaseId, CapturedLesion)>,
+        writer: &CaseWriter,
+        summary: &mut RunSummary,
+    ) -> Result<(), DaemonError> {
+        match last_capture.take() {
+            Some(capture) => {
+                match case_from_capture(
+                    &capture,
+                    label.as_deref(),
+                    self.analyzer.encoder.model_id(),
+                    self.cases.device_id.as_deref(),
+                ) {
+                    Ok(_) if self.storage_failed => {
+                        *last_capture = Some(capture);
+                        let screen = Screen::Error {
+                            title: "Cases cannot be saved".into(),
+                            what_to_fix: "The case library failed; earlier cases are \
+                                      safe. Restart the device; if it repeats, \
+                                      call service."
+                                .into(),
+                        };
+                        self.show(&screen, &mut summary.screens)?;
+                    }
+                    Ok(case) => {
+                        let id = case.id.clone();
+                        let submitted = writer.submit(PendingCase {
+                            case,
+                            adapter_embedding: capture.adapter_embedding.clone(),
+                            frame: self
+                                .cases
+                                .keep_originals
+                                .then(|| Arc::clone(&capture.frame)),
+                        });
+                        let screen = match submitted {
+                            Ok(()) => {
+                                summary.confirmed += 1;
+                                saving.push((id, capture));
+                                // "Saved" only once the writer says
+                                // the case is flushed.
+                                self.ready_with(SAVING)
+                            }
+                            Err(SubmitError::Full) => {
+                                warn!("case queue full; confirmation refused");
+                                *last_capture = Some(capture);
+                                Screen::Error {
+                                    title: "Still saving".into(),
+                                    what_to_fix: "Earlier cases are still being saved. \
+                                              Wait a moment and confirm again."
+                                        .into(),
+                                }
+                            }
+                            Err(SubmitError::Stopped) => {
+                                error!("the case writer has stopped");
+                                self.storage_failed = true;
+                                *last_capture = Some(capture);
+                                Screen::Error {
+                                    title: "Cases cannot be saved".into(),
+                                    what_to_fix: "Restart the device; earlier cases are \
+                                              safe."
+                                        .into(),
+                                }
+                            }
+                        };
+                        self.show(&screen, &mut summary.screens)?;
+                    }
+                    Err(refused) => {
+                        warn!(error = %refused, "confirmation refused");
+                        *last_capture = Some(capture);
+                        let screen = Screen::Error {
+                            title: "Label not recognised".into(),
+                            what_to_fix: refused.to_string(),
+                        };
+                        self.show(&screen, &mut summary.screens)?;
+                    }
+                }
+            }
+            None => debug!("confirm without a capture to confirm"),
+        }
+        Ok(())
     }
 
     /// The screen for what the writer reported about one confirmation.
