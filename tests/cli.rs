@@ -8,7 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use image::{Rgb, RgbImage};
+mod support;
+
+use support::{daemon_config, synthetic_lesion, HostDaemon};
+
+/// The shared synthetic library, with this file's `SYN_` names.
+fn synthetic_library(dir: &Path, per_class: u32) -> PathBuf {
+    support::synthetic_library(dir, per_class, "SYN").0
+}
 
 fn bundle() -> PathBuf {
     dermascope_testkit::bundle_dir()
@@ -43,54 +50,6 @@ fn text(output: &Output) -> (String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// A pigmented blob on skin-coloured background; `hue` separates the
-/// synthetic "diagnoses" so that retrieval has something to find.
-fn synthetic_lesion(seed: u32, hue: [u8; 3]) -> RgbImage {
-    let cx = 90.0 + (seed % 7) as f32 * 4.0;
-    let cy = 70.0 + (seed % 5) as f32 * 3.0;
-    let radius = 35.0 + (seed % 11) as f32 * 2.0;
-    RgbImage::from_fn(200, 150, |x, y| {
-        let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-        if d < radius {
-            let fade = d / radius;
-            Rgb([
-                (hue[0] as f32 * (0.6 + 0.4 * fade)) as u8,
-                (hue[1] as f32 * (0.6 + 0.4 * fade)) as u8,
-                (hue[2] as f32 * (0.6 + 0.4 * fade)) as u8,
-            ])
-        } else {
-            Rgb([225, 170 + (x % 9) as u8, 150 + (y % 7) as u8])
-        }
-    })
-}
-
-const HUES: [(&str, [u8; 3]); 3] = [
-    ("nv", [120, 70, 40]),
-    ("mel", [40, 25, 30]),
-    ("vasc", [170, 30, 50]),
-];
-
-/// Writes `n` synthetic photographs per diagnosis and a labels file for them.
-fn synthetic_library(dir: &Path, per_class: u32) -> PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let mut csv = String::from("image,label,lesion_id,dx_type,age,sex,anatom_site\n");
-    for (class, (label, hue)) in HUES.iter().enumerate() {
-        for i in 0..per_class {
-            let name = format!("SYN_{class}{i:03}.jpg");
-            synthetic_lesion(i * 3 + class as u32, *hue)
-                .save(images.join(&name))
-                .unwrap();
-            csv.push_str(&format!(
-                "{name},{label},L{class}{i},histo,45,female,back\n"
-            ));
-        }
-    }
-    let labels = dir.join("labels.csv");
-    std::fs::write(&labels, csv).unwrap();
-    labels
 }
 
 #[test]
@@ -527,27 +486,11 @@ fn the_daemon_answers_a_press_and_stops_cleanly_on_sigterm() {
     std::fs::create_dir_all(&library).unwrap();
     let labels = synthetic_library(&library, 4);
     std::fs::rename(&labels, library.join("labels.csv")).unwrap();
-    let replay = dir.path().join("replay");
-    std::fs::create_dir_all(&replay).unwrap();
-    for i in 0..3 {
-        synthetic_lesion(100 + i, [110, 60, 40])
-            .save(replay.join(format!("frame{i}.png")))
-            .unwrap();
-    }
-    let socket = dir.path().join("control.sock");
-    let screens = dir.path().join("screens");
-    let config = dir.path().join("dermascope.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[camera]\nreplay_dir = {replay:?}\n[trigger]\nsocket = {socket:?}\n\
-             [display]\npng_dir = {screens:?}\n[store]\ndir = {store:?}\n\
-             [adapter]\ndir = {adapter:?}\n[quality]\nmin_focus = 0.0\nmin_lesion_contrast = 0.0\n",
-            store = dir.path().join("cases"),
-            adapter = dir.path().join("no-adapter"),
-        ),
-    )
-    .unwrap();
+    let HostDaemon {
+        config,
+        socket,
+        screens,
+    } = daemon_config(dir.path(), &dir.path().join("cases"));
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_dermascope"))
         .args(["run", "--config", config.to_str().unwrap(), "--cases"])
         .arg(&library)

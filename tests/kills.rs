@@ -20,17 +20,18 @@
 //!
 //! `DERMASCOPE_KILL_SEED=<n>` replays a run; every test prints its seed.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use dermascope_adapter::{Adapter, AdapterError};
-use dermascope_store::{Case, CaseFilter, CaseId, CaseSource, CaseStore, ScoreKind};
-use image::{Rgb, RgbImage};
+use dermascope_store::{now_ms, Case, CaseFilter, CaseId, CaseSource, CaseStore, ScoreKind};
 
 /// Kills per writer (the issue asks for at least 20).
 const KILLS: usize = 20;
@@ -314,51 +315,9 @@ fn assert_searchable(store: &CaseStore, case: &Case, context: &str) {
     );
 }
 
-/// A pigmented blob on skin-coloured background (as in `tests/cli.rs`);
-/// `hue` separates the synthetic diagnoses.
-fn synthetic_lesion(seed: u32, hue: [u8; 3]) -> RgbImage {
-    let cx = 90.0 + (seed % 7) as f32 * 4.0;
-    let cy = 70.0 + (seed % 5) as f32 * 3.0;
-    let radius = 35.0 + (seed % 11) as f32 * 2.0;
-    RgbImage::from_fn(200, 150, |x, y| {
-        let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-        if d < radius {
-            let fade = 0.6 + 0.4 * d / radius;
-            Rgb(hue.map(|c| (c as f32 * fade) as u8))
-        } else {
-            Rgb([225, 170 + (x % 9) as u8, 150 + (y % 7) as u8])
-        }
-    })
-}
-
-const HUES: [(&str, [u8; 3]); 3] = [
-    ("nv", [120, 70, 40]),
-    ("mel", [40, 25, 30]),
-    ("vasc", [170, 30, 50]),
-];
-
-/// `per_class` synthetic photographs per diagnosis in `dir/images` and
-/// their labels file; returns it and the case ids in the file's order.
+/// The shared synthetic library, with this file's `KILL_` names.
 fn synthetic_library(dir: &Path, per_class: u32) -> (PathBuf, Vec<String>) {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let mut csv = String::from("image,label,lesion_id,dx_type,age,sex,anatom_site\n");
-    let mut ids = Vec::new();
-    for i in 0..per_class {
-        for (class, (label, hue)) in HUES.iter().enumerate() {
-            let id = format!("KILL_{class}{i:03}");
-            synthetic_lesion(i * 3 + class as u32, *hue)
-                .save(images.join(format!("{id}.jpg")))
-                .unwrap();
-            csv.push_str(&format!(
-                "{id}.jpg,{label},L{class}{i},histo,50,male,back\n"
-            ));
-            ids.push(id);
-        }
-    }
-    let labels = dir.join("labels.csv");
-    std::fs::write(&labels, csv).unwrap();
-    (labels, ids)
+    support::synthetic_library(dir, per_class, "KILL")
 }
 
 /// `dermascope ingest` of `labels` into `store`, uninterrupted.
@@ -413,12 +372,6 @@ fn add_clones(store: &Path, clones: usize, rng: &mut Rng) {
     for chunk in made.chunks(200) {
         store.insert_batch(chunk).unwrap();
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a test counts; printed at its end (`--nocapture` shows it).
@@ -634,26 +587,11 @@ fn run_killed_with_confirmations_in_flight_keeps_every_saved_capture() {
     let (labels, _) = synthetic_library(dir.path(), 4);
     let store = dir.path().join("cases");
     ingest_all(dir.path(), &labels, &store);
-    let replay = dir.path().join("replay");
-    std::fs::create_dir_all(&replay).unwrap();
-    for i in 0..3 {
-        synthetic_lesion(100 + i, [110, 60, 40])
-            .save(replay.join(format!("frame{i}.png")))
-            .unwrap();
-    }
-    let socket = dir.path().join("control.sock");
-    let config = dir.path().join("dermascope.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[camera]\nreplay_dir = {replay:?}\n[trigger]\nsocket = {socket:?}\n\
-             [display]\npng_dir = {screens:?}\n[store]\ndir = {store:?}\n\
-             [adapter]\ndir = {adapter:?}\n[quality]\nmin_focus = 0.0\nmin_lesion_contrast = 0.0\n",
-            screens = dir.path().join("screens"),
-            adapter = dir.path().join("no-adapter"),
-        ),
-    )
-    .unwrap();
+    let support::HostDaemon {
+        config,
+        socket,
+        screens,
+    } = support::daemon_config(dir.path(), &store);
     let daemon = || {
         let mut command = dermascope("info");
         command.args(["run", "--config", config.to_str().unwrap()]);

@@ -1,6 +1,9 @@
-//! What the process tests of `privacy.rs` and `notify.rs` share.
+//! What the process tests of the binary share: the binary with the test
+//! bundle, a process read while it runs, synthetic photographs and
+//! libraries, and the daemon's configuration on the host stand-ins.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -64,5 +67,92 @@ impl Running {
             stdout: self.stdout.join().unwrap(),
             stderr: self.stderr.join().unwrap(),
         }
+    }
+}
+
+/// A pigmented blob on skin-coloured background; `hue` separates the
+/// synthetic "diagnoses" so that retrieval has something to find.
+pub fn synthetic_lesion(seed: u32, hue: [u8; 3]) -> image::RgbImage {
+    let cx = 90.0 + (seed % 7) as f32 * 4.0;
+    let cy = 70.0 + (seed % 5) as f32 * 3.0;
+    let radius = 35.0 + (seed % 11) as f32 * 2.0;
+    image::RgbImage::from_fn(200, 150, |x, y| {
+        let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+        if d < radius {
+            let fade = 0.6 + 0.4 * d / radius;
+            image::Rgb(hue.map(|c| (c as f32 * fade) as u8))
+        } else {
+            image::Rgb([225, 170 + (x % 9) as u8, 150 + (y % 7) as u8])
+        }
+    })
+}
+
+pub const HUES: [(&str, [u8; 3]); 3] = [
+    ("nv", [120, 70, 40]),
+    ("mel", [40, 25, 30]),
+    ("vasc", [170, 30, 50]),
+];
+
+/// `per_class` synthetic photographs per diagnosis in `dir/images`, named
+/// `<prefix>_<class><index>.jpg`, and their labels file (class by class);
+/// returns the file and the case ids in its order.
+pub fn synthetic_library(dir: &Path, per_class: u32, prefix: &str) -> (PathBuf, Vec<String>) {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut csv = String::from("image,label,lesion_id,dx_type,age,sex,anatom_site\n");
+    let mut ids = Vec::new();
+    for (class, (label, hue)) in HUES.iter().enumerate() {
+        for i in 0..per_class {
+            let id = format!("{prefix}_{class}{i:03}");
+            synthetic_lesion(i * 3 + class as u32, *hue)
+                .save(images.join(format!("{id}.jpg")))
+                .unwrap();
+            csv.push_str(&format!(
+                "{id}.jpg,{label},L{class}{i},histo,45,female,back\n"
+            ));
+            ids.push(id);
+        }
+    }
+    let labels = dir.join("labels.csv");
+    std::fs::write(&labels, csv).unwrap();
+    (labels, ids)
+}
+
+/// Where a daemon started by [`daemon_config`] listens and draws.
+pub struct HostDaemon {
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub screens: PathBuf,
+}
+
+/// `dir/dermascope.toml` for `dermascope run` on the host stand-ins: a
+/// replay camera of three synthetic frames, the control socket, PNG
+/// screens, the store at `store`, no adapter, and a quality gate that
+/// takes the synthetic frames.
+pub fn daemon_config(dir: &Path, store: &Path) -> HostDaemon {
+    let replay = dir.join("replay");
+    std::fs::create_dir_all(&replay).unwrap();
+    for i in 0..3 {
+        synthetic_lesion(100 + i, [110, 60, 40])
+            .save(replay.join(format!("frame{i}.png")))
+            .unwrap();
+    }
+    let socket = dir.join("control.sock");
+    let screens = dir.join("screens");
+    let config = dir.join("dermascope.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[camera]\nreplay_dir = {replay:?}\n[trigger]\nsocket = {socket:?}\n\
+             [display]\npng_dir = {screens:?}\n[store]\ndir = {store:?}\n\
+             [adapter]\ndir = {adapter:?}\n[quality]\nmin_focus = 0.0\nmin_lesion_contrast = 0.0\n",
+            adapter = dir.join("no-adapter"),
+        ),
+    )
+    .unwrap();
+    HostDaemon {
+        config,
+        socket,
+        screens,
     }
 }
