@@ -52,6 +52,24 @@ fn text(output: &Output) -> (String, String) {
     )
 }
 
+/// The default bundle's graph under another model id in `dir/other-bundle`:
+/// it stands for any other encoder. Both variants are linked, since which
+/// one runs by default depends on this CPU.
+fn other_encoder(dir: &Path) -> PathBuf {
+    let other = dir.join("other-bundle");
+    std::fs::create_dir(&other).unwrap();
+    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
+    std::fs::write(
+        other.join("manifest.toml"),
+        manifest.replace("model_id = \"", "model_id = \"other-"),
+    )
+    .unwrap();
+    for file in ["encoder-fp32.onnx", "encoder-int8.onnx"] {
+        std::os::unix::fs::symlink(bundle().join(file), other.join(file)).unwrap();
+    }
+    other
+}
+
 #[test]
 fn ingest_reports_bad_rows_keeps_the_rest_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,19 +211,7 @@ fn a_store_of_another_encoder_is_refused_with_how_to_reembed() {
         )
     };
     assert!(ingest_with(&bundle()).status.success());
-    // The same graph under another model id stands for any other encoder.
-    let other = dir.path().join("other-bundle");
-    std::fs::create_dir(&other).unwrap();
-    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
-    std::fs::write(
-        other.join("manifest.toml"),
-        manifest.replace("model_id = \"", "model_id = \"other-"),
-    )
-    .unwrap();
-    // Both variants: which one runs by default depends on this CPU.
-    for file in ["encoder-fp32.onnx", "encoder-int8.onnx"] {
-        std::os::unix::fs::symlink(bundle().join(file), other.join(file)).unwrap();
-    }
+    let other = other_encoder(dir.path());
     let refused = ingest_with(&other);
     let (_, err) = text(&refused);
     assert!(!refused.status.success());
@@ -225,17 +231,7 @@ fn reembed_moves_a_library_to_another_encoder() {
     let labels = synthetic_library(dir.path(), 2);
     let images = dir.path().join("images");
     let store = dir.path().join("store");
-    let other = dir.path().join("other-bundle");
-    std::fs::create_dir(&other).unwrap();
-    let manifest = std::fs::read_to_string(bundle().join("manifest.toml")).unwrap();
-    std::fs::write(
-        other.join("manifest.toml"),
-        manifest.replace("model_id = \"", "model_id = \"other-"),
-    )
-    .unwrap();
-    for file in ["encoder-fp32.onnx", "encoder-int8.onnx"] {
-        std::os::unix::fs::symlink(bundle().join(file), other.join(file)).unwrap();
-    }
+    let other = other_encoder(dir.path());
     let other_arg = ["--bundle", other.to_str().unwrap()];
     let mut extra = vec!["--keep-originals"];
     extra.extend_from_slice(&other_arg);
