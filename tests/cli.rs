@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 mod support;
 
-use support::{daemon_config, synthetic_lesion, HostDaemon};
+use support::{daemon_config, HostDaemon};
 
 /// The shared synthetic library, with this file's `SYN_` names.
 fn synthetic_library(dir: &Path, per_class: u32) -> PathBuf {

@@ -587,11 +587,7 @@ fn run_killed_with_confirmations_in_flight_keeps_every_saved_capture() {
     let (labels, _) = synthetic_library(dir.path(), 4);
     let store = dir.path().join("cases");
     ingest_all(dir.path(), &labels, &store);
-    let support::HostDaemon {
-        config,
-        socket,
-        screens,
-    } = support::daemon_config(dir.path(), &store);
+    let support::HostDaemon { config, socket, .. } = support::daemon_config(dir.path(), &store);
     let daemon = || {
         let mut command = dermascope("info");
         command.args(["run", "--config", config.to_str().unwrap()]);

@@ -2,6 +2,8 @@
 //! bundle, a process read while it runs, synthetic photographs and
 //! libraries, and the daemon's configuration on the host stand-ins.
 
+#![allow(dead_code)] // each test file uses its own part
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
