@@ -19,7 +19,8 @@
 //! writer killed earlier may have left files that are readable now only
 //! from the page cache, and new writes would build on them. An fsync of a
 //! file or directory with nothing new still flushes the drive's cache, so
-//! nothing is fsynced that the listing shows unchanged.
+//! nothing is fsynced that the listing shows unchanged, and a large store
+//! is synced at open with one `syncfs`.
 //!
 //! A blob file is written once and never changed, but sled may be writing
 //! one (a split done by a reader, a write outside the writer lock) while a
@@ -82,11 +83,13 @@ impl DiskSync {
     }
 
     /// Fsyncs each blob file not synced yet, then `blobs/` if there was one.
+    /// One by one, not with `syncfs`: that would also wait for whatever
+    /// other programs left dirty on the file system.
     pub(super) fn sync_new_blobs(&self) -> io::Result<BlobSync> {
         let mut synced = self.lock();
         let synced = &mut synced.blobs;
         let mut present = HashSet::with_capacity(synced.len() + 8);
-        let mut done = BlobSync::default();
+        let mut new = Vec::new();
         for entry in std::fs::read_dir(&self.blobs)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -95,27 +98,29 @@ impl DiskSync {
                 continue;
             }
             let path = entry.path();
-            // Checked before the fsync: only bytes written by then are
+            // Checked before the sync: only bytes written by then are
             // certainly covered by it.
-            let complete = match blob_is_complete(&path) {
-                Ok(complete) => complete,
+            match blob_is_complete(&path) {
+                Ok(complete) => new.push((name, path, complete)),
                 // Removed by sled since the listing: nothing to keep.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
-            };
-            if !fsync_if_present(&path)? {
-                continue;
-            }
-            done.fsynced += 1;
-            if complete {
-                present.insert(name);
             }
         }
-        // Names sled has removed are dropped with the old set.
-        *synced = present;
+        let mut done = BlobSync::default();
+        for (name, path, complete) in new {
+            if fsync_if_present(&path)? {
+                done.fsynced += 1;
+                if complete {
+                    present.insert(name);
+                }
+            }
+        }
         if done.fsynced > 0 {
             sync_dir(&self.blobs)?;
         }
+        // Names sled has removed are dropped with the old set.
+        *synced = present;
         Ok(done)
     }
 
@@ -164,27 +169,37 @@ fn blob_is_complete(path: &Path) -> io::Result<bool> {
     Ok(u32::from_le_bytes(*crc) == crc32fast::hash(rest))
 }
 
-/// One `syncfs` of the store's file system. Every fsync issues a flush of
-/// the drive's cache, even of a file with nothing to write, so fsyncing
-/// each of a large store's blobs would cost one flush each at every open;
-/// `syncfs` writes what is dirty and flushes once. It reports write-back
-/// errors since Linux 5.8.
+/// Above this many blobs, opening syncs with one `syncfs` rather than one
+/// fsync per file: every fsync flushes the drive's cache, even of a file
+/// with nothing to write, while `syncfs` writes back every dirty file of
+/// the file system (other programs' too) and flushes once. Write-back
+/// errors reach `syncfs` since Linux 5.8.
+const SYNCFS_ABOVE_BLOBS: usize = 64;
+
 #[cfg(target_os = "linux")]
-fn sync_everything(dir: &Path, _blobs: &HashSet<OsString>) -> io::Result<()> {
+fn sync_file_system(path: &Path) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let handle = File::open(dir)?;
+    let handle = File::open(path)?;
     // SAFETY: syncfs only reads the descriptor, which `handle` keeps open
     // for the duration of the call.
     if unsafe { libc::syncfs(handle.as_raw_fd()) } == 0 {
-        Ok(())
+        Ok(true)
     } else {
         Err(io::Error::last_os_error())
     }
 }
 
-/// Each file, then both directories, where there is no `syncfs`.
+/// `Ok(false)`: there is no `syncfs` here.
 #[cfg(not(target_os = "linux"))]
+fn sync_file_system(_path: &Path) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// `conf`, `db`, the blobs and both directories.
 fn sync_everything(dir: &Path, blobs: &HashSet<OsString>) -> io::Result<()> {
+    if blobs.len() > SYNCFS_ABOVE_BLOBS && sync_file_system(dir)? {
+        return Ok(());
+    }
     fsync_if_present(&dir.join("conf"))?;
     fsync_if_present(&dir.join("db"))?;
     let blob_dir = dir.join("blobs");
