@@ -401,6 +401,12 @@ mod tests {
     use super::*;
     use crate::case::Sex;
 
+    /// A record as an older build sealed it under `layout`.
+    fn sealed(layout: u8, record: &impl Serialize) -> Vec<u8> {
+        let payload = postcard::to_stdvec(record).unwrap();
+        seal(layout, payload.len(), |out| out.extend_from_slice(&payload))
+    }
+
     /// Layout 1 as an older build wrote it.
     #[derive(Serialize)]
     struct OldMetadata {
@@ -443,11 +449,7 @@ mod tests {
             updated_at_ms: 6,
             label_confirmed: true,
         };
-        let payload = postcard::to_stdvec(&old).unwrap();
-        let bytes = seal(CASE_LAYOUT_V1, payload.len(), |out| {
-            out.extend_from_slice(&payload)
-        });
-        let record = decode_case(&bytes).unwrap();
+        let record = decode_case(&sealed(CASE_LAYOUT_V1, &old)).unwrap();
         assert_eq!(record.metadata.age_years, Some(61));
         assert_eq!(record.metadata.anatomical_site.as_deref(), Some("back"));
         assert_eq!(record.metadata.lesion_id, None);
@@ -482,11 +484,7 @@ mod tests {
             updated_at_ms: 2,
             label_confirmed: false,
         };
-        let payload = postcard::to_stdvec(&old).unwrap();
-        let bytes = seal(CASE_LAYOUT_V2, payload.len(), |out| {
-            out.extend_from_slice(&payload)
-        });
-        let record = decode_case(&bytes).unwrap();
+        let record = decode_case(&sealed(CASE_LAYOUT_V2, &old)).unwrap();
         assert_eq!(record.id.as_str(), "capture-1764000000000");
         assert_eq!(record.metadata.lesion_id.as_deref(), Some("L7"));
         assert_eq!((record.revision, record.device_id), (1, None));
