@@ -17,7 +17,8 @@ use embedded_graphics::text::{Baseline, Text};
 use crate::palette::*;
 use crate::text::{chars_that_fit, text_width, truncate, wrap};
 use crate::view::{
-    MatchView, PredictionView, RejectionView, ResultsView, Screen, StatusView, SyncState, Thumbnail,
+    FleetSource, FleetView, MatchView, PredictionView, RejectionView, ResultsView, Screen,
+    StatusView, SyncState, Thumbnail,
 };
 
 /// Height of the status bar at the top of every screen.
@@ -340,6 +341,9 @@ where
             compact_count(status.pending_uploads)
         ));
     }
+    if let Some(minutes) = status.last_sync_minutes {
+        items.push(sync_age(minutes));
+    }
     items.push(format!("{} cases", compact_count(status.cases_in_library)));
     let count_font = &FONT_7X13;
     for item in items {
@@ -365,6 +369,17 @@ where
         x += width;
     }
     Ok(())
+}
+
+/// "sync now", "sync 5m", "sync 3h", "sync 2d": short enough to fit beside
+/// the counts on a 240 px panel.
+fn sync_age(minutes: u32) -> String {
+    match minutes {
+        0 => "sync now".to_owned(),
+        1..=59 => format!("sync {minutes}m"),
+        60..=2879 => format!("sync {}h", minutes / 60),
+        _ => format!("sync {}d", minutes / 1440),
+    }
 }
 
 // ------------------------------------------------------------------ ready
@@ -655,6 +670,22 @@ where
         label_centred(target, line, notice_font, INK, notice, y)?;
         y += notice_font.character_size.height as i32 + 1;
     }
+    // The fleet's answer sits just above the notice, so it reads as part of
+    // the same decision support and never pushes the notice off the panel.
+    let list_bottom = match &results.fleet {
+        Some(fleet) => {
+            let band = Rectangle::new(
+                Point::new(
+                    body.top_left.x,
+                    notice.top_left.y - FLEET_BAND_HEIGHT as i32,
+                ),
+                Size::new(width, FLEET_BAND_HEIGHT),
+            );
+            draw_fleet(target, band, fleet)?;
+            band.top_left.y
+        }
+        None => notice.top_left.y,
+    };
 
     // Header: the capture, the model's suggestion, how many cases follow.
     let header_height = 58;
@@ -688,10 +719,7 @@ where
     // The list.
     let list = Rectangle::new(
         Point::new(body.top_left.x, top + header_height),
-        Size::new(
-            width,
-            (notice.top_left.y - (top + header_height)).max(0) as u32,
-        ),
+        Size::new(width, (list_bottom - (top + header_height)).max(0) as u32),
     );
     fill(
         target,
@@ -737,6 +765,43 @@ where
         );
         draw_match_row(target, row, case, &style)?;
     }
+    Ok(())
+}
+
+const FLEET_BAND_HEIGHT: u32 = 18;
+
+/// "Fleet AI: Melanoma, Nevus" for the model's answer, "Fleet cases: ..."
+/// for a vote of confirmed cases: who answered is always in words, and the
+/// model's answer has its own colour and a marker.
+fn draw_fleet<D>(target: &mut D, band: Rectangle, fleet: &FleetView) -> Result<(), D::Error>
+where
+    D: DrawTarget<Color = Rgb888>,
+{
+    fill(target, band, SURFACE)?;
+    let font = &FONT_7X13;
+    let (prefix, colour) = match fleet.source {
+        FleetSource::Model => ("Fleet AI: ", SKY_BLUE),
+        FleetSource::Cases => ("Fleet cases: ", TEXT_DIM),
+    };
+    let text = if fleet.differential.is_empty() {
+        format!("{prefix}no answer")
+    } else {
+        format!("{prefix}{}", fleet.differential.join(", "))
+    };
+    let y = band.top_left.y + (band.size.height as i32 - font.character_size.height as i32) / 2;
+    let x = band.top_left.x + MARGIN;
+    if fleet.source == FleetSource::Model {
+        fill(
+            target,
+            Rectangle::new(
+                Point::new(band.top_left.x, band.top_left.y),
+                Size::new(3, band.size.height),
+            ),
+            SKY_BLUE,
+        )?;
+    }
+    let room = band.size.width.saturating_sub(2 * MARGIN as u32);
+    label(target, &text, font, colour, Point::new(x, y), room)?;
     Ok(())
 }
 

@@ -27,6 +27,6 @@ pub mod view;
 pub use canvas::{Canvas, CanvasError, MAX_CANVAS_SIDE};
 pub use draw::{render, MAX_MATCHES_SHOWN, NOTICE, STATUS_BAR_HEIGHT};
 pub use view::{
-    Clock, MatchView, PredictionView, RejectionView, ResultsView, Screen, StatusView, SyncState,
-    Thumbnail, ThumbnailError,
+    Clock, FleetSource, FleetView, MatchView, PredictionView, RejectionView, ResultsView, Screen,
+    StatusView, SyncState, Thumbnail, ThumbnailError,
 };

@@ -103,6 +103,11 @@ pub struct StatusView {
     pub cases_in_library: u32,
     /// Time of day, when the device knows it.
     pub clock: Option<Clock>,
+    /// Minutes since the last completed exchange with the fleet service;
+    /// `None` when there has been none (or sync is not configured). An age,
+    /// not a time of day, so it reads right whatever the device's clock
+    /// and time zone.
+    pub last_sync_minutes: Option<u32>,
 }
 
 /// Why a capture was refused, as the clinician needs to hear it.
@@ -166,6 +171,25 @@ pub struct PredictionView {
     pub probability: f32,
 }
 
+/// Who produced the fleet service's answer: the clinician must be able
+/// to tell a language model's reading from a vote of confirmed cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetSource {
+    /// The vision-language model, shown the most similar confirmed cases.
+    Model,
+    /// The fleet's confirmed cases alone (no model, or it failed).
+    Cases,
+}
+
+/// The fleet service's answer for the capture, once it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetView {
+    /// Most likely first, in plain words.
+    pub differential: Vec<String>,
+    /// Who answered.
+    pub source: FleetSource,
+}
+
 /// Everything the results screen shows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultsView {
@@ -175,6 +199,8 @@ pub struct ResultsView {
     pub matches: Vec<MatchView>,
     /// The classifier's suggestion, when one ran.
     pub prediction: Option<PredictionView>,
+    /// The fleet service's answer; `None` until it arrives (or offline).
+    pub fleet: Option<FleetView>,
 }
 
 /// What the body of the screen shows.

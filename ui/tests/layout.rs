@@ -102,6 +102,11 @@ fn long_results(n: usize) -> Screen {
             diagnosis: LONG_NAMES[0].to_owned(),
             probability: 0.51,
         }),
+        // The worst case has the fleet band too: it takes room from the list.
+        fleet: Some(dermascope_ui::FleetView {
+            differential: LONG_NAMES.iter().map(|n| (*n).to_owned()).collect(),
+            source: dermascope_ui::FleetSource::Model,
+        }),
     })
 }
 
@@ -114,6 +119,7 @@ fn worst_status() -> StatusView {
             hours: 255,
             minutes: 255,
         }),
+        last_sync_minutes: Some(u32::MAX),
     }
 }
 
@@ -153,6 +159,10 @@ fn odd_numbers_stay_inside() {
         prediction: Some(PredictionView {
             diagnosis: "Nevus".to_owned(),
             probability: f32::NAN,
+        }),
+        fleet: Some(dermascope_ui::FleetView {
+            differential: Vec::new(),
+            source: dermascope_ui::FleetSource::Cases,
         }),
     });
     let bursts = [(0, 0), (7, 5), (3, 12), (50, 100), (u32::MAX, u32::MAX)];
@@ -225,6 +235,7 @@ fn long_names_never_reach_the_similarity_column() {
                 query: synthetic_lesion(2, 64, 64),
                 matches: matches(&[(name, 0.9, true), (name, 0.5, false), (name, 0.4, true)]),
                 prediction: None,
+                fleet: None,
             });
             let mut canvas = Canvas::new(w, h).unwrap();
             render(&mut canvas, &status(SyncState::Online, 0, None), &screen).unwrap();

@@ -231,6 +231,8 @@ impl Analyzer {
                 query,
                 matches,
                 prediction,
+                // Arrives later, from the fleet service, if at all.
+                fleet: None,
             }),
             timings: *timings,
             capture: Some(CapturedLesion {

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use dermascope_ui::{
-    Clock, MatchView, PredictionView, RejectionView, ResultsView, Screen, StatusView, SyncState,
-    Thumbnail,
+    Clock, FleetSource, FleetView, MatchView, PredictionView, RejectionView, ResultsView, Screen,
+    StatusView, SyncState, Thumbnail,
 };
 
 /// Sizes every screen is drawn at: the landscape panel and a square one.
@@ -70,6 +70,7 @@ pub fn status(sync: SyncState, pending_uploads: u32, clock: Option<(u8, u8)>) ->
         pending_uploads,
         cases_in_library: 1204,
         clock: clock.map(|(hours, minutes)| Clock { hours, minutes }),
+        last_sync_minutes: None,
     }
 }
 
@@ -145,6 +146,50 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     diagnosis: "Melanocytic nevus".to_owned(),
                     probability: 0.72,
                 }),
+                fleet: None,
+            }),
+        ),
+        (
+            "results_fleet_model",
+            StatusView {
+                last_sync_minutes: Some(3),
+                ..status(SyncState::Online, 2, Some((9, 44)))
+            },
+            Screen::Results(ResultsView {
+                query: synthetic_lesion(2, 96, 96),
+                matches: matches(&[
+                    ("Melanocytic nevus", 0.94, true),
+                    ("Melanoma", 0.87, true),
+                    ("Benign keratosis", 0.82, true),
+                ]),
+                prediction: Some(PredictionView {
+                    diagnosis: "Melanocytic nevus".to_owned(),
+                    probability: 0.72,
+                }),
+                fleet: Some(FleetView {
+                    differential: vec![
+                        "Melanocytic nevus".to_owned(),
+                        "Melanoma".to_owned(),
+                        "Benign keratosis".to_owned(),
+                    ],
+                    source: FleetSource::Model,
+                }),
+            }),
+        ),
+        (
+            "results_fleet_cases",
+            StatusView {
+                last_sync_minutes: Some(190),
+                ..status(SyncState::Offline, 0, None)
+            },
+            Screen::Results(ResultsView {
+                query: synthetic_lesion(3, 96, 96),
+                matches: matches(&[("Melanoma", 0.9, true), ("Melanoma", 0.85, true)]),
+                prediction: None,
+                fleet: Some(FleetView {
+                    differential: vec!["Melanoma".to_owned()],
+                    source: FleetSource::Cases,
+                }),
             }),
         ),
         (
@@ -165,6 +210,7 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     diagnosis: "Basal cell carcinoma (nodular and pigmented)".to_owned(),
                     probability: 0.48,
                 }),
+                fleet: None,
             }),
         ),
         (
@@ -174,6 +220,7 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                 query: synthetic_lesion(4, 96, 96),
                 matches: Vec::new(),
                 prediction: None,
+                fleet: None,
             }),
         ),
         (
