@@ -324,6 +324,7 @@ fn show_start_failure(display: &mut dyn Display, error: &StartError) {
         pending_uploads: 0,
         cases_in_library: 0,
         clock: None,
+        last_sync_minutes: None,
     };
     if dermascope_ui::render(&mut canvas, &status, &error.screen()).is_ok() {
         if let Err(e) = display.present(width, height, canvas.pixels()) {

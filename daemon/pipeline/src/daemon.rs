@@ -638,6 +638,7 @@ impl Daemon {
                 .len()
                 .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
             clock: None,
+            last_sync_minutes: None,
         }
     }
 

@@ -223,6 +223,7 @@ pub fn body_pixels(screen: &Screen) -> Vec<u8> {
         pending_uploads: 0,
         cases_in_library: 0,
         clock: None,
+        last_sync_minutes: None,
     };
     dermascope_ui::render(&mut canvas, &status, screen).unwrap();
     body_of(canvas.pixels())
