@@ -339,6 +339,21 @@ pub(crate) fn decode_change(bytes: &[u8]) -> Result<Vec<String>, String> {
     Ok(ids)
 }
 
+const SYNC_CURSOR_LAYOUT_V1: u8 = 1;
+
+/// The fleet service's pull cursor in `meta` (UTF-8 under the common
+/// header): a garbled one is reported, never sent back as if it were one.
+pub(crate) fn encode_sync_cursor(cursor: &str) -> Vec<u8> {
+    seal(SYNC_CURSOR_LAYOUT_V1, cursor.len(), |out| {
+        out.extend_from_slice(cursor.as_bytes())
+    })
+}
+
+pub(crate) fn decode_sync_cursor(bytes: &[u8]) -> Result<String, String> {
+    let payload = open(bytes, SYNC_CURSOR_LAYOUT_V1)?;
+    String::from_utf8(payload.to_vec()).map_err(|_| "cursor is not UTF-8".to_owned())
+}
+
 const ADAPTER_LAYOUT_V1: u8 = 1;
 
 /// The CRC-32 an `embeddings` row carries in its header: identifies the exact

@@ -6,8 +6,10 @@
 //! One sled database with six trees:
 //!
 //! * `meta`: the format version, the encoder identity (model id and
-//!   embedding dimension) and the write generation (bumped by every write,
-//!   in the write's own transaction). Opening with another encoder or format fails with
+//!   embedding dimension), the write generation (bumped by every write,
+//!   in the write's own transaction) and, once the device has pulled from
+//!   the fleet service, `sync`: the cursor after the last page applied
+//!   (checksummed like every value). Opening with another encoder or format fails with
 //!   [`StoreError::ModelMismatch`] / [`StoreError::FormatMismatch`], whose
 //!   message says how to re-embed; embeddings of two models are never mixed.
 //! * `cases`: case id -> everything except the embedding (diagnosis, source,
@@ -23,6 +25,17 @@
 //!   makes it stale (see [`CaseStore::attach_adapter_space`]).
 //! * `outbox`: ids of captured cases not yet uploaded to the fleet service,
 //!   written in the same transaction as the case.
+//!
+//! # Cases from the fleet
+//!
+//! [`CaseStore::apply_pulled`] writes one page pulled from the fleet
+//! service and the cursor that follows it in one transaction (then the
+//! flush, then the index, like every write), so a reopen after any crash
+//! shows both or neither and [`CaseStore::sync_cursor`] resumes right after
+//! the last page applied. Pulled cases keep their source (fleet or
+//! reference), join the index, never enter the outbox, replace a stored
+//! case only with a higher revision, and never replace a case captured on
+//! this device. A page holding a case of another encoder is refused whole.
 //!
 //! Next to them, `index-f32.cache` / `index-int8.cache` hold the in-memory
 //! index's rows as one contiguous, checksummed file each, labelled with the
@@ -105,6 +118,6 @@ pub use case::{
 pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
 pub use report::{CorruptEntry, IndexSource, OpenReport};
 pub use store::{
-    AdapterSpaceStatus, CaseCounts, CaseStore, CaseWrite, OpenOptions, PendingUpload, StoreError,
-    StoreIdentity, FORMAT_VERSION,
+    AdapterSpaceStatus, CaseCounts, CaseStore, CaseWrite, OpenOptions, PendingUpload,
+    PulledApplied, StoreError, StoreIdentity, FORMAT_VERSION, MAX_SYNC_CURSOR_BYTES,
 };

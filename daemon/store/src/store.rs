@@ -3,7 +3,7 @@
 //! By concern: `error` (the error type and sled's mapping onto it), `trees`
 //! (the sled trees), `header` (format version, identity, migration), `open`
 //! (index from the cache, a replay or a scan), `write`, `read`, `outbox`,
-//! and `adapter_space`. This file holds the type and the index cache's
+//! `pulled` (pages from the fleet service) and `adapter_space`. This file holds the type and the index cache's
 //! checkpoint, which `open`, the writers and `Drop` all reach.
 
 use std::collections::BTreeMap;
@@ -23,6 +23,7 @@ mod error;
 mod header;
 mod open;
 mod outbox;
+mod pulled;
 mod read;
 mod trees;
 mod write;
@@ -35,6 +36,7 @@ pub use header::{StoreIdentity, FORMAT_VERSION};
 use open::cache_kinds;
 pub use open::OpenOptions;
 pub use outbox::PendingUpload;
+pub use pulled::{PulledApplied, MAX_SYNC_CURSOR_BYTES};
 pub use read::CaseCounts;
 use trees::Trees;
 pub use write::CaseWrite;

@@ -66,6 +66,19 @@ pub enum StoreError {
     CaseExists { id: String },
     #[error("case {} appears twice in one batch; nothing was written", tag(id))]
     DuplicateInBatch { id: String },
+    #[error(
+        "pulled case {} is marked as captured on this device; a pulled case is a fleet or \
+         reference case; nothing of the page was written",
+        tag(id)
+    )]
+    PulledAsCaptured { id: String },
+    #[error("sync cursor refused ({reason}); nothing of the page was written")]
+    InvalidSyncCursor { reason: String },
+    #[error(
+        "the stored fleet sync cursor is unreadable ({reason}); pulling again from the start \
+         is safe (pulled cases are applied by revision)"
+    )]
+    CorruptSyncCursor { reason: String },
     #[error("case {} is not in the store, so it cannot be updated", tag(id))]
     NoSuchCase { id: String },
     #[error("case {} is corrupt in the {tree} tree: {reason}", tag(id))]

@@ -36,11 +36,25 @@ impl<'a> From<&'a Case> for CaseWrite<'a> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(super) enum Mode {
     /// Every id must be new.
     Insert,
     /// Every id must be stored; each case is stored as its next revision.
     Update,
+    /// Cases from the fleet service (see `pulled`): a case is stored when
+    /// its id is absent or the stored one is an older revision that was not
+    /// captured here; any other case is skipped. Never enters the outbox.
+    Pulled,
+}
+
+/// What one write transaction did.
+pub(super) struct Written {
+    /// The cases as stored (revisions as assigned), in input order.
+    pub(super) stored: Vec<Case>,
+    /// Of `stored`, how many ids were new.
+    pub(super) added: usize,
+    /// Cases the transaction left alone ([`Mode::Pulled`] only).
+    pub(super) skipped: usize,
 }
 
 /// Why a write transaction gave up without writing.
@@ -64,13 +78,13 @@ impl CaseStore {
     /// the batch), nothing is written.
     pub fn insert_batch(&self, cases: &[Case]) -> Result<(), StoreError> {
         let writes: Vec<CaseWrite<'_>> = cases.iter().map(CaseWrite::from).collect();
-        self.write_cases(&writes, Mode::Insert).map(|_| ())
+        self.write_cases(&writes, Mode::Insert, None).map(|_| ())
     }
 
     /// [`CaseStore::insert_batch`], keeping each case's original photograph
     /// where one is given, in the same transaction.
     pub fn insert_with_originals(&self, writes: &[CaseWrite<'_>]) -> Result<(), StoreError> {
-        self.write_cases(writes, Mode::Insert).map(|_| ())
+        self.write_cases(writes, Mode::Insert, None).map(|_| ())
     }
 
     /// Stores a changed case (re-labelled, confirmed, re-embedded) as the
@@ -81,13 +95,25 @@ impl CaseStore {
     /// outbox at its new revision. Refused with [`StoreError::NoSuchCase`]
     /// when the id is not stored.
     pub fn update(&self, write: CaseWrite<'_>) -> Result<u64, StoreError> {
-        let revisions = self.write_cases(&[write], Mode::Update)?;
-        Ok(revisions.first().copied().unwrap_or(1))
+        let written = self.write_cases(&[write], Mode::Update, None)?;
+        Ok(written.stored.first().map_or(1, |c| c.revision))
     }
 
-    fn write_cases(&self, writes: &[CaseWrite<'_>], mode: Mode) -> Result<Vec<u64>, StoreError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
+    /// The one write path: validates, then one sled transaction over every
+    /// tree it touches (plus `meta_entry`, a `meta` key and value stored in
+    /// the same transaction), then the flush, then the in-memory index.
+    pub(super) fn write_cases(
+        &self,
+        writes: &[CaseWrite<'_>],
+        mode: Mode,
+        meta_entry: Option<(&str, &[u8])>,
+    ) -> Result<Written, StoreError> {
+        if writes.is_empty() && meta_entry.is_none() {
+            return Ok(Written {
+                stored: Vec::new(),
+                added: 0,
+                skipped: 0,
+            });
         }
         let mut seen = HashSet::with_capacity(writes.len());
         let mut encoded = Vec::with_capacity(writes.len());
@@ -98,7 +124,9 @@ impl CaseStore {
                     id: case.id.to_string(),
                     source,
                 })?;
-            if !seen.insert(case.id.as_str()) {
+            // A page may carry one id twice; the transaction then keeps the
+            // higher revision like it would across pages.
+            if mode != Mode::Pulled && !seen.insert(case.id.as_str()) {
                 return Err(StoreError::DuplicateInBatch {
                     id: case.id.to_string(),
                 });
@@ -111,7 +139,7 @@ impl CaseStore {
         let mut state = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let generation = state.generation + 1;
         let trees = &self.trees;
-        let stored_cases = (
+        let written = (
             &trees.cases,
             &trees.embeddings,
             &trees.meta,
@@ -122,10 +150,14 @@ impl CaseStore {
             .transaction(|(c, e, m, ch, o, orig)| {
                 let abort = |r| Err(ConflictableTransactionError::Abort(r));
                 let mut stored = Vec::with_capacity(encoded.len());
+                let (mut added, mut skipped) = (0, 0);
                 for (case, row, original) in &encoded {
                     let key = case.id.as_str().as_bytes();
                     let previous = c.get(key)?;
                     let mut case = (*case).clone();
+                    if previous.is_none() {
+                        added += 1;
+                    }
                     match (mode, previous) {
                         (Mode::Insert, Some(_)) => {
                             return abort(Refusal::Exists(case.id.to_string()))
@@ -145,6 +177,19 @@ impl CaseStore {
                             case.created_at_ms = previous.created_at_ms;
                             case.device_id = previous.device_id;
                         }
+                        (Mode::Pulled, None) => {}
+                        (Mode::Pulled, Some(previous)) => {
+                            // An undecodable record is left for the
+                            // integrity check, not overwritten blind: it
+                            // may be a capture of this device.
+                            let keep = codec::decode_case(&previous).map_or(true, |p| {
+                                p.source == CaseSource::Captured || p.revision >= case.revision
+                            });
+                            if keep {
+                                skipped += 1;
+                                continue;
+                            }
+                        }
                     }
                     let record = match codec::encode_case(&case) {
                         Ok(record) => record,
@@ -157,14 +202,21 @@ impl CaseStore {
                     }
                     // A capture enters the outbox with the case itself, so no
                     // acknowledged capture (or change to one) misses its upload.
-                    if case.source == CaseSource::Captured {
+                    if mode != Mode::Pulled && case.source == CaseSource::Captured {
                         o.insert(key, &codec::encode_outbox_revision(case.revision))?;
                     }
                     stored.push(case);
                 }
+                if let Some((key, value)) = meta_entry {
+                    m.insert(key, value)?;
+                }
                 m.insert(header::KEY_GENERATION, &generation.to_le_bytes())?;
                 ch.insert(&generation.to_be_bytes(), change.as_slice())?;
-                Ok(stored)
+                Ok(Written {
+                    stored,
+                    added,
+                    skipped,
+                })
             })
             .map_err(|e| match e {
                 TransactionError::Abort(Refusal::Exists(id)) => StoreError::CaseExists { id },
@@ -184,8 +236,9 @@ impl CaseStore {
             return Err(e);
         }
         // Only now may searches see the cases: a hit is always a durable case.
+        let stored_cases = &written.stored;
         let mut index = self.write_index()?;
-        for case in &stored_cases {
+        for case in stored_cases {
             if let Err(e) = index.upsert(case.id.clone(), &case.embedding, &codec::tags_of(case)) {
                 state.index_matches_sled = false;
                 return Err(e.into());
@@ -194,8 +247,13 @@ impl CaseStore {
         }
         drop(index);
         self.forget_adapter_embeddings(stored_cases.iter().map(|c| &c.id))?;
-        debug!(cases = stored_cases.len(), generation, "cases written");
-        Ok(stored_cases.iter().map(|c| c.revision).collect())
+        debug!(
+            cases = stored_cases.len(),
+            skipped = written.skipped,
+            generation,
+            "cases written"
+        );
+        Ok(written)
     }
 
     /// Deletes a case; `Ok(false)` if it was not there. Flushed before returning.
