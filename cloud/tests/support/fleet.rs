@@ -159,7 +159,7 @@ pub fn case_of(id: &str, revision: u64, seed: u32, model: &str, dim: usize) -> W
         model_id: model.to_string(),
         embedding: embedding(seed, dim),
         diagnosis: WireDiagnosis {
-            code: if seed % 2 == 0 { "nv" } else { "mel" }.into(),
+            code: if seed.is_multiple_of(2) { "nv" } else { "mel" }.into(),
             name: format!("diagnosis of seed {seed}"),
         },
         label_confirmed: true,
