@@ -18,12 +18,21 @@
 //! Architecture Invariant: a test that did not check its claim never counts
 //! as passed in `scripts/test`'s closing line.
 //!
+//! # PostgreSQL
+//!
+//! [`postgres`] gives a test a fresh database on a PostgreSQL 18 + pgvector
+//! server, [`postgres_private`] a server of its own to stop and start (see
+//! the `postgres` module's docs; `scripts/pg` runs the servers).
+//!
 //! # Fuzzing
 //!
 //! [`fuzz`] is the harness behind every fuzz target (seed corpora under
 //! `fuzz/corpus/`, proptest strategies, allocation limits, a hang watchdog).
 
 pub mod fuzz;
+mod postgres;
+
+pub use postgres::{postgres, postgres_private, psql, Postgres, PrivateServer};
 
 use std::fmt;
 use std::io::Write;
@@ -39,6 +48,9 @@ pub enum Need {
     /// Hardware or an OS facility this machine lacks (or has, where a test
     /// checks the error for its absence).
     Hardware,
+    /// A PostgreSQL 18 + pgvector server ([`postgres`]): `$DERMASCOPE_TEST_PG`
+    /// or one `scripts/pg` runs.
+    Postgres,
 }
 
 impl Need {
@@ -47,6 +59,7 @@ impl Need {
             Need::Derm => "derm",
             Need::Isic => "isic",
             Need::Hardware => "hardware",
+            Need::Postgres => "postgres",
         }
     }
 }
