@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use common::{identity, make_case, Rng};
-use dermascope_store::{CaseFilter, CaseId, CaseStore, IndexSource, ScoreKind};
+use dermascope_store::{Case, CaseFilter, CaseId, CaseSource, CaseStore, IndexSource, ScoreKind};
 
 const DIM: usize = 128;
 const ROLE: &str = "DERMASCOPE_STORE_CHILD";
@@ -34,6 +34,9 @@ const STOP_AFTER_ACKS: &str = "DERMASCOPE_STORE_STOP_AFTER_ACKS";
 const CRASH_RUNS: u64 = 27;
 /// The writer checkpoints the index cache every this many steps.
 const CHECKPOINT_EVERY: u64 = 40;
+/// The writer applies a page pulled from the fleet, with its cursor, every
+/// this many steps.
+const PULL_EVERY: u64 = 17;
 /// Watchdog, not a measurement: a writer that reports nothing for this long
 /// has hung (a healthy one reports every few milliseconds).
 const SILENCE_WATCHDOG: Duration = Duration::from_secs(60);
@@ -79,6 +82,16 @@ fn parent() {
         tests.len() - failed
     );
     std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// The case a checker expects under `id`: pulled pages (ids with `-p`)
+/// hold fleet copies of [`make_case`]'s case.
+fn expected_case(id: &str) -> Case {
+    let mut case = make_case(id, DIM);
+    if id.contains("-p") {
+        case.source = CaseSource::Fleet;
+    }
+    case
 }
 
 fn env_or_die(key: &str) -> String {
@@ -150,6 +163,25 @@ fn child_ingest() {
             }
             report.done(op);
         }
+        // A pulled page and its cursor: one write, so a kill inside it
+        // leaves both or neither.
+        if i % PULL_EVERY == 0 {
+            let n = 2 + (i / PULL_EVERY) % 5;
+            let ids: Vec<String> = (0..n).map(|j| format!("r{run:02}-{i:05}-p{j}")).collect();
+            let page: Vec<Case> = ids.iter().map(|id| expected_case(id)).collect();
+            let cursor = format!("c-{run:02}-{i:05}");
+            let op = report.start(&format!("pull {} {cursor}", ids.join(",")));
+            if let Err(e) = store.apply_pulled(&page, &cursor) {
+                eprintln!("pulled page failed: {e}");
+                std::process::exit(4);
+            }
+            for id in ids {
+                say(&format!("ack {id}"));
+                acks += 1;
+            }
+            say(&format!("cursor {cursor}"));
+            report.done(op);
+        }
         let roll = rng.below(10);
         if roll < 6 {
             let id = format!("r{run:02}-{i:05}");
@@ -207,6 +239,8 @@ struct InFlight {
     op: u64,
     kind: String,
     ids: Vec<String>,
+    /// A pulled page's cursor.
+    cursor: Option<String>,
 }
 
 #[derive(Default)]
@@ -217,6 +251,8 @@ struct Ledger {
     removed: BTreeSet<String>,
     /// Writes under way when a writer died: each lands whole or not at all.
     unsettled: Vec<InFlight>,
+    /// The cursor of the last pulled page acknowledged (or found landed).
+    cursor: Option<String>,
 }
 
 /// What one writer's report says about its run.
@@ -247,6 +283,7 @@ impl Ledger {
                     .next()
                     .map(|ids| ids.split(',').map(str::to_owned).collect())
                     .unwrap_or_default();
+                let cursor = words.next().map(str::to_owned);
                 if kind == "remove" {
                     // Unacknowledged removal: either outcome is allowed.
                     for id in &ids {
@@ -255,12 +292,19 @@ impl Ledger {
                 }
                 // A write that never said `done` failed (the full-disk
                 // writer goes on after one): it too may have landed or not.
-                if let Some(failed) = run.in_flight.replace(InFlight { op, kind, ids }) {
+                if let Some(failed) = run.in_flight.replace(InFlight {
+                    op,
+                    kind,
+                    ids,
+                    cursor,
+                }) {
                     self.unsettled.push(failed);
                 }
             } else if let Some(id) = line.strip_prefix("ack ") {
                 self.present.insert(id.to_owned());
                 run.acks += 1;
+            } else if let Some(cursor) = line.strip_prefix("cursor ") {
+                self.cursor = Some(cursor.to_owned());
             } else if let Some(id) = line.strip_prefix("rm ") {
                 self.removed.insert(id.to_owned());
             } else if let Some(op) = line.strip_prefix("done ") {
@@ -303,7 +347,7 @@ fn verify(
         ));
     }
     for id in &ledger.present {
-        let expected = make_case(id, DIM);
+        let expected = expected_case(id);
         let got = store
             .get(&expected.id)
             .map_err(|e| format!("{id}: {e}"))?
@@ -317,7 +361,7 @@ fn verify(
     let searched: Vec<_> = search_ids
         .iter()
         .filter(|id| ledger.present.contains(*id))
-        .map(|id| make_case(id, DIM))
+        .map(|id| expected_case(id))
         .collect();
     for chunk in searched.chunks(64) {
         let queries: Vec<&[f32]> = chunk.iter().map(|c| c.embedding.as_slice()).collect();
@@ -371,7 +415,12 @@ fn verify(
         match write.kind.as_str() {
             "remove" if landed == 0 => ledger.removed.extend(write.ids),
             "remove" => ledger.present.extend(write.ids),
-            _ if landed == write.ids.len() => ledger.present.extend(write.ids),
+            _ if landed == write.ids.len() => {
+                if write.cursor.is_some() {
+                    ledger.cursor = write.cursor;
+                }
+                ledger.present.extend(write.ids)
+            }
             _ if landed == 0 => {}
             _ => {
                 return Err(format!(
@@ -380,6 +429,14 @@ fn verify(
                 ))
             }
         }
+    }
+    // A pulled page landed exactly when its cursor did.
+    let cursor = store.sync_cursor().map_err(|e| e.to_string())?;
+    if cursor != ledger.cursor {
+        return Err(format!(
+            "sync cursor {cursor:?} after the crash; the pages stored say {:?}",
+            ledger.cursor
+        ));
     }
     // The index (from cache, replay or scan) must hold exactly sled's cases.
     let indexed = store.len().map_err(|e| e.to_string())?;
@@ -399,20 +456,23 @@ enum KillPoint {
     /// store must then hold exactly what was acknowledged.
     AfterAcks(usize),
     /// As the `nth` write of this kind (`insert`, `batch`, `remove`,
-    /// `checkpoint`: a cache write) starts.
+    /// `pull`: a pulled page and its cursor, `checkpoint`: a cache write)
+    /// starts.
     Inside(&'static str, usize),
 }
 
 impl KillPoint {
     /// Per run, from the seeded `rng`: a third of each. Writes come in the
     /// ratio 6 inserts : 3 batches : 1 removal, a checkpoint every 40
-    /// steps; the ranges keep each run to a few hundred steps.
+    /// steps and a pulled page every 17; the ranges keep each run to a few
+    /// hundred steps.
     fn pick(run: u64, rng: &mut Rng) -> Self {
         match run % 3 {
             0 => KillPoint::AfterAcks(20 + rng.below(800) as usize),
-            1 => match rng.below(3) {
+            1 => match rng.below(4) {
                 0 => KillPoint::Inside("insert", 1 + rng.below(250) as usize),
                 1 => KillPoint::Inside("batch", 1 + rng.below(120) as usize),
+                2 => KillPoint::Inside("pull", 1 + rng.below(20) as usize),
                 _ => KillPoint::Inside("remove", 1 + rng.below(40) as usize),
             },
             _ => KillPoint::Inside("checkpoint", 1 + rng.below(10) as usize),
