@@ -10,9 +10,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use dermascope_cloud::auth::Viewer;
+use dermascope_cloud::operator;
 use dermascope_cloud::rag::{self, fallback, Vlm, VlmAuth, VlmConfig, VlmSetupError};
 use dermascope_cloud_api::{codes, AnsweredBy, RagAnswer, RagRequest, WireSource};
-use dermascope_testkit::{skip, Need};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -39,64 +39,39 @@ fn key() -> &'static str {
 
 // ---------------------------------------------------------------- database
 
-async fn database(test: &str) -> Option<PgPool> {
-    let Ok(admin) = std::env::var("DERMASCOPE_TEST_PG") else {
-        skip(
-            test,
-            Need::Hardware,
-            "no PostgreSQL: set DERMASCOPE_TEST_PG to an admin URL",
-        );
-        return None;
-    };
-    let name = format!("rag_{}_{}", std::process::id(), test)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .take(63)
-        .collect::<String>()
-        .to_lowercase();
-    let admin_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin)
+/// A migrated database of the test's own with the test encoder registered
+/// by `operator::add_model` (which makes its partial HNSW indexes), or
+/// `None` after a counted skip. The database lives as long as the handle.
+struct Db {
+    pool: PgPool,
+    url: String,
+    _database: dermascope_testkit::Postgres,
+}
+
+impl std::ops::Deref for Db {
+    type Target = PgPool;
+    fn deref(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+async fn database(test: &str) -> Option<Db> {
+    let name = test.to_owned();
+    let database = tokio::task::spawn_blocking(move || dermascope_testkit::postgres(&name))
         .await
-        .expect("connect to DERMASCOPE_TEST_PG");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&admin_pool)
-        .await
-        .expect("drop an old test database");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin_pool)
-        .await
-        .expect("create the test database");
-    admin_pool.close().await;
-    let mut url = reqwest::Url::parse(&admin).expect("DERMASCOPE_TEST_PG is a URL");
-    url.set_path(&name);
+        .expect("testkit")?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect(url.as_str())
+        .connect(&database.url)
         .await
         .expect("connect to the test database");
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS vector")
-        .execute(&pool)
-        .await
-        .expect("pgvector");
     dermascope_cloud::db::migrate(&pool).await.expect("migrate");
-    sqlx::query("INSERT INTO models (model_id, dim) VALUES ($1, $2)")
-        .bind(MODEL)
-        .bind(DIM as i32)
-        .execute(&pool)
-        .await
-        .expect("model");
-    // The partial indexes `operator::add_model` makes (team contract).
-    for table in ["fleet_cases", "reference_cases"] {
-        sqlx::query(&format!(
-            "CREATE INDEX {table}_hnsw_test ON {table} \
-             USING hnsw ((embedding::halfvec({DIM})) halfvec_ip_ops) WHERE model_id = '{MODEL}'"
-        ))
-        .execute(&pool)
-        .await
-        .expect("hnsw index");
-    }
-    Some(pool)
+    operator::add_model(&pool, MODEL, DIM).await.expect("model");
+    Some(Db {
+        pool,
+        url: database.url.clone(),
+        _database: database,
+    })
 }
 
 async fn clinic(pool: &PgPool, name: &str, allow_originals: bool) -> Viewer {
@@ -791,8 +766,15 @@ async fn retrieval_uses_the_partial_hnsw_index() {
             .await
             .expect("explain");
     let plan = plan.join("\n");
-    assert!(plan.contains("fleet_cases_hnsw_test"), "{plan}");
-    assert!(plan.contains("reference_cases_hnsw_test"), "{plan}");
+    // The indexes `operator::add_model` made for this encoder.
+    assert!(
+        plan.contains("Index Scan using fleet_cases_hnsw_"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("Index Scan using reference_cases_hnsw_"),
+        "{plan}"
+    );
 }
 
 #[test]
@@ -838,4 +820,182 @@ fn the_vlm_section_parses_with_defaults_and_refuses_unknown_keys() {
     assert!(
         toml::from_str::<VlmConfig>("url = \"x\"\nmodel = \"m\"\napi_key = \"sk-...\"\n").is_err()
     );
+}
+
+// -------------------------------------------------------------- over HTTP
+
+/// A device's view of the service: its credential and an HTTP client.
+struct Device {
+    base: String,
+    credential: String,
+    client: reqwest::Client,
+}
+
+impl Device {
+    async fn post<T: serde::Serialize>(
+        &self,
+        route: &str,
+        body: &T,
+    ) -> (reqwest::StatusCode, Vec<u8>) {
+        let response = self
+            .client
+            .post(format!("{}{route}", self.base))
+            .header(
+                reqwest::header::AUTHORIZATION,
+                dermascope_cloud_api::bearer(&self.credential),
+            )
+            .json(body)
+            .send()
+            .await
+            .expect("the service answers");
+        let status = response.status();
+        (status, response.bytes().await.expect("a body").to_vec())
+    }
+}
+
+fn wire_case(
+    id: &str,
+    code: &str,
+    similarity: f32,
+    side: usize,
+    lesion: Option<&str>,
+    thumb: Vec<u8>,
+) -> dermascope_cloud_api::WireCase {
+    dermascope_cloud_api::WireCase {
+        id: id.into(),
+        revision: 1,
+        model_id: MODEL.into(),
+        embedding: at(similarity, side),
+        diagnosis: dermascope_cloud_api::WireDiagnosis {
+            code: code.into(),
+            name: name_of(code),
+        },
+        label_confirmed: true,
+        metadata: dermascope_cloud_api::WireMetadata {
+            age_years: Some(64),
+            sex: Some("female".into()),
+            anatomical_site: Some("upper back-left".into()),
+            fitzpatrick_type: Some(3),
+            lesion_id: lesion.map(str::to_owned),
+        },
+        created_at_ms: 1,
+        updated_at_ms: 1,
+        thumbnail_jpeg: thumb,
+        original_jpeg: None,
+        source: None,
+        device_id: None,
+    }
+}
+
+#[tokio::test]
+async fn a_device_uploads_then_asks_over_http_and_the_model_sees_its_clinics_cases() {
+    let Some(db) = database("rag_over_http").await else {
+        return;
+    };
+    let fake = vlm::start(
+        Behaviour::Reply(GOOD_REPLY.into()),
+        &["mel", "nv"],
+        bearer(),
+    )
+    .await;
+    let mut config = dermascope_cloud::server::ServiceConfig::for_database(&db.url);
+    config.vlm = Some(self::config(&fake.url, VlmAuth::Bearer, 30_000));
+    let service = tokio::time::timeout(WATCHDOG, dermascope_cloud::server::start(config))
+        .await
+        .expect("watchdog: start")
+        .expect("the service starts");
+    let clinic = operator::add_clinic(&db, "Clinic Http-2", false)
+        .await
+        .expect("clinic");
+    let cheap = dermascope_cloud::config::HashSettings {
+        argon2_memory_kib: 256,
+        argon2_iterations: 1,
+        argon2_parallelism: 1,
+    };
+    let device = operator::add_device_with(&db, &clinic.clinic_id, "scope 1", &cheap)
+        .await
+        .expect("device");
+    let other_clinic = operator::add_clinic(&db, "Clinic Elsewhere-4", false)
+        .await
+        .expect("clinic");
+    let outsider = operator::add_device_with(&db, &other_clinic.clinic_id, "scope 9", &cheap)
+        .await
+        .expect("device");
+    let client = reqwest::Client::builder()
+        .timeout(WATCHDOG)
+        .build()
+        .expect("client");
+    let ours = Device {
+        base: service.base_url(),
+        credential: device.credential.clone(),
+        client: client.clone(),
+    };
+    let theirs = Device {
+        base: service.base_url(),
+        credential: outsider.credential.clone(),
+        client,
+    };
+
+    // Two photographs of one lesion and one of another from our device; a
+    // nearer case from the other clinic's device.
+    let lesion = format!("lesion-{}", Uuid::now_v7());
+    let ids: Vec<String> = (0..4).map(|_| Uuid::now_v7().to_string()).collect();
+    let thumbs: Vec<Vec<u8>> = (0..4).map(|i| jpeg(777_000 + i)).collect();
+    let batch = dermascope_cloud_api::UploadBatch {
+        cases: vec![
+            wire_case(&ids[0], "mel", 0.9, 1, Some(&lesion), thumbs[0].clone()),
+            wire_case(&ids[1], "mel", 0.8, 2, Some(&lesion), thumbs[1].clone()),
+            wire_case(&ids[2], "nv", 0.6, 3, None, thumbs[2].clone()),
+        ],
+    };
+    let (status, body) = ours.post(dermascope_cloud_api::routes::CASES, &batch).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let batch = dermascope_cloud_api::UploadBatch {
+        cases: vec![wire_case(&ids[3], "bcc", 0.99, 4, None, thumbs[3].clone())],
+    };
+    let (status, body) = theirs
+        .post(dermascope_cloud_api::routes::CASES, &batch)
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    let req = request(16);
+    let (status, body) = ours.post(dermascope_cloud_api::routes::RAG, &req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: RagAnswer = serde_json::from_slice(&body).expect("a RagAnswer");
+    assert_eq!(answer.answered_by, AnsweredBy::Model, "{answer:?}");
+    assert_eq!(self::ids(&answer), [&ids[0], &ids[2]]);
+    let images: HashMap<String, Vec<u8>> = ids.iter().cloned().zip(thumbs).collect();
+    let mut forbidden: Vec<String> = ids.clone();
+    forbidden.extend([
+        lesion.clone(),
+        device.device_id.clone(),
+        clinic.clinic_id.clone(),
+        "Clinic Http-2".into(),
+        "upper back-left".into(),
+        "female".into(),
+    ]);
+    let problems =
+        fake.one()
+            .check_against(&answer, &images, req.thumbnail_jpeg.as_deref(), &forbidden);
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // A refusal over HTTP is a JSON body with a code.
+    let mut photo = request(3);
+    photo.photo_jpeg = Some(jpeg(5));
+    let (status, body) = ours.post(dermascope_cloud_api::routes::RAG, &photo).await;
+    assert_eq!(status, 403);
+    let refusal: dermascope_cloud_api::ErrorBody =
+        serde_json::from_slice(&body).expect("an ErrorBody");
+    assert_eq!(refusal.code, codes::ORIGINALS_NOT_ALLOWED);
+
+    // No credential, no answer.
+    let anonymous = Device {
+        credential: String::new(),
+        ..ours
+    };
+    let (status, _) = anonymous
+        .post(dermascope_cloud_api::routes::RAG, &request(3))
+        .await;
+    assert_eq!(status, 401);
+    service.shutdown().await;
 }
