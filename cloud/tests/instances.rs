@@ -369,3 +369,83 @@ async fn a_device_trusting_the_named_ca_connects_and_one_trusting_another_is_ref
 fn pki_signed_by_same_ca_for_other_name() -> Pki {
     pki(&["service.other.example"])
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stopped_and_started_refuses_with_503_meanwhile_and_loses_nothing() {
+    let Some(server) = tokio::task::spawn_blocking(|| {
+        dermascope_testkit::postgres_private("database_stopped_and_started")
+    })
+    .await
+    .unwrap() else {
+        return;
+    };
+    let db = on(server.url()).await;
+    let mut config = ServiceConfig::for_database(server.url());
+    // Requests wait this long for a connection before the 503.
+    config.database.acquire_timeout_ms = 1_000;
+    let service = server::start(config).await.expect("service starts");
+    dermascope_cloud::operator::add_model(&db.pool, MODEL, DIM)
+        .await
+        .unwrap();
+    let clinic = clinic(&db, "c", false).await;
+    let up = Api::new(&service, &device(&db, &clinic, "up").await.credential);
+    let down = Api::new(&service, &device(&db, &clinic, "down").await.credential);
+    let batch1: Vec<WireCase> = (0..4).map(|i| case(&format!("one-{i}"), 1, i)).collect();
+    let batch2: Vec<WireCase> = (0..4)
+        .map(|i| case(&format!("two-{i}"), 1, 10 + i))
+        .collect();
+    up.upload_ok(&batch1).await;
+    let (_, cursor) = down.pull_all(MODEL, None, 10).await;
+    db.pool.close().await;
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap();
+    let health = reqwest::Client::new()
+        .get(format!("{}{}", service.base_url(), routes::HEALTH))
+        .timeout(WATCHDOG)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: dermascope_cloud_api::ErrorBody = health.json().await.unwrap();
+    assert_eq!(body.code, codes::UNAVAILABLE);
+    assert!(
+        !body.message.to_lowercase().contains("select"),
+        "no SQL: {}",
+        body.message
+    );
+    let refused = up
+        .upload(&batch2)
+        .await
+        .refusal(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE);
+    assert!(refused.message.contains("retry"), "{}", refused.message);
+    down.pull(MODEL, Some(&cursor), None)
+        .await
+        .refusal(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE);
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.start();
+        server
+    })
+    .await
+    .unwrap();
+    // The same instance, no restart: its pool replaces the dead connections.
+    assert_eq!(up.upload_ok(&batch2).await, vec![UploadOutcome::Stored; 4]);
+    assert_eq!(
+        up.upload_ok(&batch1).await,
+        vec![UploadOutcome::AlreadyStored; 4]
+    );
+    let (after, _) = down.pull_all(MODEL, Some(&cursor), 10).await;
+    let mut ids: Vec<String> = after.into_iter().map(|c| c.id).collect();
+    ids.sort();
+    assert_eq!(ids, batch2.iter().map(|c| c.id.clone()).collect::<Vec<_>>());
+    let db = on(server.url()).await;
+    assert_eq!(rows(&db.pool).await, (8, 8));
+    db.pool.close().await;
+    service.shutdown().await;
+    drop(server);
+}

@@ -715,3 +715,63 @@ async fn every_bad_upload_is_refused_with_its_code_and_nothing_is_written() {
     open_api.upload_ok(&[case("theirs", 1, 5)]).await;
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let Some(db) = database("serve_command").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\ndatabase_url_env = \"FLEET_TEST_DB\"\n[database]\nmax_connections = 4\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dermascope-cloud"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FLEET_TEST_DB", &db.url)
+        .env_remove("DERMASCOPE_CLOUD_DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    });
+    let line = tokio::time::timeout(WATCHDOG, line)
+        .await
+        .expect("watchdog: serve prints its address")
+        .unwrap()
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    let health: Health = reqwest::get(format!("{base}{}", routes::HEALTH))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health.status, "ok");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(WATCHDOG, tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("watchdog: serve stops on SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

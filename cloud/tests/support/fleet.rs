@@ -12,7 +12,6 @@ use dermascope_cloud_api::{
     bearer, routes, CasePage, ErrorBody, UploadBatch, UploadOutcome, UploadReceipt, WireCase,
     WireDiagnosis, WireMetadata,
 };
-use dermascope_testkit::{skip, Need};
 use reqwest::StatusCode;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -39,52 +38,35 @@ pub fn cheap_hashing() -> HashSettings {
 pub struct Db {
     pub url: String,
     pub pool: PgPool,
+    /// Drops the database when the test ends (kept when it failed).
+    _database: Option<dermascope_testkit::Postgres>,
 }
 
 /// A fresh database for `test` with the `vector` extension, or `None`
 /// after counting a skip.
 pub async fn database(test: &str) -> Option<Db> {
-    let Ok(admin) = std::env::var("DERMASCOPE_TEST_PG") else {
-        skip(
-            test,
-            Need::Hardware,
-            "no PostgreSQL: set DERMASCOPE_TEST_PG to an admin URL (scripts/pg start)",
-        );
-        return None;
-    };
-    let name = format!("fleet_{}_{}", std::process::id(), test)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .take(63)
-        .collect::<String>()
-        .to_lowercase();
-    let admin_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin)
+    let name = test.to_string();
+    let database = tokio::task::spawn_blocking(move || dermascope_testkit::postgres(&name))
         .await
-        .expect("connect to DERMASCOPE_TEST_PG");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&admin_pool)
-        .await
-        .expect("drop an old test database");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin_pool)
-        .await
-        .expect("create the test database");
-    admin_pool.close().await;
-    let mut url = reqwest::Url::parse(&admin).expect("DERMASCOPE_TEST_PG is a URL");
-    url.set_path(&format!("/{name}"));
-    let url = url.to_string();
+        .expect("testkit")?;
+    let url = database.url.clone();
+    let mut db = on(&url).await;
+    db._database = Some(database);
+    Some(db)
+}
+
+/// A pool on a database someone else keeps (a private server's).
+pub async fn on(url: &str) -> Db {
     let pool = PgPoolOptions::new()
         .max_connections(4)
-        .connect(&url)
+        .connect(url)
         .await
         .expect("connect to the test database");
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS vector")
-        .execute(&pool)
-        .await
-        .expect("create extension vector");
-    Some(Db { url, pool })
+    Db {
+        url: url.to_string(),
+        pool,
+        _database: None,
+    }
 }
 
 /// A migrated database with both encoders registered, and a service on it.
