@@ -86,7 +86,7 @@ pub fn skip(test: &str, need: Need, reason: &str) {
     if required(need) {
         panic!(
             "{test} would be skipped ({reason}), but DERMASCOPE_REQUIRE={} says this run has \
-             the {need} data: the test looked in the wrong place or the data is damaged",
+             {need}: the test looked in the wrong place, or the data or server is damaged",
             std::env::var("DERMASCOPE_REQUIRE").unwrap_or_default()
         );
     }
@@ -188,10 +188,18 @@ pub fn isic_data(test: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
+    /// Held by every test that sets environment variables or may skip:
+    /// both are process-wide (a skip would land in the other test's log).
+    pub(crate) fn environment() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     // Environment variables are process-wide: one test holds every case
     // that sets them, so parallel tests never see each other's values.
     #[test]
     fn skips_are_logged_and_refused_where_required() {
+        let _environment = environment();
         let dir = std::env::temp_dir().join(format!("testkit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("skips.tsv");

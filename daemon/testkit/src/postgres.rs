@@ -389,6 +389,7 @@ mod tests {
 
     #[test]
     fn a_database_of_its_own_with_pgvector_that_goes_when_dropped() {
+        let _environment = crate::tests::environment();
         let Some(db) = postgres("testkit::a_database_of_its_own") else {
             return;
         };
@@ -422,6 +423,7 @@ mod tests {
 
     #[test]
     fn a_private_server_stops_and_starts_with_its_data_and_port() {
+        let _environment = crate::tests::environment();
         let Some(server) = postgres_private("testkit::a_private_server") else {
             return;
         };
