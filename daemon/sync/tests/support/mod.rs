@@ -14,7 +14,6 @@ use dermascope_cloud::server::{self, RunningService, ServiceConfig, TlsFiles};
 use dermascope_store::{Case, CaseId, CaseMetadata, CaseSource, CaseStore, Diagnosis, Sex};
 use dermascope_store::{OriginalPhoto, StoreIdentity};
 use dermascope_sync::{SyncConfig, SyncHandle, SyncStatus, Syncer};
-use dermascope_testkit::{skip, Need};
 use sqlx::PgPool;
 
 pub use proxy::{Action, Proxy};
@@ -55,70 +54,11 @@ pub fn next_cycle(sync: &SyncHandle) -> SyncStatus {
     last
 }
 
-/// The admin URL of a PostgreSQL with pgvector: `$DERMASCOPE_TEST_PG`, or
-/// the server `scripts/pg` runs.
-fn admin_url() -> Option<String> {
-    if let Ok(url) = std::env::var("DERMASCOPE_TEST_PG") {
-        return Some(url);
-    }
-    let script = dermascope_testkit::workspace_root().join("scripts/pg");
-    let out = std::process::Command::new(script)
-        .arg("url")
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let url = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (out.status.success() && url.starts_with("postgres")).then_some(url)
-}
-
-/// A fresh, empty database with the `vector` extension.
-pub async fn database(test: &str) -> Option<String> {
-    let Some(admin) = admin_url() else {
-        skip(
-            test,
-            Need::Hardware,
-            "no PostgreSQL: set DERMASCOPE_TEST_PG or start one with scripts/pg start",
-        );
-        return None;
-    };
-    let name = format!("sync_{}_{}", std::process::id(), test)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .take(63)
-        .collect::<String>()
-        .to_lowercase();
-    let admin_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&admin)
-        .await
-        .expect("connect to the admin database");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&admin_pool)
-        .await
-        .expect("drop an old test database");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin_pool)
-        .await
-        .expect("create the test database");
-    admin_pool.close().await;
-    let mut url = reqwest::Url::parse(&admin).expect("the admin URL is a URL");
-    url.set_path(&name);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(url.as_str())
-        .await
-        .expect("connect to the test database");
-    sqlx::query("CREATE EXTENSION IF NOT EXISTS vector")
-        .execute(&pool)
-        .await
-        .expect("pgvector");
-    pool.close().await;
-    Some(url.to_string())
-}
-
 /// The service, the database behind it and the proxy in front of it.
 pub struct Fleet {
     pub rt: tokio::runtime::Runtime,
+    /// Dropped (with the database) after the service and the pool.
+    pg: dermascope_testkit::Postgres,
     pub database_url: String,
     pub pool: PgPool,
     service: Option<RunningService>,
@@ -137,7 +77,8 @@ impl Fleet {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let database_url = rt.block_on(database(test))?;
+        let pg = dermascope_testkit::postgres(test)?;
+        let database_url = pg.url.clone();
         let service = rt.block_on(start_service(&database_url, tls.clone()));
         let pool = rt
             .block_on(dermascope_cloud::db::connect(
@@ -152,6 +93,7 @@ impl Fleet {
         let proxy = Proxy::start(service.addr());
         Some(Fleet {
             rt,
+            pg,
             database_url,
             pool,
             service: Some(service),
@@ -214,6 +156,7 @@ impl Drop for Fleet {
         if let Some(service) = self.service.take() {
             self.rt.block_on(service.kill());
         }
+        self.rt.block_on(self.pool.close());
     }
 }
 
