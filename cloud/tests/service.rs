@@ -775,3 +775,118 @@ async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_thumbnails_stops_short_of_the_devices_response_limit() {
+    let Some((db, service)) = fleet("page_bytes").await else {
+        return;
+    };
+    let clinic = clinic(&db, "c", false).await;
+    let up = Api::new(&service, &device(&db, &clinic, "up").await.credential);
+    let down = Api::new(&service, &device(&db, &clinic, "down").await.credential);
+    // Near the thumbnail limit (a real JPEG header, padded): a full page of
+    // these would be well over MAX_RESPONSE_BYTES once base64-encoded.
+    let big = |i: u32| {
+        let mut c = case(&format!("big-{i:03}"), 1, i);
+        c.thumbnail_jpeg.resize(MAX_THUMBNAIL_BYTES - 1024, 0);
+        c
+    };
+    let total = 120u32;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(40) {
+        let cases: Vec<_> = chunk.iter().map(|i| big(*i)).collect();
+        up.upload_ok(&cases).await;
+    }
+    let first = down.pull(MODEL, None, None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        first.body.len() < dermascope_cloud_api::MAX_RESPONSE_BYTES,
+        "{} bytes",
+        first.body.len()
+    );
+    let page: dermascope_cloud_api::CasePage = first.json();
+    assert!(page.more, "cut short by size, so more follows");
+    assert!(!page.cases.is_empty() && page.cases.len() < total as usize);
+    let (rest, _) = down.pull_all(MODEL, Some(&page.cursor), 256).await;
+    assert_eq!(
+        page.cases.len() + rest.len(),
+        total as usize,
+        "nothing skipped"
+    );
+    service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_import_reads_json_lines_with_the_upload_revision_rules() {
+    let Some((db, service)) = fleet("reference_import").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("library.jsonl");
+    let lines = |cases: &[dermascope_cloud_api::WireCase]| {
+        cases
+            .iter()
+            .map(|c| serde_json::to_string(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut v2 = case("isic-1", 2, 1);
+    v2.diagnosis.name = "newer".into();
+    std::fs::write(&file, lines(&[case("isic-0", 1, 0), v2.clone()])).unwrap();
+    let path = file.to_str().unwrap();
+    let report = cli(&db, &["reference", "import", path]);
+    assert_eq!(
+        report,
+        serde_json::json!({"stored": 2, "already_stored": 0, "superseded": 0})
+    );
+    let report = cli(&db, &["reference", "import", path]);
+    assert_eq!(
+        report,
+        serde_json::json!({"stored": 0, "already_stored": 2, "superseded": 0})
+    );
+    std::fs::write(&file, lines(&[case("isic-1", 1, 1), case("isic-2", 1, 2)])).unwrap();
+    let report = cli(&db, &["reference", "import", path]);
+    assert_eq!(
+        report,
+        serde_json::json!({"stored": 1, "already_stored": 0, "superseded": 1})
+    );
+
+    // A bad line is named by its number; a bad case by its index; nothing
+    // of that file is written.
+    std::fs::write(
+        &file,
+        format!("{}\n{{oops\n", lines(&[case("isic-9", 1, 9)])),
+    )
+    .unwrap();
+    let err = cli_fails(&db, &["reference", "import", path]);
+    assert!(err.contains("line 2"), "{err}");
+    let mut wrong = case("isic-8", 1, 8);
+    wrong.embedding.pop();
+    std::fs::write(&file, lines(&[case("isic-7", 1, 7), wrong])).unwrap();
+    let err = cli_fails(&db, &["reference", "import", path]);
+    assert!(
+        err.contains("case 1") && err.contains("bad_embedding"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM reference_cases").await,
+        3
+    );
+
+    let clinic = clinic(&db, "c", false).await;
+    let api = Api::new(&service, &device(&db, &clinic, "d").await.credential);
+    let (cases, _) = api.pull_all(MODEL, None, 10).await;
+    let got: Vec<_> = cases
+        .iter()
+        .map(|c| (c.id.as_str(), c.revision, c.source))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("isic-0", 1, Some(WireSource::Reference)),
+            ("isic-1", 2, Some(WireSource::Reference)),
+            ("isic-2", 1, Some(WireSource::Reference)),
+        ]
+    );
+    assert_eq!(cases[1].diagnosis.name, "newer");
+    service.shutdown().await;
+}
