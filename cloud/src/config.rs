@@ -188,6 +188,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_with_every_section() {
+        // The variable's value is not this test's business; the URL is.
+        let text = include_str!("../cloud.example.toml").replace(
+            "database_url_env = \"DERMASCOPE_CLOUD_DATABASE_URL\"",
+            "database_url = \"postgres://example/db\"",
+        );
+        let c = ServiceConfig::parse(&text, "cloud.example.toml").unwrap();
+        assert_eq!(c.database_url, "postgres://example/db");
+        assert_eq!(c.listen.port(), 8443);
+        assert!(c.tls.is_some() && c.vlm.is_some());
+    }
+
+    #[test]
     fn an_unset_variable_is_named() {
         let text = "database_url_env = \"DERMASCOPE_CLOUD_TEST_SURELY_UNSET\"";
         let err = ServiceConfig::parse(text, "t").unwrap_err().to_string();
