@@ -544,3 +544,30 @@ fn rag_answers_arrive_in_the_background_and_a_newer_request_supersedes() {
     let third = third.recv_timeout(WATCHDOG).expect("watchdog: third");
     assert!(third.is_ok(), "{third:?}");
 }
+
+#[test]
+fn a_nudge_and_a_stop_cut_the_interval_short() {
+    let Some(fleet) = Fleet::start("nudge_stop") else {
+        return;
+    };
+    let clinic = fleet.clinic("A", false);
+    let device = Device::new(&fleet.device(&clinic, "a1"));
+    let mut config = device.config(&fleet.proxy.url());
+    // Far beyond the watchdog: only a nudge or a stop can end the sleep.
+    config.interval_s = 86_400;
+    let sync = device.start(config);
+    let first = next_cycle(&sync);
+    assert!(first.online, "{first:?}");
+    // A capture, then a nudge: uploaded without waiting out the interval.
+    device.capture(1, "nudged");
+    sync.nudge();
+    wait_until("the nudged upload", || sync.status().pending_uploads == 0);
+
+    let (stopped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        sync.stop();
+        let _ = stopped.send(());
+    });
+    done.recv_timeout(WATCHDOG)
+        .expect("watchdog: stop() did not end the interval's sleep");
+}
