@@ -1,5 +1,6 @@
 //! The background sync thread and its RAG worker.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -38,7 +39,9 @@ pub struct SyncStatus {
     pub online: bool,
     /// A cycle is running now.
     pub syncing: bool,
-    /// Captured cases (revisions) the service has not acknowledged yet.
+    /// Captured cases (revisions) the service has not acknowledged yet, as
+    /// counted at the last [`SyncHandle::nudge`] or sync step (counting
+    /// walks the outbox, so it is not done on every `status` call).
     pub pending_uploads: usize,
     /// When the last cycle completed (ms since the Unix epoch).
     pub last_sync_ms: Option<u64>,
@@ -75,6 +78,7 @@ impl Syncer {
             state: Mutex::new(LoopState::default()),
             wake: Condvar::new(),
             device: Mutex::new(None),
+            pending: AtomicUsize::new(store.pending_upload_count()),
         });
         let spawn_error = |e: std::io::Error| SyncError::Thread(e.to_string());
         let (rag_tx, rag_rx) = mpsc::channel::<RagJob>();
@@ -136,7 +140,7 @@ impl SyncHandle {
         SyncStatus {
             online: s.online,
             syncing: s.syncing,
-            pending_uploads: self.store.pending_upload_count(),
+            pending_uploads: self.shared.pending.load(Ordering::Relaxed),
             last_sync_ms: s.last_sync_ms,
             last_error: s.last_error.clone(),
             cycles: s.cycles,
@@ -147,6 +151,7 @@ impl SyncHandle {
     /// end of the interval or backoff; a nudge during a cycle starts
     /// another right after it. Never blocks on the network.
     pub fn nudge(&self) {
+        self.shared.count_pending(&self.store);
         self.shared.lock().nudged = true;
         self.shared.wake.notify_all();
     }
@@ -210,12 +215,19 @@ struct Shared {
     wake: Condvar,
     /// The last `GET /v1/device` answer (for the RAG worker's photo rule).
     device: Mutex<Option<DeviceInfo>>,
+    /// The outbox's size when last counted.
+    pending: AtomicUsize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, LoopState> {
         // A panic elsewhere leaves plain data behind; keep serving it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_pending(&self, store: &CaseStore) {
+        self.pending
+            .store(store.pending_upload_count(), Ordering::Relaxed);
     }
 
     fn stopping(&self) -> bool {
@@ -275,7 +287,9 @@ fn run(shared: &Shared, client: &Client, store: &CaseStore, config: &SyncConfig)
             s.syncing = true;
             s.nudged = false;
         }
+        shared.count_pending(store);
         let result = cycle(shared, client, store, config);
+        shared.count_pending(store);
         let wait = {
             let mut s = shared.lock();
             s.syncing = false;
@@ -438,7 +452,7 @@ fn upload_outbox(
         let size = estimated_bytes(&wire);
         if !batch.is_empty() && (batch.len() >= config.batch || bytes + size > UPLOAD_BUDGET_BYTES)
         {
-            send_batch(client, store, std::mem::take(&mut batch), done)?;
+            send_batch(shared, client, store, std::mem::take(&mut batch), done)?;
             bytes = 0;
         }
         bytes += size;
@@ -451,7 +465,7 @@ fn upload_outbox(
         });
     }
     if !batch.is_empty() {
-        send_batch(client, store, batch, done)?;
+        send_batch(shared, client, store, batch, done)?;
     }
     Ok(())
 }
@@ -467,6 +481,7 @@ fn estimated_bytes(wire: &WireCase) -> usize {
 /// case is bad) is retried case by case, so one bad case does not hold
 /// back the others; the bad one stays in the outbox.
 fn send_batch(
+    shared: &Shared,
     client: &Client,
     store: &CaseStore,
     batch: Vec<Outgoing>,
@@ -475,12 +490,13 @@ fn send_batch(
     match upload(client, store, &batch) {
         Ok(cleared) => {
             done.uploaded += cleared;
+            shared.count_pending(store);
             Ok(())
         }
         Err(e) if is_content_refusal(&e) && batch.len() > 1 => {
             debug!(cases = batch.len(), error = %e, "batch refused; sending its cases one by one");
             for one in batch {
-                send_batch(client, store, vec![one], done)?;
+                send_batch(shared, client, store, vec![one], done)?;
             }
             Ok(())
         }
@@ -490,7 +506,7 @@ fn send_batch(
             {
                 // The clinic changed its mind since `GET /v1/device`.
                 one[0].wire.original_jpeg = None;
-                return send_batch(client, store, one, done);
+                return send_batch(shared, client, store, one, done);
             }
             warn!(case = %one[0].ack.id.log_tag(), error = %e, "case refused by the fleet service; left pending");
             done.refused += 1;
