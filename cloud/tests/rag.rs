@@ -745,27 +745,30 @@ async fn retrieval_uses_the_partial_hnsw_index() {
         return;
     };
     let viewer = clinic(&pool, "Clinic Index-1", false).await;
-    let mut tx = pool.begin().await.expect("tx");
+    let explain = |setting: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("tx");
+            sqlx::query(setting).execute(&mut *tx).await.expect("set");
+            sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+                .execute(&mut *tx)
+                .await
+                .expect("set");
+            let plan: Vec<String> =
+                sqlx::query_scalar(&format!("EXPLAIN {}", rag::retrieve::top_k_sql(DIM)))
+                    .bind(pgvector::HalfVector::from_f32_slice(&query_embedding()))
+                    .bind(MODEL)
+                    .bind(viewer.clinic_id)
+                    .bind(8_i64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .expect("explain");
+            plan.join("\n")
+        }
+    };
     // Tiny tables are cheaper to scan; the claim is that the index *can*
     // serve this query (expression and predicate match), so forbid scans.
-    sqlx::query("SET LOCAL enable_seqscan = off")
-        .execute(&mut *tx)
-        .await
-        .expect("set");
-    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-        .execute(&mut *tx)
-        .await
-        .expect("set");
-    let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN {}", rag::retrieve::top_k_sql(DIM)))
-            .bind(pgvector::HalfVector::from_f32_slice(&query_embedding()))
-            .bind(MODEL)
-            .bind(viewer.clinic_id)
-            .bind(8_i64)
-            .fetch_all(&mut *tx)
-            .await
-            .expect("explain");
-    let plan = plan.join("\n");
+    let plan = explain("SET LOCAL enable_seqscan = off").await;
     // The indexes `operator::add_model` made for this encoder.
     assert!(
         plan.contains("Index Scan using fleet_cases_hnsw_"),
@@ -775,6 +778,9 @@ async fn retrieval_uses_the_partial_hnsw_index() {
         plan.contains("Index Scan using reference_cases_hnsw_"),
         "{plan}"
     );
+    // What `Search::Exact` sets: no approximate index at all.
+    let plan = explain("SET LOCAL enable_indexscan = off").await;
+    assert!(!plan.contains("hnsw"), "{plan}");
 }
 
 #[test]
@@ -998,4 +1004,89 @@ async fn a_device_uploads_then_asks_over_http_and_the_model_sees_its_clinics_cas
         .await;
     assert_eq!(status, 401);
     service.shutdown().await;
+}
+
+// ------------------------------------------------------ HNSW against exact
+
+/// A seeded generator, so the library and the queries are the same on
+/// every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn unit(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    fn direction(&mut self) -> Vec<f32> {
+        let v: Vec<f32> = (0..DIM).map(|_| self.unit()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+        v.into_iter().map(|x| x / norm).collect()
+    }
+}
+
+#[tokio::test]
+async fn exact_search_is_brute_force_and_hnsw_recalls_it() {
+    let Some(db) = database("rag_hnsw_recall").await else {
+        return;
+    };
+    let viewer = clinic(&db, "Clinic Recall-1", false).await;
+    let mut rng = XorShift(0x5eed_cafe_f00d);
+    let n = 3000;
+    let ids: Vec<String> = (0..n).map(|i| format!("ref-{i:05}")).collect();
+    let embeddings: Vec<Vec<f32>> = (0..n).map(|_| rng.direction()).collect();
+    let halves: Vec<pgvector::HalfVector> = embeddings
+        .iter()
+        .map(|e| pgvector::HalfVector::from_f32_slice(e))
+        .collect();
+    let thumb = jpeg(31_337);
+    sqlx::query(
+        "INSERT INTO reference_cases (case_id, revision, model_id, embedding, diagnosis_code, \
+         diagnosis_name, label_confirmed, lesion_key, thumbnail_jpeg, created_at_ms, \
+         updated_at_ms, change_seq) \
+         SELECT id, 1, $3, e, 'nv', 'Melanocytic nevus', true, id, $4, 1, 1, \
+                nextval('reference_change_seq') \
+           FROM unnest($1::text[], $2::halfvec[]) AS t(id, e)",
+    )
+    .bind(&ids)
+    .bind(&halves)
+    .bind(MODEL)
+    .bind(&thumb)
+    .execute(&*db)
+    .await
+    .expect("bulk insert");
+
+    let k = 10;
+    let (mut found, mut wanted) = (0, 0);
+    for _ in 0..20 {
+        let query = rng.direction();
+        let search = |s| rag::retrieve::top_k_with(&db, viewer.clinic_id, MODEL, DIM, &query, k, s);
+        let exact = search(rag::retrieve::Search::Exact).await.expect("exact");
+        let hnsw = search(rag::retrieve::Search::Hnsw).await.expect("hnsw");
+        let mut brute: Vec<f32> = embeddings
+            .iter()
+            .map(|e| e.iter().zip(&query).map(|(a, b)| a * b).sum())
+            .collect();
+        brute.sort_by(|a, b| b.total_cmp(a));
+        assert_eq!(exact.len(), k);
+        for (hit, expected) in exact.iter().zip(&brute) {
+            // Half-float storage: three significant digits.
+            assert!(
+                (hit.similarity - expected).abs() < 3e-3,
+                "exact search found {} where brute force has {expected}",
+                hit.similarity
+            );
+        }
+        let exact_ids: std::collections::HashSet<_> = exact.iter().map(|h| &h.case_id).collect();
+        found += hnsw
+            .iter()
+            .filter(|h| exact_ids.contains(&h.case_id))
+            .count();
+        wanted += k;
+    }
+    let recall = found as f64 / wanted as f64;
+    eprintln!("hnsw recall@{k} against exact over {n} cases: {recall:.3}");
+    assert!(recall >= 0.9, "HNSW recall@{k} {recall:.3}");
 }

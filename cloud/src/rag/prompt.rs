@@ -155,10 +155,21 @@ struct ModelDiagnosis {
     confidence: Option<f64>,
 }
 
+/// Where the JSON went wrong, without serde's message, which quotes the
+/// offending value (model output is not logged).
+fn malformed(what: &str, e: &serde_json::Error) -> AnswerError {
+    AnswerError::Malformed(format!(
+        "{what}: {:?} error at line {} column {}",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
 /// The text of the first choice of a chat-completions response body.
 pub fn response_text(body: &[u8]) -> Result<String, AnswerError> {
-    let response: ChatResponse = serde_json::from_slice(body)
-        .map_err(|e| AnswerError::Malformed(format!("chat response: {e}")))?;
+    let response: ChatResponse =
+        serde_json::from_slice(body).map_err(|e| malformed("chat response", &e))?;
     let choice = response
         .choices
         .into_iter()
@@ -194,8 +205,8 @@ fn unfenced(text: &str) -> &str {
 /// diagnosis, every code in `labels` (names are ours, not the model's). A
 /// code listed twice keeps its first, higher, rank.
 pub fn parse_answer(text: &str, labels: &[Label]) -> Result<Vec<RankedDiagnosis>, AnswerError> {
-    let answer: ModelAnswer = serde_json::from_str(unfenced(text))
-        .map_err(|e| AnswerError::Malformed(format!("answer: {e}")))?;
+    let answer: ModelAnswer =
+        serde_json::from_str(unfenced(text)).map_err(|e| malformed("answer", &e))?;
     if answer.differential.is_empty() {
         return Err(AnswerError::Malformed("an empty differential".into()));
     }

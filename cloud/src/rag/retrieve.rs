@@ -37,6 +37,16 @@ const MAX_FETCH: usize = 1000;
 /// The candidate list HNSW keeps at least (pgvector's default).
 const MIN_EF_SEARCH: usize = 40;
 
+/// How the nearest cases are found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// The encoder's partial HNSW index (approximate; what requests use).
+    Hnsw,
+    /// A scan of every case of the encoder (exact; the baseline that
+    /// benchmarks measure HNSW's latency and recall against).
+    Exact,
+}
+
 /// The `k` most similar confirmed cases of `clinic_id`'s fleet and the
 /// reference library embedded by `model_id`, one per lesion (its most
 /// similar photograph), most similar first.
@@ -48,25 +58,40 @@ pub async fn top_k(
     query: &[f32],
     k: usize,
 ) -> Result<Vec<Hit>, sqlx::Error> {
+    top_k_with(pool, clinic_id, model_id, dim, query, k, Search::Hnsw).await
+}
+
+/// [`top_k`] with the search chosen.
+pub async fn top_k_with(
+    pool: &PgPool,
+    clinic_id: Uuid,
+    model_id: &str,
+    dim: usize,
+    query: &[f32],
+    k: usize,
+    search: Search,
+) -> Result<Vec<Hit>, sqlx::Error> {
     let sql = top_k_sql(dim);
     let query = HalfVector::from_f32_slice(query);
     let mut fetch = (k * OVERFETCH).min(MAX_FETCH);
     loop {
         let mut tx = pool.begin().await?;
-        let ef = fetch.clamp(MIN_EF_SEARCH, MAX_FETCH);
-        // SET takes no parameters; `ef` is an integer we computed.
-        sqlx::query(&format!("SET LOCAL hnsw.ef_search = {ef}"))
-            .execute(&mut *tx)
-            .await?;
-        // Filtering by clinic and confirmation after the index scan could
-        // leave fewer than `fetch` rows; an iterative scan keeps going.
-        // Order is restored below.
-        sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-            .execute(&mut *tx)
-            .await?;
+        let ef = fetch.clamp(MIN_EF_SEARCH, MAX_FETCH).to_string();
+        // All transaction-local, in one round trip. Filtering by clinic and
+        // confirmation after the index scan could leave fewer than `fetch`
+        // rows; an iterative scan keeps going (its order is restored
+        // below). A custom plan sees the model id's value, which a partial
+        // index's predicate needs.
+        sqlx::query(
+            "SELECT set_config('hnsw.ef_search', $1, true), \
+                    set_config('hnsw.iterative_scan', 'relaxed_order', true), \
+                    set_config('plan_cache_mode', 'force_custom_plan', true), \
+                    set_config('enable_indexscan', $2, true)",
+        )
+        .bind(&ef)
+        .bind(if search == Search::Exact { "off" } else { "on" })
+        .execute(&mut *tx)
+        .await?;
         let rows = sqlx::query(&sql)
             .bind(&query)
             .bind(model_id)

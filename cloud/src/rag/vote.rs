@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn equal_weights_rank_the_more_similar_best_case_first() {
-        let ranked = weighted_vote(&[case("nv", 0.5), case("mel", 0.4), case("mel", 0.1)]);
+        let ranked = weighted_vote(&[case("nv", 0.5), case("mel", 0.25), case("mel", 0.25)]);
         assert_eq!(ranked[0].code, "nv");
         assert_eq!(ranked[1].code, "mel");
     }
