@@ -31,8 +31,9 @@
 //! [`CaseStore::apply_pulled`] writes one page pulled from the fleet
 //! service and the cursor that follows it in one transaction (then the
 //! flush, then the index, like every write), so a reopen after any crash
-//! shows both or neither and [`CaseStore::sync_cursor`] resumes right after
-//! the last page applied. Pulled cases keep their source (fleet or
+//! shows both or neither (the SIGKILL test in `tests/durability.rs` kills
+//! writers inside pulled pages too, and checks this) and
+//! [`CaseStore::sync_cursor`] resumes right after the last page applied. Pulled cases keep their source (fleet or
 //! reference), join the index, never enter the outbox, replace a stored
 //! case only with a higher revision, and never replace a case captured on
 //! this device. A page holding a case of another encoder is refused whole.
