@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::analysis::Analyzer;
 use crate::config::{Config, KeepOriginals};
 use crate::daemon::{CaseSettings, Daemon};
+use crate::fleet::FleetLink;
 use crate::hardware::{self, Drivers, HardwareError};
 use crate::identity::{device_id, DeviceIdError};
 
@@ -126,6 +127,8 @@ pub struct StartReport {
     /// The installed adapter, or why there is none in use.
     pub adapter: Option<String>,
     pub adapter_problem: Option<String>,
+    /// Why `[sync]` is configured but the fleet link did not start.
+    pub sync_problem: Option<String>,
 }
 
 /// The encoder's options from `[encoder]`.
@@ -217,13 +220,34 @@ impl Daemon {
             }
         };
         report.adapter = adapter.as_ref().map(|a| a.adapter_id().to_owned());
-        let notice = report.adapter_problem.as_ref().map(|_| {
+        let mut notice = report.adapter_problem.as_ref().map(|_| {
             "Similar cases only: the adapter could not be loaded (see the log).".to_owned()
         });
+        let store = Arc::new(store);
+        // Sync is a convenience: a device whose fleet link cannot start
+        // still captures and answers from its own library, and says so.
+        let fleet = match &config.sync {
+            None => None,
+            Some(sync) => match dermascope_sync::Syncer::start(sync.clone(), Arc::clone(&store)) {
+                Ok(handle) => {
+                    info!("fleet sync started");
+                    Some(FleetLink::new(handle))
+                }
+                Err(e) => {
+                    warn!(error = %e, "fleet sync not started; working offline");
+                    report.sync_problem = Some(e.to_string());
+                    notice = Some(match notice {
+                        Some(earlier) => format!("{earlier} Fleet sync is off (see the log)."),
+                        None => "Offline only: fleet sync could not start (see the log).".into(),
+                    });
+                    None
+                }
+            },
+        };
         let analyzer = Analyzer {
             encoder,
             adapter,
-            store: Arc::new(store),
+            store,
             thresholds: config.quality,
             top_k: config.pipeline.top_k,
             raw_score: ScoreKind::Int8,
@@ -243,6 +267,7 @@ impl Daemon {
             },
             notice,
             storage_failed: false,
+            fleet,
         };
         Ok((daemon, report))
     }

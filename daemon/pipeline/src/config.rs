@@ -41,6 +41,8 @@ pub struct Config {
     pub device: DeviceSection,
     pub pipeline: PipelineSection,
     pub quality: QualityThresholds,
+    /// The fleet service; absent means offline-only.
+    pub sync: Option<dermascope_sync::SyncConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -291,6 +293,12 @@ impl Config {
             value,
             allowed: allowed.to_string(),
         };
+        if let Some(sync) = &self.sync {
+            sync.validate().map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("[sync]: {e}"),
+            })?;
+        }
         if let Some(id) = &self.device.id {
             if id.is_empty()
                 || id.len() > dermascope_store::MAX_DEVICE_ID_BYTES
@@ -460,8 +468,31 @@ mod tests {
     fn empty_file_is_the_embedded_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config, Config::default());
+        assert_eq!(config.sync, None, "no [sync] is offline-only");
         assert_eq!(config.camera.source, CameraKind::Replay);
         assert_eq!(config.display.output, DisplayKind::Png);
+    }
+
+    #[test]
+    fn a_sync_section_is_checked_with_the_rest() {
+        let config = parse(
+            "[sync]\nurl = \"https://fleet.example.org\"\nca = \"/etc/dermascope/fleet-ca.pem\"\n\
+             credential_file = \"/etc/dermascope/fleet.credential\"\ninterval_s = 120\n",
+        )
+        .unwrap();
+        let sync = config.sync.unwrap();
+        assert_eq!(sync.url, "https://fleet.example.org");
+        assert_eq!(sync.interval_s, 120);
+        // Plain HTTP to another machine would send the credential and the
+        // cases in the clear.
+        let err = parse("[sync]\nurl = \"http://fleet.example.org\"\ncredential_file = \"/c\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[sync]") && err.contains("url"), "{err}");
+        let err = parse("[sync]\nurl = \"https://f\"\ncredential_file = \"/c\"\nspeed = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("speed"), "{err}");
     }
 
     #[test]
@@ -567,6 +598,6 @@ mod tests {
         assert_eq!(config.store.keep_originals, KeepOriginals::All);
         assert_eq!(config.device.id.as_deref(), Some("clinic-7-scope-2"));
         let err = parse("[sync]\nurl = \"x\"\n").unwrap_err().to_string();
-        assert!(err.contains("sync") && err.contains("camera"), "{err}");
+        assert!(err.contains("credential_file"), "{err}");
     }
 }

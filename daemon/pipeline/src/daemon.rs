@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
+use crate::fleet::FleetLink;
 
 /// What the daemon tells its supervisor (systemd on the device).
 pub trait Supervisor {
@@ -71,6 +72,8 @@ pub struct Daemon {
     /// Set once the store refused a write for a reason other than a full
     /// disk: confirmations are refused with a clear screen from then on.
     pub storage_failed: bool,
+    /// The sync thread, when `[sync]` is configured; `None` is offline-only.
+    pub fleet: Option<FleetLink>,
 }
 
 /// What a confirmed capture is stored with.
@@ -125,6 +128,9 @@ pub fn screen_label(screen: &Screen) -> String {
         Screen::Ready { .. } => "ready".into(),
         Screen::Capturing { .. } => "capturing".into(),
         Screen::Rejected { reason, .. } => format!("rejected:{reason:?}"),
+        Screen::Results(view) if view.fleet.is_some() => {
+            format!("results:{}+fleet", view.matches.len())
+        }
         Screen::Results(view) => format!("results:{}", view.matches.len()),
         Screen::Error { title, .. } => format!("error:{title}"),
     }
@@ -306,6 +312,9 @@ impl Daemon {
                 }
             }
         }
+        if let Some(fleet) = self.fleet.take() {
+            fleet.stop();
+        }
         match self.analyzer.store.checkpoint() {
             Ok(_) => info!("case store flushed"),
             Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
@@ -333,12 +342,24 @@ impl Daemon {
         let mut saving: Vec<(CaseId, CapturedLesion)> = Vec::new();
         let mut camera_shown = CameraHealth::Streaming;
         let mut last_live = Instant::now();
+        // The screen on the panel now, so that a changed sync status or a
+        // fleet answer can be drawn onto it, and the status it was drawn
+        // with.
+        let mut on_panel: Option<Screen> = None;
+        let mut drawn_status = self.status();
         loop {
             supervisor.alive();
             while let Some(outcome) = writer.next_outcome() {
                 let screen = self.settle(outcome, &mut saving, &mut last_capture, summary);
                 self.show(&screen, &mut summary.screens)?;
+                on_panel = Some(screen);
             }
+            if let Some(redraw) = self.fleet_update(&mut on_panel, summary.captures, &drawn_status)
+            {
+                self.show(&redraw, &mut summary.screens)?;
+                on_panel = Some(redraw);
+            }
+            drawn_status = self.status();
             if shutdown.load(Ordering::Relaxed) {
                 info!("shutdown requested");
                 return Ok(());
@@ -382,6 +403,18 @@ impl Daemon {
                         "capture answered"
                     );
                     summary.timings.push_back(timings);
+                    if let (Some(fleet), Some(lesion), Screen::Results(_)) =
+                        (self.fleet.as_mut(), capture.as_ref(), &screen)
+                    {
+                        fleet.ask(
+                            summary.captures,
+                            self.analyzer.encoder.model_id(),
+                            &lesion.embedding,
+                            &lesion.thumbnail_jpeg,
+                            &lesion.frame,
+                        );
+                    }
+                    on_panel = Some(screen);
                     last_capture = capture;
                     drawn?;
                 }
@@ -397,6 +430,7 @@ impl Daemon {
                     if health != camera_shown {
                         let screen = self.ready_screen(Some(&health));
                         self.show(&screen, &mut summary.screens)?;
+                        on_panel = Some(screen);
                         camera_shown = health;
                     } else if !self.live_view.is_zero()
                         && last_live.elapsed() >= self.live_view
@@ -405,6 +439,7 @@ impl Daemon {
                         last_live = Instant::now();
                         let screen = self.ready_screen(None);
                         self.show(&screen, &mut summary.screens)?;
+                        on_panel = Some(screen);
                     }
                 }
             }
@@ -563,6 +598,9 @@ impl Daemon {
             WriteOutcome::Saved { id, diagnosis } => {
                 take(saving, &id);
                 summary.saved += 1;
+                if let Some(fleet) = &self.fleet {
+                    fleet.nudge();
+                }
                 self.ready_with(&format!("{SAVED} {diagnosis}."))
             }
             WriteOutcome::NotSaved {
@@ -629,17 +667,50 @@ impl Daemon {
 
     fn status(&self) -> StatusView {
         let store = &self.analyzer.store;
+        let (sync, last_sync_minutes) = match &self.fleet {
+            Some(fleet) => {
+                let (state, minutes, _) = fleet.status(now_ms());
+                (state, minutes)
+            }
+            // Offline-only: captured cases wait in the store's outbox.
+            None => (SyncState::Offline, None),
+        };
         StatusView {
-            // Sync with the fleet service is not part of this daemon yet:
-            // captured cases wait in the store's outbox.
-            sync: SyncState::Offline,
+            sync,
             pending_uploads: u32::try_from(store.pending_upload_count()).unwrap_or(u32::MAX),
             cases_in_library: store
                 .len()
                 .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
             clock: None,
-            last_sync_minutes: None,
+            last_sync_minutes,
         }
+    }
+
+    /// The screen to draw again, if the fleet link changed what it shows:
+    /// its answer for the results on the panel arrived, or the status bar
+    /// (online, pending uploads, sync age) moved on. Without a fleet link
+    /// nothing here ever redraws, so an offline device draws exactly as
+    /// before.
+    fn fleet_update(
+        &mut self,
+        on_panel: &mut Option<Screen>,
+        capture: u64,
+        drawn_status: &StatusView,
+    ) -> Option<Screen> {
+        let fleet = self.fleet.as_mut()?;
+        if let Some(Screen::Results(view)) = on_panel.as_ref() {
+            if let Some(answer) = fleet.answer_for(capture) {
+                let mut view = view.clone();
+                view.fleet = Some(answer);
+                return Some(Screen::Results(view));
+            }
+        }
+        let screen = on_panel.as_ref()?;
+        // The capturing screen is transient; never redraw over a burst.
+        if matches!(screen, Screen::Capturing { .. }) {
+            return None;
+        }
+        (self.status() != *drawn_status).then(|| screen.clone())
     }
 
     fn show(&mut self, screen: &Screen, log: &mut VecDeque<String>) -> Result<(), DaemonError> {

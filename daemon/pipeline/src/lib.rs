@@ -22,6 +22,7 @@ pub mod assembly;
 pub mod config;
 mod daemon;
 mod feed;
+mod fleet;
 pub mod hardware;
 pub mod identity;
 
@@ -33,6 +34,7 @@ pub use daemon::{
     LOOP_TICK,
 };
 pub use feed::{BurstError, CameraFeed, CameraHealth};
+pub use fleet::{fleet_view, FleetLink};
 
 // The daemon's assembly brings the adapter space up to date at start; the
 // work itself belongs to the case library.

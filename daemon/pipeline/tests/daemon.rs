@@ -161,6 +161,7 @@ fn daemon(
             cases: dermascope_pipeline::CaseSettings::default(),
             notice: None,
             storage_failed: false,
+            fleet: None,
         },
         presented,
     )

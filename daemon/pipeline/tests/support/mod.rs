@@ -124,6 +124,7 @@ pub fn host_daemon(
         cases: dermascope_pipeline::CaseSettings::default(),
         notice: None,
         storage_failed: false,
+        fleet: None,
     }
 }
 
