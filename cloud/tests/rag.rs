@@ -1090,3 +1090,30 @@ async fn exact_search_is_brute_force_and_hnsw_recalls_it() {
     eprintln!("hnsw recall@{k} against exact over {n} cases: {recall:.3}");
     assert!(recall >= 0.9, "HNSW recall@{k} {recall:.3}");
 }
+
+#[tokio::test]
+async fn max_examples_caps_what_is_retrieved_shown_and_listed() {
+    let Some(pool) = database("rag_max_examples").await else {
+        return;
+    };
+    let viewer = clinic(&pool, "Clinic Capped-3", false).await;
+    let mut lib = Library::default();
+    let order = five_cases(&pool, &viewer, &mut lib).await;
+    let fake = vlm::start(
+        Behaviour::Reply(GOOD_REPLY.into()),
+        &["bkl", "mel", "nv"],
+        bearer(),
+    )
+    .await;
+    let mut c = config(&fake.url, VlmAuth::Bearer, 30_000);
+    c.max_examples = 2;
+    let vlm = Vlm::new(&c).expect("vlm");
+    let req = request(5);
+    let query = req.thumbnail_jpeg.clone();
+    let answer = ask(&pool, &viewer, Some(&vlm), req).await;
+    assert_eq!(ids(&answer), order[..2].to_vec());
+    let problems = fake
+        .one()
+        .check_against(&answer, &lib.images, query.as_deref(), &lib.forbidden);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
