@@ -272,17 +272,151 @@ pub async fn store_batch(
         )));
     }
 
-    let mut results = Vec::with_capacity(checked.len());
-    for c in checked {
-        let outcome = store_one(&mut tx, viewer, c).await?;
-        results.push(UploadResult {
+    let distinct: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let outcomes = if distinct.len() == ids.len() {
+        store_distinct(&mut tx, viewer, checked).await?
+    } else {
+        // The same case twice in one batch: one at a time, in order, so the
+        // later of the two sees the earlier (one statement could not).
+        let mut outcomes = Vec::with_capacity(checked.len());
+        for c in checked {
+            outcomes.push(store_one(&mut tx, viewer, c).await?);
+        }
+        outcomes
+    };
+    tx.commit().await?;
+    Ok(checked
+        .iter()
+        .zip(outcomes)
+        .map(|(c, outcome)| UploadResult {
             id: c.case.id.clone(),
             revision: c.case.revision,
             outcome,
-        });
-    }
-    tx.commit().await?;
-    Ok(results)
+        })
+        .collect())
+}
+
+/// A batch whose case ids are all different, in two statements: the
+/// revisions not seen before, then the upsert of those (newer wins).
+async fn store_distinct(
+    tx: &mut Transaction<'_, Postgres>,
+    viewer: &Viewer,
+    checked: &[Checked<'_>],
+) -> Result<Vec<UploadOutcome>, ApiError> {
+    let ids: Vec<&str> = checked.iter().map(|c| c.case.id.as_str()).collect();
+    let revisions: Vec<i64> = checked.iter().map(|c| c.revision).collect();
+    let new: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO case_revisions (clinic_id, case_id, revision, device_id) \
+         SELECT $1, t.case_id, t.revision, $2 FROM unnest($3::text[], $4::bigint[]) \
+             AS t(case_id, revision) \
+         ON CONFLICT DO NOTHING RETURNING case_id",
+    )
+    .bind(viewer.clinic_id)
+    .bind(viewer.device_id)
+    .bind(&ids)
+    .bind(&revisions)
+    .fetch_all(&mut **tx)
+    .await?;
+    let new: HashSet<String> = new.into_iter().collect();
+    let fresh: Vec<&Checked<'_>> = checked
+        .iter()
+        .filter(|c| new.contains(&c.case.id))
+        .collect();
+    let stored: HashSet<String> = if fresh.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar::<_, String>(
+            "INSERT INTO fleet_cases (clinic_id, case_id, revision, device_id, model_id, \
+                 embedding, diagnosis_code, diagnosis_name, label_confirmed, metadata, \
+                 lesion_key, thumbnail_jpeg, original_jpeg, created_at_ms, updated_at_ms, \
+                 change_seq) \
+             SELECT $1, t.case_id, t.revision, $2, t.model_id, t.embedding, t.code, t.name, \
+                 t.confirmed, t.metadata, t.lesion_key, t.thumbnail, t.original, t.created, \
+                 t.updated, nextval('fleet_change_seq') \
+             FROM unnest($3::text[], $4::bigint[], $5::text[], $6::halfvec[], $7::text[], \
+                 $8::text[], $9::boolean[], $10::jsonb[], $11::text[], $12::bytea[], \
+                 $13::bytea[], $14::bigint[], $15::bigint[]) \
+                 AS t(case_id, revision, model_id, embedding, code, name, confirmed, metadata, \
+                      lesion_key, thumbnail, original, created, updated) \
+             ON CONFLICT (clinic_id, case_id) DO UPDATE SET \
+                 revision = excluded.revision, model_id = excluded.model_id, \
+                 embedding = excluded.embedding, diagnosis_code = excluded.diagnosis_code, \
+                 diagnosis_name = excluded.diagnosis_name, \
+                 label_confirmed = excluded.label_confirmed, metadata = excluded.metadata, \
+                 lesion_key = excluded.lesion_key, thumbnail_jpeg = excluded.thumbnail_jpeg, \
+                 original_jpeg = excluded.original_jpeg, created_at_ms = excluded.created_at_ms, \
+                 updated_at_ms = excluded.updated_at_ms, change_seq = excluded.change_seq, \
+                 received_at = now() \
+             WHERE excluded.revision > fleet_cases.revision \
+             RETURNING case_id",
+        )
+        .bind(viewer.clinic_id)
+        .bind(viewer.device_id)
+        .bind(fresh.iter().map(|c| c.case.id.as_str()).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|c| c.revision).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.case.model_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.embedding.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.case.diagnosis.code.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.case.diagnosis.name.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.case.label_confirmed)
+                .collect::<Vec<_>>(),
+        )
+        .bind(fresh.iter().map(|c| c.metadata.clone()).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.lesion_key.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|c| c.case.thumbnail_jpeg.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(fresh.iter().map(|c| c.original).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|c| c.created_at_ms).collect::<Vec<_>>())
+        .bind(fresh.iter().map(|c| c.updated_at_ms).collect::<Vec<_>>())
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    Ok(checked
+        .iter()
+        .map(|c| {
+            if !new.contains(&c.case.id) {
+                UploadOutcome::AlreadyStored
+            } else if stored.contains(&c.case.id) {
+                UploadOutcome::Stored
+            } else {
+                UploadOutcome::Superseded
+            }
+        })
+        .collect())
 }
 
 async fn store_one(
