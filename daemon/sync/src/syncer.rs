@@ -317,19 +317,32 @@ fn run(shared: &Shared, client: &Client, store: &CaseStore, config: &SyncConfig)
                 }
                 Err(SyncError::Stopped) => break,
                 Err(e) => {
+                    let message = e.to_string();
+                    // Days offline are normal for a handheld: a failure is
+                    // logged as a warning when it changes, not every retry.
+                    let repeated = s.last_error.as_deref() == Some(message.as_str());
                     s.online = false;
-                    s.last_error = Some(e.to_string());
+                    s.last_error = Some(message);
                     if e.is_transient() {
                         failures = failures.saturating_add(1);
                         let wait = backoff(failures, interval, &mut rng);
-                        warn!(error = %e, failures, retry_ms = wait.as_millis() as u64, "fleet sync failed");
+                        let retry_ms = wait.as_millis() as u64;
+                        if repeated {
+                            debug!(error = %e, failures, retry_ms, "fleet sync failed again");
+                        } else {
+                            warn!(error = %e, failures, retry_ms, "fleet sync failed");
+                        }
                         wait
                     } else {
                         // A refused credential, an encoder the service does
                         // not index, a store failure: retrying sooner
                         // changes nothing until someone acts.
                         failures = 0;
-                        warn!(error = %e, "fleet sync refused; next try after the interval");
+                        if repeated {
+                            debug!(error = %e, "fleet sync still refused");
+                        } else {
+                            warn!(error = %e, "fleet sync refused; next try after the interval");
+                        }
                         interval
                     }
                 }
