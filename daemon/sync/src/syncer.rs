@@ -26,8 +26,10 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Never retry sooner than this, however the jitter falls.
 const BACKOFF_FLOOR: Duration = Duration::from_millis(100);
 /// An upload request's cases stop being added past this many (estimated)
-/// bytes, well inside the service's [`MAX_REQUEST_BYTES`].
-const UPLOAD_BUDGET_BYTES: usize = MAX_REQUEST_BYTES / 2;
+/// bytes, well inside the service's [`MAX_REQUEST_BYTES`]: small enough
+/// that a request of originals fits `request_timeout_s` on a slow clinic
+/// link (8 MiB at 1 MB/s is 8 s), large enough for a few originals.
+const UPLOAD_BUDGET_BYTES: usize = MAX_REQUEST_BYTES / 6;
 /// Most entries of a differential this device will show.
 const MAX_DIFFERENTIAL: usize = 64;
 
