@@ -890,3 +890,53 @@ async fn reference_import_reads_json_lines_with_the_upload_revision_rules() {
     assert_eq!(cases[1].diagnosis.name, "newer");
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rag_is_routed_authenticated_and_refuses_bad_bodies_as_json() {
+    use dermascope_cloud_api::{AnsweredBy, RagAnswer, RagRequest};
+    let Some((db, service)) = fleet("rag_route").await else {
+        return;
+    };
+    let clinic = clinic(&db, "c", false).await;
+    let up = Api::new(&service, &device(&db, &clinic, "up").await.credential);
+    let asker = Api::new(&service, &device(&db, &clinic, "asker").await.credential);
+    let stored = case("seen", 1, 4);
+    up.upload_ok(std::slice::from_ref(&stored)).await;
+    let request = RagRequest {
+        model_id: MODEL.into(),
+        embedding: stored.embedding.clone(),
+        k: 3,
+        photo_jpeg: None,
+        thumbnail_jpeg: Some(jpeg(99)),
+    };
+    let url = format!("{}{}", asker.base, routes::RAG);
+    let reply = asker.send(asker.client.post(&url).json(&request)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let answer: RagAnswer = reply.json();
+    // No model configured for this service: retrieval answers, and says so.
+    assert_eq!(answer.answered_by, AnsweredBy::Retrieval);
+    assert!(answer.fallback_reason.is_some());
+    assert_eq!(answer.cases.first().map(|c| c.id.as_str()), Some("seen"));
+
+    let anonymous = Api::new(&service, "");
+    anonymous
+        .send(anonymous.client.post(&url).json(&request))
+        .await
+        .refusal(StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED);
+    asker
+        .send(
+            asker
+                .client
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .body("{\"model_id\": 1}"),
+        )
+        .await
+        .refusal(StatusCode::UNPROCESSABLE_ENTITY, codes::BAD_REQUEST);
+    service.shutdown().await;
+}
