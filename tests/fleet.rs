@@ -215,15 +215,11 @@ fn a_confirmed_capture_reaches_the_clinic_and_the_next_answer_uses_it() {
     assert_eq!(labels, library.join("labels.csv"));
     let host_a = device(&dir.path().join("a"), &url, &ca, &a.credential);
     let device_a = Running::start(&host_a.config, host_a.socket.clone(), Some(&library));
-    wait_for("A's sync thread", || {
-        device_a.logged(&["fleet sync started"]) > 0
-    });
+    device_a.wait_logged("A's sync thread", &["fleet sync started"]);
 
     // A capture, confirmed by the clinician: uploaded once saved.
     device_a.press(&["capture"]);
-    wait_for("A's first results", || {
-        device_a.logged(&["capture answered"]) == 1
-    });
+    device_a.wait_logged("A's first results", &["capture answered"]);
     device_a.press(&["confirm", "mel"]);
     wait_for("the case on the service", || fleet_cases() == 1);
 
@@ -240,14 +236,37 @@ fn a_confirmed_capture_reaches_the_clinic_and_the_next_answer_uses_it() {
     device_a.stop();
     assert_eq!(fleet_cases(), 1, "uploaded exactly once");
 
+    // The operator makes A's reference library the fleet's: exported from
+    // A's store, imported into the service.
+    let exported = dir.path().join("reference.jsonl");
+    let export = Command::new(env!("CARGO_BIN_EXE_dermascope"))
+        .args([
+            "cases",
+            "--store",
+            dir.path().join("a/cases").to_str().unwrap(),
+        ])
+        .arg("--export-reference")
+        .arg(&exported)
+        .env("DERMASCOPE_MODEL_DIR", dermascope_testkit::bundle_dir())
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{export:?}");
+    let reference: Vec<dermascope_cloud_api::WireCase> = std::fs::read_to_string(&exported)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(reference.len(), 6, "the 6 reference cases, not the capture");
+    runtime
+        .block_on(operator::import_reference(&pool, &reference))
+        .unwrap();
+
     // Device B, of the same clinic, with no library of its own, pulls the
-    // case into its library as a fleet case.
+    // fleet's reference library and the case, each with its source.
     let host_b = device(&dir.path().join("b"), &url, &ca, &b.credential);
     let device_b = Running::start(&host_b.config, host_b.socket.clone(), None);
     let store_b = dir.path().join("b").join("cases");
-    wait_for("B's pull", || {
-        device_b.logged(&["fleet sync done", "pulled=1"]) == 1
-    });
+    device_b.wait_logged("B's pull", &["fleet sync done", "pulled=7"]);
     device_b.stop();
     let cases = Command::new(env!("CARGO_BIN_EXE_dermascope"))
         .args(["cases", "--store", store_b.to_str().unwrap()])
@@ -261,6 +280,11 @@ fn a_confirmed_capture_reaches_the_clinic_and_the_next_answer_uses_it() {
         .find(|l| l.starts_with("fleet"))
         .unwrap_or_else(|| panic!("no fleet cases on B: {out}"));
     assert!(fleet_row.trim_end().ends_with(" 1"), "{out}");
+    let reference_row = out
+        .lines()
+        .find(|l| l.starts_with("reference"))
+        .unwrap_or_else(|| panic!("no reference cases on B: {out}"));
+    assert!(reference_row.trim_end().ends_with(" 6"), "{out}");
     assert!(out.contains("mel"), "{out}");
 
     runtime.block_on(service.shutdown());

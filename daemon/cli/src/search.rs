@@ -148,6 +148,11 @@ pub struct CasesArgs {
     /// Encoder bundle whose store to open (only its manifest is read).
     #[arg(long, value_name = "DIR")]
     bundle: Option<PathBuf>,
+    /// Also write the store's reference cases to FILE, one JSON case per
+    /// line, for `dermascope-cloud reference import` (free-text notes stay
+    /// behind; originals are not included).
+    #[arg(long, value_name = "FILE")]
+    export_reference: Option<PathBuf>,
 }
 
 pub fn cases(args: &CasesArgs) -> anyhow::Result<ExitCode> {
@@ -167,6 +172,11 @@ pub fn cases(args: &CasesArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("opening the case store at {}", path.display()))?;
+    if let Some(file) = &args.export_reference {
+        let exported = export_reference(&store, file)
+            .with_context(|| format!("exporting the reference cases to {}", file.display()))?;
+        eprintln!("exported {exported} reference cases to {}", file.display());
+    }
     let counts = store.counts()?;
     println!(
         "{} cases in {} (model {})",
@@ -197,4 +207,24 @@ pub fn cases(args: &CasesArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store's reference cases as JSON lines in the fleet service's wire
+/// form; returns how many.
+fn export_reference(store: &CaseStore, file: &std::path::Path) -> anyhow::Result<usize> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(file)?);
+    let mut exported = 0;
+    for case in store.cases() {
+        let case = case?;
+        if case.source != dermascope_store::CaseSource::Reference {
+            continue;
+        }
+        let wire = dermascope_sync::convert::to_wire(&case, None);
+        serde_json::to_writer(&mut out, &wire)?;
+        out.write_all(b"\n")?;
+        exported += 1;
+    }
+    out.flush()?;
+    Ok(exported)
 }
