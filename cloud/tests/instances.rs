@@ -116,7 +116,8 @@ async fn two_instances_on_one_database_serve_the_same_devices() {
 async fn until_an_upload_waits_on_the_clinic_lock(db: &Db) {
     for _ in 0..6000 {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&db.pool)
         .await
@@ -448,4 +449,84 @@ async fn the_database_stopped_and_started_refuses_with_503_meanwhile_and_loses_n
     db.pool.close().await;
     service.shutdown().await;
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_finishes_the_upload_in_flight_and_a_new_instance_takes_over() {
+    let Some((db, first)) = fleet("graceful_shutdown").await else {
+        return;
+    };
+    let clinic_id = clinic(&db, "c", false).await;
+    let up = Api::new(&first, &device(&db, &clinic_id, "up").await.credential);
+    let batch: Vec<WireCase> = (0..8).map(|i| case(&format!("c-{i}"), 1, i)).collect();
+
+    let mut holder = db.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+        .bind(CLINIC_LOCK_SPACE)
+        .bind(&clinic_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let in_flight = {
+        let up = up.clone();
+        let batch = batch.clone();
+        tokio::spawn(async move { up.upload(&batch).await })
+    };
+    until_an_upload_waits_on_the_clinic_lock(&db).await;
+    let base = first.base_url();
+    let stopping = tokio::spawn(first.shutdown());
+    // Shutdown has begun once a new connection is no longer served.
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut refused = false;
+    for _ in 0..3000 {
+        if probe
+            .get(format!("{base}{}", routes::HEALTH))
+            .send()
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "watchdog: the stopping instance kept accepting");
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+        .bind(CLINIC_LOCK_SPACE)
+        .bind(&clinic_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    drop(holder);
+    let reply = tokio::time::timeout(WATCHDOG, in_flight)
+        .await
+        .expect("watchdog: the upload in flight ends")
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the request in flight was finished and acknowledged"
+    );
+    let receipt: dermascope_cloud_api::UploadReceipt = reply.json();
+    assert!(receipt
+        .results
+        .iter()
+        .all(|r| r.outcome == UploadOutcome::Stored));
+    tokio::time::timeout(WATCHDOG, stopping)
+        .await
+        .expect("watchdog: shutdown ends")
+        .unwrap();
+
+    let second = start(&db).await;
+    let up = up.via(&second);
+    // A device that lost the acknowledgement retries: nothing twice.
+    assert_eq!(
+        up.upload_ok(&batch).await,
+        vec![UploadOutcome::AlreadyStored; 8]
+    );
+    assert_eq!(rows(&db.pool).await, (8, 8));
+    second.shutdown().await;
 }
