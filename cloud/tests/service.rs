@@ -940,3 +940,43 @@ async fn rag_is_routed_authenticated_and_refuses_bad_bodies_as_json() {
         .refusal(StatusCode::UNPROCESSABLE_ENTITY, codes::BAD_REQUEST);
     service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_is_written_at_most_once_a_minute() {
+    let Some((db, service)) = fleet("last_seen").await else {
+        return;
+    };
+    let clinic = clinic(&db, "c", false).await;
+    let dev = device(&db, &clinic, "d").await;
+    let api = Api::new(&service, &dev.credential);
+    let seen = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT (last_seen_at - created_at)::text FROM devices WHERE device_id = $1::uuid",
+        )
+        .bind(&dev.device_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(seen().await, None, "never seen before its first request");
+    assert_eq!(api.device().await.status, StatusCode::OK);
+    let first = seen().await.expect("seen after its first request");
+    assert_eq!(api.device().await.status, StatusCode::OK);
+    assert_eq!(
+        seen().await.as_ref(),
+        Some(&first),
+        "not written again within the minute"
+    );
+    // Two minutes ago, as far as the database knows: the next request writes.
+    sqlx::query(
+        "UPDATE devices SET last_seen_at = now() - interval '2 minutes' WHERE device_id = $1::uuid",
+    )
+    .bind(&dev.device_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let stale = seen().await;
+    assert_eq!(api.device().await.status, StatusCode::OK);
+    assert_ne!(seen().await, stale, "written again after a minute");
+    service.shutdown().await;
+}
