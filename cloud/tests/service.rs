@@ -717,7 +717,7 @@ async fn every_bad_upload_is_refused_with_its_code_and_nothing_is_written() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
+async fn serve_reads_cloud_toml_answers_logs_no_patient_data_and_stops_on_sigterm() {
     use std::io::BufRead;
     let Some(db) = database("serve_command").await else {
         return;
@@ -729,13 +729,21 @@ async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
         "listen = \"127.0.0.1:0\"\ndatabase_url_env = \"FLEET_TEST_DB\"\n[database]\nmax_connections = 4\n",
     )
     .unwrap();
+    dermascope_cloud::db::migrate(&db.pool).await.unwrap();
+    operator::add_model(&db.pool, MODEL, DIM).await.unwrap();
+    let clinic = clinic(&db, "c", false).await;
+    let up = device(&db, &clinic, "up").await;
+    let down = device(&db, &clinic, "down").await;
+    let log = dir.path().join("stderr.log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dermascope-cloud"))
         .args(["serve", "--config"])
         .arg(&config)
         .env("FLEET_TEST_DB", &db.url)
         .env_remove("DERMASCOPE_CLOUD_DATABASE_URL")
-        .env("RUST_LOG", "warn")
+        // Everything, sqlx's statements and hyper's included.
+        .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
@@ -763,6 +771,34 @@ async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(health.status, "ok");
+    // Patient data through every route: stored, pulled, refused.
+    let mut private = case("case-0190c0de-unique", 1, 3);
+    private.diagnosis.name = "Dx-name-unique-7f3a".into();
+    private.metadata.anatomical_site = Some("site-unique-42".into());
+    let up_api = Api {
+        base: base.clone(),
+        credential: up.credential.clone(),
+        client: reqwest::Client::new(),
+    };
+    up_api.upload_ok(std::slice::from_ref(&private)).await;
+    let mut refused = private.clone();
+    refused.id = "case-refused-unique".into();
+    refused.embedding.push(1.0);
+    let bad = up_api.upload(&[refused]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let down_api = Api {
+        credential: down.credential.clone(),
+        ..up_api.clone()
+    };
+    assert_eq!(down_api.pull_ok(MODEL, None, None).await.cases.len(), 1);
+    Api {
+        credential: format!("{}.wrong", down.device_id),
+        ..up_api.clone()
+    }
+    .device()
+    .await
+    .refusal(StatusCode::UNAUTHORIZED, codes::UNAUTHENTICATED);
+
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -774,6 +810,23 @@ async fn serve_reads_cloud_toml_answers_and_stops_on_sigterm() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("upload committed"),
+        "debug logging was on: {logged}"
+    );
+    let thumbnail = base64::engine::general_purpose::STANDARD.encode(&private.thumbnail_jpeg);
+    for secret in [
+        "case-0190c0de-unique",
+        "case-refused-unique",
+        "Dx-name-unique-7f3a",
+        "site-unique-42",
+        &thumbnail[..40],
+        up.credential.split_once('.').unwrap().1,
+        down.credential.split_once('.').unwrap().1,
+    ] {
+        assert!(!logged.contains(secret), "the log holds {secret:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
