@@ -528,7 +528,21 @@ impl Installer {
             Some(v) => Some(self.installed(v)?),
             None => None,
         };
-        let new = self.stage(&plan, previous.as_ref(), options)?;
+        let new = match self.stage(&plan, previous.as_ref(), options) {
+            Ok(new) => new,
+            Err(e) => {
+                // A full disk or a changed stick: give the space back now
+                // rather than at the next start (best effort; a leftover
+                // staging directory is never read).
+                let staging = self
+                    .root
+                    .join(VERSIONS)
+                    .join(format!("{STAGING_PREFIX}{version}"));
+                let _ = fs::remove_dir_all(staging);
+                warn!(version, error = %e, "staging the new version failed; nothing was switched");
+                return Err(e);
+            }
+        };
         (options.progress)(Step::Staged);
         options
             .prepare
