@@ -18,6 +18,29 @@ const DEVICE_LINUX: &str = "dermascope-device-linux";
 const PIPELINE: &str = "dermascope-pipeline";
 const LIBRARY: &str = "dermascope-library";
 const UI: &str = "dermascope-ui";
+const SYNC: &str = "dermascope-sync";
+/// The wire contract both sides of the fleet link compile against.
+const CLOUD_API: &str = "dermascope-cloud-api";
+/// The fleet service's library, and its operator's binary.
+const CLOUD: &str = "dermascope-cloud";
+const CLOUD_CLI: &str = "dermascope-cloud-cli";
+
+/// What the handheld runs: none of it may reach the service.
+const DEVICE_SIDE: [&str; 13] = [
+    BINARY,
+    "dermascope-encoder",
+    "dermascope-adapter",
+    "dermascope-store",
+    "dermascope-eval",
+    "dermascope-quality",
+    DEVICE,
+    DEVICE_LINUX,
+    UI,
+    PIPELINE,
+    LIBRARY,
+    SYNC,
+    "dermascope-durable",
+];
 
 /// Crates that tie a build to the handheld's OS and hardware.
 const HARDWARE: [&str; 4] = ["v4l", "v4l2-sys-mit", "rppal", "libc"];
@@ -278,8 +301,43 @@ fn rules(graph: &Graph) -> Vec<Rule> {
         graph.reached(PIPELINE, &[DEVICE_LINUX, "v4l", "rppal"]),
     );
     rule(
-        "only the binary depends on clap",
-        graph.direct_users(&["clap"], &[BINARY]),
+        "only the two binaries (dermascope, dermascope-cloud) depend on clap",
+        graph.direct_users(&["clap"], &[BINARY, CLOUD_CLI]),
+    );
+    rule(
+        "the wire contract depends on serde, serde_json, base64 and thiserror only",
+        graph
+            .direct(CLOUD_API)
+            .into_iter()
+            .filter(|dep| !["serde", "serde_json", "base64", "thiserror"].contains(&dep.as_str()))
+            .map(|dep| format!("{CLOUD_API} -> {dep}"))
+            .collect(),
+    );
+    rule(
+        "nothing the handheld runs reaches the fleet service (only its wire contract)",
+        DEVICE_SIDE
+            .iter()
+            .flat_map(|member| graph.reached(member, &[CLOUD, CLOUD_CLI]))
+            .collect(),
+    );
+    rule(
+        "the fleet service reaches no device crate, sled nor tract",
+        [CLOUD, CLOUD_CLI]
+            .iter()
+            .flat_map(|service| {
+                let mut forbidden: Vec<&str> = DEVICE_SIDE.to_vec();
+                forbidden.extend(["sled", "tract-onnx", "tract-core"]);
+                graph.reached(service, &forbidden)
+            })
+            .collect(),
+    );
+    rule(
+        "dermascope-sync reaches neither pipeline, device, ui nor encoder",
+        graph.reached(SYNC, &[PIPELINE, DEVICE, UI, "dermascope-encoder"]),
+    );
+    rule(
+        "only dermascope-sync and the fleet service talk HTTP (reqwest, axum)",
+        graph.direct_users(&["reqwest", "axum", "axum-server"], &[SYNC, CLOUD]),
     );
     rule(
         "no library crate depends on anyhow",
@@ -314,9 +372,19 @@ fn rules(graph: &Graph) -> Vec<Rule> {
 fn dependency_rules_hold() {
     let graph = Graph::load();
     // A rule about a crate that is not there would pass vacuously.
-    for name in [BINARY, DEVICE, DEVICE_LINUX, PIPELINE, LIBRARY]
-        .iter()
-        .chain(LEAVES.iter())
+    for name in [
+        BINARY,
+        DEVICE,
+        DEVICE_LINUX,
+        PIPELINE,
+        LIBRARY,
+        SYNC,
+        CLOUD_API,
+        CLOUD,
+        CLOUD_CLI,
+    ]
+    .iter()
+    .chain(LEAVES.iter())
     {
         assert!(
             graph.members.contains(*name),
