@@ -33,6 +33,25 @@ use crate::db::CLINIC_LOCK_SPACE;
 use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::server::AppState;
 
+/// The upsert both upload paths share: a stored case is replaced only by a
+/// higher revision (an equal one is a retry, a lower one superseded), and
+/// every replacement draws a new change number for the pulls. A macro so
+/// that each statement stays one literal (sqlx prepares it once).
+macro_rules! newest_revision_wins {
+    () => {
+        " ON CONFLICT (clinic_id, case_id) DO UPDATE SET \
+         revision = excluded.revision, model_id = excluded.model_id, \
+         embedding = excluded.embedding, diagnosis_code = excluded.diagnosis_code, \
+         diagnosis_name = excluded.diagnosis_name, \
+         label_confirmed = excluded.label_confirmed, metadata = excluded.metadata, \
+         lesion_key = excluded.lesion_key, thumbnail_jpeg = excluded.thumbnail_jpeg, \
+         original_jpeg = excluded.original_jpeg, created_at_ms = excluded.created_at_ms, \
+         updated_at_ms = excluded.updated_at_ms, change_seq = excluded.change_seq, \
+         received_at = now() \
+         WHERE excluded.revision > fleet_cases.revision "
+    };
+}
+
 /// Largest finite value a `halfvec` component holds.
 pub const HALF_MAX: f32 = 65504.0;
 
@@ -325,7 +344,7 @@ async fn store_distinct(
     let stored: HashSet<String> = if fresh.is_empty() {
         HashSet::new()
     } else {
-        sqlx::query_scalar::<_, String>(
+        sqlx::query_scalar::<_, String>(concat!(
             "INSERT INTO fleet_cases (clinic_id, case_id, revision, device_id, model_id, \
                  embedding, diagnosis_code, diagnosis_name, label_confirmed, metadata, \
                  lesion_key, thumbnail_jpeg, original_jpeg, created_at_ms, updated_at_ms, \
@@ -338,18 +357,10 @@ async fn store_distinct(
                  $13::bytea[], $14::bigint[], $15::bigint[]) \
                  AS t(case_id, revision, model_id, embedding, code, name, confirmed, metadata, \
                       lesion_key, thumbnail, original, created, updated) \
-             ON CONFLICT (clinic_id, case_id) DO UPDATE SET \
-                 revision = excluded.revision, model_id = excluded.model_id, \
-                 embedding = excluded.embedding, diagnosis_code = excluded.diagnosis_code, \
-                 diagnosis_name = excluded.diagnosis_name, \
-                 label_confirmed = excluded.label_confirmed, metadata = excluded.metadata, \
-                 lesion_key = excluded.lesion_key, thumbnail_jpeg = excluded.thumbnail_jpeg, \
-                 original_jpeg = excluded.original_jpeg, created_at_ms = excluded.created_at_ms, \
-                 updated_at_ms = excluded.updated_at_ms, change_seq = excluded.change_seq, \
-                 received_at = now() \
-             WHERE excluded.revision > fleet_cases.revision \
-             RETURNING case_id",
-        )
+             ",
+            newest_revision_wins!(),
+            "RETURNING case_id"
+        ))
         .bind(viewer.clinic_id)
         .bind(viewer.device_id)
         .bind(fresh.iter().map(|c| c.case.id.as_str()).collect::<Vec<_>>())
@@ -438,24 +449,16 @@ async fn store_one(
     if inserted == 0 {
         return Ok(UploadOutcome::AlreadyStored);
     }
-    let stored: Option<i64> = sqlx::query_scalar(
+    let stored: Option<i64> = sqlx::query_scalar(concat!(
         "INSERT INTO fleet_cases (clinic_id, case_id, revision, device_id, model_id, embedding, \
              diagnosis_code, diagnosis_name, label_confirmed, metadata, lesion_key, \
              thumbnail_jpeg, original_jpeg, created_at_ms, updated_at_ms, change_seq) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
              nextval('fleet_change_seq')) \
-         ON CONFLICT (clinic_id, case_id) DO UPDATE SET \
-             revision = excluded.revision, model_id = excluded.model_id, \
-             embedding = excluded.embedding, diagnosis_code = excluded.diagnosis_code, \
-             diagnosis_name = excluded.diagnosis_name, \
-             label_confirmed = excluded.label_confirmed, metadata = excluded.metadata, \
-             lesion_key = excluded.lesion_key, thumbnail_jpeg = excluded.thumbnail_jpeg, \
-             original_jpeg = excluded.original_jpeg, created_at_ms = excluded.created_at_ms, \
-             updated_at_ms = excluded.updated_at_ms, change_seq = excluded.change_seq, \
-             received_at = now() \
-         WHERE excluded.revision > fleet_cases.revision \
-         RETURNING change_seq",
-    )
+         ",
+        newest_revision_wins!(),
+        "RETURNING change_seq"
+    ))
     .bind(viewer.clinic_id)
     .bind(&c.case.id)
     .bind(c.revision)
