@@ -10,6 +10,7 @@ mod reembed;
 mod run;
 mod search;
 mod training;
+mod update;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,10 @@ enum Command {
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
     Reembed(reembed::ReembedArgs),
+    /// Install signed update bundles (from a USB stick), show the installed
+    /// version, roll back; make and sign bundles.
+    #[command(subcommand)]
+    Update(update::UpdateCommand),
 }
 
 /// The case store's location.
@@ -161,6 +166,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Press(args) => run::press(&args),
         Command::Reembed(args) => reembed::run(&args),
+        Command::Update(command) => update::run(&command),
     };
     match outcome {
         Ok(code) => code,

@@ -7,11 +7,13 @@ use crate::manifest::{ManifestError, Part};
 /// before [`UpdateError::HealthCheck`] left the device untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
-    #[error("cannot {action} {path}: {source}")]
+    // The cause is in the message, not the error chain: a caller printing
+    // the chain would otherwise say it twice.
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -99,6 +101,6 @@ pub(crate) fn io(
     move |source| UpdateError::Io {
         action,
         path,
-        source,
+        error: source,
     }
 }

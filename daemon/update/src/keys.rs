@@ -21,11 +21,13 @@ pub const PUBLIC_KEY_EXT: &str = "pub";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot {action} {path}: {source}")]
+    // The cause is in the message, not the error chain: a caller printing
+    // the chain would otherwise say it twice.
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a key file: {reason}")]
     Malformed { path: PathBuf, reason: String },
@@ -55,7 +57,7 @@ fn read_small(path: &Path) -> Result<String, KeyError> {
     let io = |action, source| KeyError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        error: source,
     };
     let file = fs::File::open(path).map_err(|e| io("open", e))?;
     let mut text = String::new();
@@ -81,6 +83,14 @@ pub fn generate(secret: &Path, public: &Path) -> Result<VerifyingKey, KeyError> 
             });
         }
     }
+    for path in [secret, public] {
+        let dir = dermascope_durable::parent_dir(path);
+        dermascope_durable::create_private_dir_all(&dir).map_err(|error| KeyError::Io {
+            action: "create",
+            path: dir.clone(),
+            error,
+        })?;
+    }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
     let signing = SigningKey::from_bytes(&seed);
@@ -90,7 +100,7 @@ pub fn generate(secret: &Path, public: &Path) -> Result<VerifyingKey, KeyError> 
         move |source| KeyError::Io {
             action: "write",
             path,
-            source,
+            error: source,
         }
     };
     // dermascope-durable writes 0600 whatever the umask: what a secret key needs.
@@ -150,20 +160,20 @@ impl TrustedKeys {
         let meta = fs::metadata(path).map_err(|source| KeyError::Io {
             action: "read trusted keys from",
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         if meta.is_dir() {
             let entries = fs::read_dir(path).map_err(|source| KeyError::Io {
                 action: "list",
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })?;
             let mut files = Vec::new();
             for entry in entries {
                 let entry = entry.map_err(|source| KeyError::Io {
                     action: "list",
                     path: path.to_path_buf(),
-                    source,
+                    error: source,
                 })?;
                 let p = entry.path();
                 if p.extension().is_some_and(|e| e == PUBLIC_KEY_EXT) {
