@@ -131,9 +131,22 @@ struct State {
     #[serde(default)]
     revoked_keys: BTreeSet<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollback: Option<RollbackIntent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     trial: Option<Trial>,
     #[serde(default)]
     failed: Vec<FailedBundle>,
+}
+
+/// A rollback in progress, recorded before its switch: a kill between the
+/// switch and the state update must neither lose the version rolled back
+/// from (the next start's clean-up would remove an unreferenced version)
+/// nor leave `previous` naming the current version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RollbackIntent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<u64>,
+    to: u64,
 }
 
 /// Runs on the new version after the switch. The real one (in the binary)
@@ -721,6 +734,16 @@ impl Installer {
 
     fn recover_locked(&self) -> Result<Option<Recovery>, UpdateError> {
         let mut state = self.load_state()?;
+        if let Some(intent) = state.rollback.clone() {
+            info!(
+                version = intent.to,
+                "a rollback was interrupted; finishing it"
+            );
+            switch_current(&self.root, Some(intent.to))?;
+            state.previous = intent.from;
+            state.rollback = None;
+            self.save_state(&state)?;
+        }
         let Some(trial) = state.trial.clone() else {
             self.remove_unused(&state)?;
             return Ok(None);
@@ -755,8 +778,14 @@ impl Installer {
         let dir = self.version_dir(previous);
         verify_version(&dir)?;
         let current = self.current_version()?;
+        state.rollback = Some(RollbackIntent {
+            from: current,
+            to: previous,
+        });
+        self.save_state(&state)?;
         switch_current(&self.root, Some(previous))?;
         state.previous = current;
+        state.rollback = None;
         self.save_state(&state)?;
         info!(version = previous, "rolled back");
         Ok(previous)
@@ -787,11 +816,17 @@ impl Installer {
         };
         let current = self.current_version()?;
         let trial = state.trial.as_ref().map(|t| t.version);
+        let rollback = state.rollback.as_ref().map(|r| (r.from, r.to));
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             let keep = match name.parse::<u64>() {
-                Ok(v) => Some(v) == current || Some(v) == state.previous || Some(v) == trial,
+                Ok(v) => {
+                    Some(v) == current
+                        || Some(v) == state.previous
+                        || Some(v) == trial
+                        || rollback.is_some_and(|(from, to)| from == Some(v) || to == v)
+                }
                 Err(_) => false,
             };
             if !keep {

@@ -29,7 +29,12 @@ const ROLE: &str = "DERMASCOPE_UPDATE_CHILD";
 const ROOT: &str = "DERMASCOPE_UPDATE_ROOT";
 const KEYS: &str = "DERMASCOPE_UPDATE_KEYS";
 const BUNDLE: &str = "DERMASCOPE_UPDATE_BUNDLE";
-const SEEDS: u64 = 10;
+/// Kills that must land (10 seeds x 3 phases at least).
+const KILLS: usize = 30;
+/// Watchdog on the loop, not a measurement: a run whose child finished
+/// before its kill landed (a kill at `committed` can be late) is not
+/// counted, so the loop runs more seeds, up to this many runs.
+const MAX_RUNS: u64 = 3 * KILLS as u64;
 /// Watchdog, not a measurement: a child silent this long has hung.
 const SILENCE_WATCHDOG: Duration = Duration::from_secs(120);
 /// The encoder files of version 2: large enough that a copy and its fsync
@@ -254,25 +259,26 @@ fn kill_test() -> Result<(), String> {
     let switch_steps = ["staged", "prepared", "trial recorded", "switched"];
     let check_steps = ["checking", "health check passed", "committed"];
     let mut tally = Tally::default();
-    for seed in 0..SEEDS {
-        for phase in 0..3 {
-            let mut rng = seed * 7919 + phase * 104_729 + 17;
-            let mut next = || {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng
-            };
-            // 6 files land in version 2: 3 encoder, 2 adapter, 1 config.
-            let target = match phase {
-                0 => format!("step copied {}/", 1 + next() % 6),
-                1 => format!("step {}", switch_steps[(next() % 4) as usize]),
-                _ => format!("step {}", check_steps[(next() % 3) as usize]),
-            };
-            let root = device(&s, &format!("kill-{seed}-{phase}"));
-            one_kill(&s, &root, &target, &mut tally)
-                .map_err(|e| format!("seed {seed} phase {phase} ({target}): {e}"))?;
-        }
+    let mut run: u64 = 0;
+    while tally.killed < KILLS && run < MAX_RUNS {
+        let (seed, phase) = (run / 3, run % 3);
+        run += 1;
+        let mut rng = seed * 7919 + phase * 104_729 + 17;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // 6 files land in version 2: 3 encoder, 2 adapter, 1 config.
+        let target = match phase {
+            0 => format!("step copied {}/", 1 + next() % 6),
+            1 => format!("step {}", switch_steps[(next() % 4) as usize]),
+            _ => format!("step {}", check_steps[(next() % 3) as usize]),
+        };
+        let root = device(&s, &format!("kill-{seed}-{phase}"));
+        one_kill(&s, &root, &target, &mut tally)
+            .map_err(|e| format!("seed {seed} phase {phase} ({target}): {e}"))?;
     }
     println!(
         "figures: {} runs, {} killed at their step ({} finished before the kill); before recovery: {} old, {} new; recovery: {} abandoned before the switch, {} switched back (interrupted check); a start then runs: {} old, {} new; every one re-hashed whole",
@@ -286,7 +292,7 @@ fn kill_test() -> Result<(), String> {
         tally.old_after,
         tally.new_after
     );
-    if tally.killed < 30 {
+    if tally.killed < KILLS {
         return Err(format!("only {} kills landed", tally.killed));
     }
     Ok(())
