@@ -19,6 +19,8 @@ const PIPELINE: &str = "dermascope-pipeline";
 const LIBRARY: &str = "dermascope-library";
 const UI: &str = "dermascope-ui";
 const SYNC: &str = "dermascope-sync";
+/// Signed bundles and the installer: kept apart from what it installs.
+const UPDATE: &str = "dermascope-update";
 /// The wire contract both sides of the fleet link compile against.
 const CLOUD_API: &str = "dermascope-cloud-api";
 /// The fleet service's library, and its operator's binary.
@@ -26,7 +28,7 @@ const CLOUD: &str = "dermascope-cloud";
 const CLOUD_CLI: &str = "dermascope-cloud-cli";
 
 /// What the handheld runs: none of it may reach the service.
-const DEVICE_SIDE: [&str; 13] = [
+const DEVICE_SIDE: [&str; 14] = [
     BINARY,
     "dermascope-encoder",
     "dermascope-adapter",
@@ -39,6 +41,7 @@ const DEVICE_SIDE: [&str; 13] = [
     PIPELINE,
     LIBRARY,
     SYNC,
+    UPDATE,
     "dermascope-durable",
 ];
 
@@ -332,6 +335,15 @@ fn rules(graph: &Graph) -> Vec<Rule> {
             .collect(),
     );
     rule(
+        "dermascope-update depends on no crate of ours but dermascope-durable",
+        graph
+            .direct(UPDATE)
+            .into_iter()
+            .filter(|dep| graph.members.contains(dep) && dep != "dermascope-durable")
+            .map(|dep| format!("{UPDATE} -> {dep}"))
+            .collect(),
+    );
+    rule(
         "dermascope-sync reaches neither pipeline, device, ui nor encoder",
         graph.reached(SYNC, &[PIPELINE, DEVICE, UI, "dermascope-encoder"]),
     );
@@ -379,6 +391,7 @@ fn dependency_rules_hold() {
         PIPELINE,
         LIBRARY,
         SYNC,
+        UPDATE,
         CLOUD_API,
         CLOUD,
         CLOUD_CLI,
