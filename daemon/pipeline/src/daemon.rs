@@ -359,7 +359,10 @@ impl Daemon {
                 self.show(&redraw, &mut summary.screens)?;
                 on_panel = Some(redraw);
             }
-            drawn_status = self.status();
+            // Offline-only devices skip this: the outbox count walks sled.
+            if self.fleet.is_some() {
+                drawn_status = self.status();
+            }
             if shutdown.load(Ordering::Relaxed) {
                 info!("shutdown requested");
                 return Ok(());
