@@ -12,8 +12,7 @@
 use std::path::{Component, Path};
 
 use dermascope_encoder::{EncoderError, EncoderManifest};
-use dermascope_testkit::fuzz::proptest::prelude::*;
-use dermascope_testkit::fuzz::{self, Fuzzer, TrackingAllocator};
+use dermascope_testkit::fuzz::{self, TrackingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: TrackingAllocator = TrackingAllocator;
@@ -113,16 +112,7 @@ fn the_seeds_are_valid_manifests() {
 
 #[test]
 fn fuzz_encoder_manifest() {
-    let seeds = fuzz::seeds(TARGET);
-    let mut fuzzer = Fuzzer::new(TARGET);
-    fuzzer.check("mutants", fuzz::mutants(seeds.clone(), TOKENS), |m| {
-        check_text(&String::from_utf8_lossy(&m.bytes))
-    });
-    fuzzer.check("toml-edits", fuzz::toml_mutants(&seeds, KEYS), |m| {
-        check_text(&m.text)
-    });
-    fuzzer.check("random-text", any::<String>(), |t| check_text(&t));
-    fuzzer.finish();
+    fuzz::fuzz_toml_text(TARGET, TOKENS, KEYS, check_text);
 }
 
 /// Found by `toml-edits`: `file = ".."` (and `"."`) passed the check that a

@@ -10,8 +10,7 @@
 use std::path::Path;
 
 use dermascope_pipeline::{Config, ConfigError};
-use dermascope_testkit::fuzz::proptest::prelude::*;
-use dermascope_testkit::fuzz::{self, Fuzzer, TrackingAllocator};
+use dermascope_testkit::fuzz::{self, TrackingAllocator};
 
 #[global_allocator]
 static ALLOCATOR: TrackingAllocator = TrackingAllocator;
@@ -173,14 +172,5 @@ fn deeply_nested_values_are_refused_not_a_stack_overflow() {
 
 #[test]
 fn fuzz_config() {
-    let seeds = fuzz::seeds(TARGET);
-    let mut fuzzer = Fuzzer::new(TARGET);
-    fuzzer.check("mutants", fuzz::mutants(seeds.clone(), TOKENS), |m| {
-        check_text(&String::from_utf8_lossy(&m.bytes))
-    });
-    fuzzer.check("toml-edits", fuzz::toml_mutants(&seeds, KEYS), |m| {
-        check_text(&m.text)
-    });
-    fuzzer.check("random-text", any::<String>(), |t| check_text(&t));
-    fuzzer.finish();
+    fuzz::fuzz_toml_text(TARGET, TOKENS, KEYS, check_text);
 }

@@ -645,6 +645,28 @@ pub fn random_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..=max)
 }
 
+/// The three properties every fuzz target of a TOML file checks, on the
+/// target's seeds: byte mutants (with `tokens`), TOML edits (with `keys`
+/// among the keys they may add), and random text; `check_text` sees each
+/// input as text.
+pub fn fuzz_toml_text(
+    target: &'static str,
+    tokens: &'static [&'static [u8]],
+    keys: &'static [&'static str],
+    check_text: impl Fn(&str) -> Result<(), String>,
+) {
+    let seeds = seeds(target);
+    let mut fuzzer = Fuzzer::new(target);
+    fuzzer.check("mutants", mutants(seeds.clone(), tokens), |m| {
+        check_text(&String::from_utf8_lossy(&m.bytes))
+    });
+    fuzzer.check("toml-edits", toml_mutants(&seeds, keys), |m| {
+        check_text(&m.text)
+    });
+    fuzzer.check("random-text", any::<String>(), |t| check_text(&t));
+    fuzzer.finish();
+}
+
 // ------------------------------------------------------------- TOML mutants
 
 /// One edit of a TOML tree; `at` picks one of the tree's nodes (the root

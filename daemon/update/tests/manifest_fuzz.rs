@@ -11,8 +11,7 @@
 //! carried part and an encoder for an adapter or library; and it reads back
 //! equal after `to_toml`.
 
-use dermascope_testkit::fuzz::proptest::prelude::*;
-use dermascope_testkit::fuzz::{self, Fuzzer, TrackingAllocator};
+use dermascope_testkit::fuzz::{self, TrackingAllocator};
 use dermascope_update::keys::SignatureFile;
 use dermascope_update::manifest::{part_of, Manifest, MAX_FILE_BYTES};
 
@@ -94,14 +93,5 @@ fn the_seeds_are_manifests_this_build_reads() {
 
 #[test]
 fn fuzz_bundle_manifest() {
-    let seeds = fuzz::seeds(TARGET);
-    let mut fuzzer = Fuzzer::new(TARGET);
-    fuzzer.check("mutants", fuzz::mutants(seeds.clone(), TOKENS), |m| {
-        check_text(&String::from_utf8_lossy(&m.bytes))
-    });
-    fuzzer.check("toml-edits", fuzz::toml_mutants(&seeds, KEYS), |m| {
-        check_text(&m.text)
-    });
-    fuzzer.check("random-text", any::<String>(), |t| check_text(&t));
-    fuzzer.finish();
+    fuzz::fuzz_toml_text(TARGET, TOKENS, KEYS, check_text);
 }
