@@ -209,6 +209,21 @@ fn record(inner: &Inner, exchange: Exchange) {
     inner.changed.notify_all();
 }
 
+/// An exchange the service never answered: held, answered by the proxy
+/// itself, or flooded.
+fn record_unanswered(inner: &Inner, request: Vec<u8>, request_line: String, fault: Option<String>) {
+    record(
+        inner,
+        Exchange {
+            request,
+            request_line,
+            status: None,
+            body: Vec::new(),
+            fault,
+        },
+    );
+}
+
 fn serve(client: TcpStream, inner: &Inner) {
     let Ok(client_write) = client.try_clone() else {
         return;
@@ -288,16 +303,7 @@ fn serve(client: TcpStream, inner: &Inner) {
                 }
             }
             Some(Action::Hold) => {
-                record(
-                    inner,
-                    Exchange {
-                        request: request.body.clone(),
-                        request_line,
-                        status: None,
-                        body: Vec::new(),
-                        fault,
-                    },
-                );
+                record_unanswered(inner, request.body.clone(), request_line, fault);
                 let mut state = inner.lock();
                 state.held += 1;
                 inner.changed.notify_all();
@@ -309,32 +315,14 @@ fn serve(client: TcpStream, inner: &Inner) {
                 return;
             }
             Some(Action::Answer(bytes)) => {
-                record(
-                    inner,
-                    Exchange {
-                        request: request.body.clone(),
-                        request_line,
-                        status: None,
-                        body: Vec::new(),
-                        fault,
-                    },
-                );
+                record_unanswered(inner, request.body.clone(), request_line, fault);
                 let _ = client_write.write_all(&bytes);
                 let _ = client_write.flush();
                 let _ = client_write.shutdown(Shutdown::Both);
                 return;
             }
             Some(Action::Flood(total)) => {
-                record(
-                    inner,
-                    Exchange {
-                        request: request.body.clone(),
-                        request_line,
-                        status: None,
-                        body: Vec::new(),
-                        fault,
-                    },
-                );
+                record_unanswered(inner, request.body.clone(), request_line, fault);
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                             transfer-encoding: chunked\r\nconnection: close\r\n\r\n";
                 if client_write.write_all(head.as_bytes()).is_err() {
