@@ -51,6 +51,22 @@ pub mod routes {
     pub const CASES: &str = "/v1/cases";
     /// `POST` a [`super::RagRequest`] -> [`super::RagAnswer`].
     pub const RAG: &str = "/v1/rag";
+    /// `POST` a [`super::DeviceReport`] (the device's versions and backlog,
+    /// sent at every sync cycle) -> [`super::UpdateOffer`] (what the
+    /// device's rollout asks of it now).
+    pub const UPDATE: &str = "/v1/update";
+    /// `POST` an [`super::UpdateResult`] -> [`super::UpdateAck`].
+    pub const UPDATE_RESULT: &str = "/v1/update/result";
+    /// `GET` (optionally with `Range: bytes=N-` or `bytes=N-M`) the
+    /// archive of a bundle this device was offered: `application/x-tar`,
+    /// `200` whole or `206` with `Content-Range`; `416` past the end. Use
+    /// [`super::bundle_archive_route`].
+    pub const BUNDLE_ARCHIVE: &str = "/v1/bundles/{bundle_id}/archive";
+}
+
+/// [`routes::BUNDLE_ARCHIVE`] for one bundle.
+pub fn bundle_archive_route(bundle_id: &str) -> String {
+    routes::BUNDLE_ARCHIVE.replace("{bundle_id}", bundle_id)
 }
 
 /// `Authorization: Bearer <credential>`, where the credential is
@@ -87,6 +103,8 @@ pub mod codes {
     pub const ORIGINALS_NOT_ALLOWED: &str = "originals_not_allowed";
     pub const BAD_CURSOR: &str = "bad_cursor";
     pub const NOT_FOUND: &str = "not_found";
+    /// An update result for a rollout this device is not part of.
+    pub const NOT_IN_ROLLOUT: &str = "not_in_rollout";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
 }
@@ -311,6 +329,83 @@ pub struct RagAnswer {
     pub cases: Vec<RetrievedCase>,
 }
 
+/// Longest `detail` an [`UpdateResult`] may carry.
+pub const MAX_UPDATE_DETAIL: usize = 500;
+
+/// `POST /v1/update`: what the device runs, sent at every sync cycle; the
+/// fleet status page shows it, and it settles a result whose report was
+/// lost (a device that runs the rollout's version has installed it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// The daemon's `MAJOR.MINOR.PATCH`.
+    pub daemon_version: String,
+    /// The installed bundle version (`current`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_version: Option<u64>,
+    /// The encoder the device embeds with.
+    pub encoder_model_id: String,
+    /// Cases in the outbox.
+    pub pending_uploads: u64,
+    /// Bundle versions this device marked failed (never retried on its own).
+    #[serde(default)]
+    pub failed_versions: Vec<u64>,
+}
+
+/// The answer to a [`DeviceReport`]: at most one thing to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum UpdateOffer {
+    /// Nothing to do.
+    None,
+    /// Download this bundle's archive ([`bundle_archive_route`]), check its
+    /// size and sha256, then verify and install it as usual (the archive's
+    /// own signature is what the device trusts, not this offer).
+    Install {
+        rollout_id: String,
+        bundle_id: String,
+        version: u64,
+        archive_sha256: String,
+        archive_size: u64,
+    },
+    /// The operator rolled the rollout back: switch back from `version`
+    /// to the kept previous version (only if `version` is current).
+    Rollback { rollout_id: String, version: u64 },
+}
+
+/// How a device's attempt at an [`UpdateOffer`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOutcome {
+    /// Installed, health-checked and committed (or was current already).
+    Installed,
+    /// Refused before anything changed: download, signature, hashes,
+    /// version floor, another encoder, a full disk.
+    Refused,
+    /// Installed, failed its health check, switched back and marked failed.
+    Failed,
+    /// A [`UpdateOffer::Rollback`] carried out.
+    RolledBack,
+}
+
+/// `POST /v1/update/result`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateResult {
+    pub rollout_id: String,
+    pub version: u64,
+    pub outcome: UpdateOutcome,
+    /// Why, for the operator (at most [`MAX_UPDATE_DETAIL`] characters; an
+    /// error message, never patient data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The answer to an [`UpdateResult`]. Reporting the same result twice is
+/// harmless (`recorded` is then false).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateAck {
+    pub recorded: bool,
+}
+
 /// `GET /v1/health`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -397,6 +492,20 @@ mod tests {
     fn debug_never_shows_photographs() {
         let shown = format!("{:?}", case());
         assert!(!shown.contains("255") && !shown.contains("/9gA"), "{shown}");
+    }
+
+    #[test]
+    fn an_offer_says_its_action() {
+        let json = serde_json::to_string(&UpdateOffer::None).unwrap();
+        assert_eq!(json, r#"{"action":"none"}"#);
+        let rollback = UpdateOffer::Rollback {
+            rollout_id: "r".into(),
+            version: 7,
+        };
+        let json = serde_json::to_string(&rollback).unwrap();
+        assert_eq!(json, r#"{"action":"rollback","rollout_id":"r","version":7}"#);
+        assert_eq!(serde_json::from_str::<UpdateOffer>(&json).unwrap(), rollback);
+        assert_eq!(bundle_archive_route("b1"), "/v1/bundles/b1/archive");
     }
 
     #[test]
