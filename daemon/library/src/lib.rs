@@ -32,7 +32,9 @@ pub use labels::{parse_labels, read_labels, LabelledImage, LabelsError, LabelsFi
 pub use photo::{
     original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,
 };
-pub use reembed::{reembed, ReembedError, ReembedOutcome, ReembedProgress, ReembedReport};
+pub use reembed::{
+    reembed, store_for_encoder, ReembedError, ReembedOutcome, ReembedProgress, ReembedReport,
+};
 pub use training::{
     confirmed_cases, load_installed, prediction_report, train_and_install, ConfirmedCases,
     LoadAdapterError, TrainingError, TrainingOptions, TrainingPlan, TrainingReport,

@@ -54,6 +54,14 @@ pub enum ReembedError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} holds the case store of encoder {found}, not of {wanted}")]
+    StoreOfAnotherEncoder {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error("an encoder model id must not be empty")]
+    EmptyModelId,
     #[error(
         "the library is switched to the new encoder, but keeping the old store as {previous} \
          failed: {source}; it is still at {staging}: move it there by hand"
@@ -152,6 +160,44 @@ fn path_safe(model_id: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The case store the encoder `model_id` uses, given the device's store
+/// path `base`: `base` itself when the store there was made for `model_id`
+/// or there is none yet, else the sibling `<base>.<model id>` (made
+/// path-safe). Each encoder thus keeps a store of its own, so switching to
+/// a version with another encoder switches stores with it, and a rollback
+/// finds the old encoder's store exactly as it was left.
+///
+/// Call it before opening the store: reading the identity opens sled,
+/// which a running daemon's open store would refuse with its lock.
+///
+/// A sibling that holds another encoder's store (two model ids that are
+/// the same once made path-safe) is refused rather than shared.
+pub fn store_for_encoder(base: &Path, model_id: &str) -> Result<PathBuf, ReembedError> {
+    if model_id.is_empty() {
+        return Err(ReembedError::EmptyModelId);
+    }
+    let identity = |path: &Path| {
+        CaseStore::identity_at(path).map_err(|source| ReembedError::Store {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    match identity(base)? {
+        None => return Ok(base.to_path_buf()),
+        Some(found) if found.model_id == model_id => return Ok(base.to_path_buf()),
+        Some(_) => {}
+    }
+    let own = sibling(base, &format!(".{}", path_safe(model_id)));
+    match identity(&own)? {
+        Some(found) if found.model_id != model_id => Err(ReembedError::StoreOfAnotherEncoder {
+            path: own,
+            found: found.model_id,
+            wanted: model_id.to_owned(),
+        }),
+        _ => Ok(own),
+    }
 }
 
 /// Re-embeds the library at `library` with `encoder` and switches it over
@@ -369,4 +415,79 @@ fn keep_previous(staging: &Path, library: &Path, model_id: &str) -> Result<PathB
 
 fn sync_parent(path: &Path) -> std::io::Result<()> {
     dermascope_durable::sync_dir(&dermascope_durable::parent_dir(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn make_store(path: &Path, model_id: &str) {
+        CaseStore::open(
+            path,
+            StoreIdentity {
+                model_id: model_id.to_owned(),
+                embedding_dim: 4,
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn no_store_yet_means_the_base_for_any_encoder() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        assert_eq!(store_for_encoder(&base, "enc-a").unwrap(), base);
+        // Looking must not create a store there.
+        assert_eq!(CaseStore::identity_at(&base).unwrap(), None);
+    }
+
+    #[test]
+    fn the_base_is_kept_by_its_own_encoder_and_another_gets_a_sibling() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        make_store(&base, "enc-a");
+        assert_eq!(store_for_encoder(&base, "enc-a").unwrap(), base);
+        let b = store_for_encoder(&base, "enc-b").unwrap();
+        assert_eq!(b, dir.path().join("cases.enc-b"));
+        // Once the sibling exists it is still that encoder's, and the base
+        // still the first encoder's (the rollback case).
+        make_store(&b, "enc-b");
+        assert_eq!(store_for_encoder(&base, "enc-b").unwrap(), b);
+        assert_eq!(store_for_encoder(&base, "enc-a").unwrap(), base);
+    }
+
+    #[test]
+    fn a_model_id_is_made_path_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        make_store(&base, "enc-a");
+        let path = store_for_encoder(&base, "org/model:v2 int8").unwrap();
+        assert_eq!(path, dir.path().join("cases.org_model_v2_int8"));
+        assert_eq!(path.parent(), Some(dir.path()));
+    }
+
+    #[test]
+    fn a_sibling_of_another_encoder_is_refused_not_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        make_store(&base, "enc-a");
+        // "org/m" and "org:m" are the same once path-safe.
+        make_store(&dir.path().join("cases.org_m"), "org/m");
+        match store_for_encoder(&base, "org:m") {
+            Err(ReembedError::StoreOfAnotherEncoder { found, wanted, .. }) => {
+                assert_eq!(found, "org/m");
+                assert_eq!(wanted, "org:m");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_model_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            store_for_encoder(&dir.path().join("cases"), ""),
+            Err(ReembedError::EmptyModelId)
+        ));
+    }
 }
