@@ -59,6 +59,12 @@ where
         } => draw_capturing(target, body, *frames_taken, *burst_len),
         Screen::Rejected { reason, what_to_do } => draw_rejected(target, body, *reason, what_to_do),
         Screen::Results(results) => draw_results(target, body, results),
+        Screen::Updating {
+            title,
+            detail,
+            done,
+            total,
+        } => draw_updating(target, body, title, detail, *done, *total),
         Screen::Error { title, what_to_fix } => draw_error(target, body, title, what_to_fix),
     }
 }
@@ -517,6 +523,73 @@ where
             SKY_BLUE,
         )?;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- updating
+
+fn draw_updating<D>(
+    target: &mut D,
+    body: Rectangle,
+    title: &str,
+    detail: &str,
+    done: u64,
+    total: u64,
+) -> Result<(), D::Error>
+where
+    D: DrawTarget<Color = Rgb888>,
+{
+    let centre = Point::new(body.center().x, body.top_left.y + 40);
+    // A ring with a downward arrow: "arriving", unlike the shutter or the
+    // problem icons.
+    Circle::with_center(centre, 50)
+        .into_styled(PrimitiveStyle::with_stroke(SKY_BLUE, 5))
+        .draw(target)?;
+    let arrow = PrimitiveStyle::with_stroke(SKY_BLUE, 5);
+    Line::new(centre + Point::new(0, -12), centre + Point::new(0, 10))
+        .into_styled(arrow)
+        .draw(target)?;
+    Line::new(centre + Point::new(-9, 2), centre + Point::new(0, 11))
+        .into_styled(arrow)
+        .draw(target)?;
+    Line::new(centre + Point::new(9, 2), centre + Point::new(0, 11))
+        .into_styled(arrow)
+        .draw(target)?;
+    let span = Rectangle::new(
+        body.top_left + Point::new(MARGIN * 2, 0),
+        Size::new(
+            body.size.width.saturating_sub(4 * MARGIN as u32),
+            body.size.height,
+        ),
+    );
+    let mut y = centre.y + 36;
+    let title_font = font_for(title, &[&FONT_10X20, &FONT_9X15_BOLD], span.size.width, 1);
+    y = paragraph_centred(target, title, title_font, TEXT, span, y, 1)? + 4;
+    y = paragraph_centred(target, detail, &FONT_9X15, TEXT_DIM, span, y, 2)? + 8;
+    if total > 0 {
+        let bar_width = span.size.width.min(240);
+        let bar = Rectangle::new(
+            Point::new(body.center().x - bar_width as i32 / 2, y),
+            Size::new(bar_width, 14),
+        );
+        fill(target, bar, TRACK)?;
+        let filled = (u64::from(bar_width) * done.min(total) / total) as u32;
+        fill(
+            target,
+            Rectangle::new(bar.top_left, Size::new(filled, 14)),
+            SKY_BLUE,
+        )?;
+        let shown = format!("{}%", done.min(total) * 100 / total);
+        label_centred(target, &shown, &FONT_8X13, TEXT_DIM, span, y + 18)?;
+    }
+    label_centred(
+        target,
+        "Do not switch off",
+        &FONT_8X13,
+        TEXT,
+        span,
+        body.top_left.y + body.size.height as i32 - 20,
+    )?;
     Ok(())
 }
 

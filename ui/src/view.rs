@@ -230,6 +230,17 @@ pub enum Screen {
     },
     /// Similar confirmed cases for the last capture.
     Results(ResultsView),
+    /// A signed update is being verified or installed: the device cannot
+    /// capture meanwhile, and says so with how far it is.
+    Updating {
+        /// What is happening ("Installing update 12").
+        title: String,
+        /// The step in words ("Re-embedding the case library").
+        detail: String,
+        /// Units done of `total` (files, cases); `total == 0` draws no bar.
+        done: u64,
+        total: u64,
+    },
     /// Something outside the capture went wrong (storage, model, ...).
     Error {
         /// Short headline.

@@ -224,6 +224,16 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
             }),
         ),
         (
+            "updating",
+            status(SyncState::Online, 0, None),
+            Screen::Updating {
+                title: "Installing update 12".to_owned(),
+                detail: "Re-embedding the case library for the new model".to_owned(),
+                done: 1375,
+                total: 4000,
+            },
+        ),
+        (
             "error",
             online,
             Screen::Error {
