@@ -14,6 +14,13 @@
 //!   report, and the old store, with every case, is kept beside the library
 //!   as `<dir>.previous-<old model id>` after the switch, never deleted.
 //!
+//! - **An install keeps one store per encoder.** [`store_for_encoder`]
+//!   names the store an encoder uses (the library's path, or a sibling
+//!   `<dir>.<model id>`), and [`reembed_into`] fills the new encoder's store
+//!   from the old one's, resumably, without writing the old one or
+//!   switching anything: the update installer's preparation step, so a
+//!   rollback to the old encoder finds its store as it was left.
+//!
 //! # Limits
 //! Adapter embeddings are not carried over: an adapter belongs to one
 //! encoder, so a new one is trained (`dermascope adapter train`) after the
@@ -60,6 +67,8 @@ pub enum ReembedError {
         found: String,
         wanted: String,
     },
+    #[error("{path} is both the source and the target of the re-embedding")]
+    SameStore { path: PathBuf },
     #[error("an encoder model id must not be empty")]
     EmptyModelId,
     #[error(
@@ -200,6 +209,150 @@ pub fn store_for_encoder(base: &Path, model_id: &str) -> Result<PathBuf, Reembed
     }
 }
 
+/// Where a [`reembed_into`] run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntoOutcome {
+    /// The target holds every case of the source that has a readable
+    /// original.
+    Complete,
+    /// Stopped by the caller between two flushed batches; rerun to finish.
+    Interrupted,
+    /// `dry_run`: counted, nothing written.
+    DryRun,
+}
+
+/// What a [`reembed_into`] run did.
+#[derive(Clone, Debug)]
+pub struct IntoReport {
+    pub outcome: IntoOutcome,
+    pub from_model: String,
+    pub to_model: String,
+    /// Cases in the source when the run began.
+    pub cases: usize,
+    /// Added to the target by this run (in a dry run: that it would add).
+    pub reembedded: usize,
+    /// Already in the target (an earlier, interrupted run, or an earlier
+    /// install of this encoder).
+    pub present: usize,
+    /// Not in the target: no original photograph.
+    pub without_original: Vec<CaseId>,
+    /// Not in the target: the original would not decode or embed.
+    pub unreadable: Vec<(CaseId, String)>,
+    pub elapsed_s: f64,
+}
+
+/// Adds to the store at `target` (created for `encoder` if absent) every
+/// case of the store at `source` it lacks, re-embedded with `encoder` from
+/// its original photograph, in batches flushed one by one, so a run killed
+/// at any point resumes where it stopped and never doubles a case.
+///
+/// Unlike [`reembed`] nothing is switched and `source` is never written:
+/// it is opened to read (its index cache left as it was), so the encoder
+/// it belongs to can go back to it untouched. A case is matched by id; a
+/// case the target holds already is left as it is, even if the source has
+/// a newer revision of it.
+pub fn reembed_into(
+    source: &Path,
+    target: &Path,
+    encoder: &Encoder,
+    options: ReembedOptions,
+    mut progress: impl FnMut(ReembedProgress) -> ControlFlow<()>,
+) -> Result<IntoReport, ReembedError> {
+    let started = Instant::now();
+    let store_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ReembedError::Store { path, source }
+    };
+    if source == target {
+        return Err(ReembedError::SameStore {
+            path: source.to_path_buf(),
+        });
+    }
+    let from = CaseStore::identity_at(source)
+        .map_err(store_error(source))?
+        .ok_or_else(|| ReembedError::NoStore {
+            path: source.to_path_buf(),
+        })?;
+    let to = StoreIdentity {
+        model_id: encoder.model_id().to_owned(),
+        embedding_dim: encoder.dim(),
+    };
+    let read_only = OpenOptions {
+        residency: Residency::Int8,
+        no_cache_on_close: true,
+    };
+    let old = CaseStore::open_with(source, from.clone(), read_only).map_err(store_error(source))?;
+    let ids = old.ids().map_err(store_error(source))?;
+    let mut report = IntoReport {
+        outcome: IntoOutcome::Complete,
+        from_model: from.model_id.clone(),
+        to_model: to.model_id.clone(),
+        cases: ids.len(),
+        reembedded: 0,
+        present: 0,
+        without_original: Vec::new(),
+        unreadable: Vec::new(),
+        elapsed_s: 0.0,
+    };
+    if options.dry_run {
+        let existing = match CaseStore::identity_at(target).map_err(store_error(target))? {
+            Some(_) => Some(
+                CaseStore::open_with(target, to.clone(), read_only).map_err(store_error(target))?,
+            ),
+            None => None,
+        };
+        for id in &ids {
+            let present = match &existing {
+                Some(store) => store.contains(id).map_err(store_error(target))?,
+                None => false,
+            };
+            if present {
+                report.present += 1;
+            } else if old.has_original(id).map_err(store_error(source))? {
+                report.reembedded += 1;
+            } else {
+                report.without_original.push(id.clone());
+            }
+        }
+        report.outcome = IntoOutcome::DryRun;
+        report.elapsed_s = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let new = CaseStore::open_with(
+        target,
+        to.clone(),
+        OpenOptions {
+            residency: Residency::Int8,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(store_error(target))?;
+    info!(
+        cases = ids.len(),
+        from = %from.model_id,
+        to = %to.model_id,
+        "re-embedding the case library into the new encoder's store"
+    );
+    let filled = fill(&old, &new, &ids, encoder, options.batch, &mut progress)?;
+    report.reembedded = filled.added;
+    report.present = filled.present;
+    report.without_original = filled.without_original;
+    report.unreadable = filled.unreadable;
+    if filled.interrupted {
+        report.outcome = IntoOutcome::Interrupted;
+    }
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    info!(
+        reembedded = report.reembedded,
+        present = report.present,
+        without_original = report.without_original.len(),
+        unreadable = report.unreadable.len(),
+        outcome = ?report.outcome,
+        "re-embedding into the new encoder's store ended"
+    );
+    Ok(report)
+}
+
 /// Re-embeds the library at `library` with `encoder` and switches it over
 /// (see the module's guarantees). `progress` is called after each flushed
 /// batch; returning `ControlFlow::Break` stops the run there, resumable.
@@ -285,40 +438,16 @@ pub fn reembed(
         to = %target.model_id,
         "re-embedding the case library"
     );
-    let batch_size = options.batch.max(1);
-    let mut batch: Vec<(Case, OriginalPhoto)> = Vec::with_capacity(batch_size);
-    let mut done = 0;
-    for id in &ids {
-        done += 1;
-        if staged.contains(id).map_err(store_error(&staging))? {
-            report.resumed += 1;
-        } else {
-            match reembed_case(&old, id, encoder).map_err(store_error(library))? {
-                Embedded::Case(case, original) => batch.push((*case, original)),
-                Embedded::NoOriginal => report.without_original.push(id.clone()),
-                Embedded::Unreadable(reason) => {
-                    warn!(case = %id.log_tag(), %reason, "original not re-embedded");
-                    report.unreadable.push((id.clone(), reason));
-                }
-                Embedded::Gone => {}
-            }
-        }
-        if batch.len() == batch_size || done == ids.len() {
-            flush(&staged, &mut batch).map_err(store_error(&staging))?;
-            info!(done, total = ids.len(), "re-embedding: batch flushed");
-            if progress(ReembedProgress {
-                done,
-                total: ids.len(),
-            })
-            .is_break()
-            {
-                report.outcome = ReembedOutcome::Interrupted;
-                report.elapsed_s = started.elapsed().as_secs_f64();
-                return Ok(report);
-            }
-        }
+    let filled = fill(&old, &staged, &ids, encoder, options.batch, &mut progress)?;
+    report.resumed = filled.present;
+    report.without_original = filled.without_original;
+    report.unreadable = filled.unreadable;
+    if filled.interrupted {
+        report.outcome = ReembedOutcome::Interrupted;
+        report.elapsed_s = started.elapsed().as_secs_f64();
+        return Ok(report);
     }
-    report.reembedded = staged.len().map_err(store_error(&staging))? - report.resumed;
+    report.reembedded = filled.added;
     drop(old);
     drop(staged);
     switch(library, &staging)?;
@@ -333,6 +462,79 @@ pub fn reembed(
         "case library switched to the new encoder"
     );
     Ok(report)
+}
+
+/// What [`fill`] found and did.
+struct Filled {
+    /// Already in the target.
+    present: usize,
+    /// Added by this run.
+    added: usize,
+    without_original: Vec<CaseId>,
+    unreadable: Vec<(CaseId, String)>,
+    interrupted: bool,
+}
+
+/// Adds to `target` every case of `ids` (from `source`) it lacks,
+/// re-embedded from its original, flushing every `batch` cases and asking
+/// `progress` after each flush whether to go on.
+fn fill(
+    source: &CaseStore,
+    target: &CaseStore,
+    ids: &[CaseId],
+    encoder: &Encoder,
+    batch: usize,
+    progress: &mut dyn FnMut(ReembedProgress) -> ControlFlow<()>,
+) -> Result<Filled, ReembedError> {
+    let source_error = |source_err| ReembedError::Store {
+        path: source.path().to_path_buf(),
+        source: source_err,
+    };
+    let target_error = |source_err| ReembedError::Store {
+        path: target.path().to_path_buf(),
+        source: source_err,
+    };
+    let batch_size = batch.max(1);
+    let mut filled = Filled {
+        present: 0,
+        added: 0,
+        without_original: Vec::new(),
+        unreadable: Vec::new(),
+        interrupted: false,
+    };
+    let mut pending: Vec<(Case, OriginalPhoto)> = Vec::with_capacity(batch_size);
+    let mut done = 0;
+    for id in ids {
+        done += 1;
+        if target.contains(id).map_err(target_error)? {
+            filled.present += 1;
+        } else {
+            match reembed_case(source, id, encoder).map_err(source_error)? {
+                Embedded::Case(case, original) => pending.push((*case, original)),
+                Embedded::NoOriginal => filled.without_original.push(id.clone()),
+                Embedded::Unreadable(reason) => {
+                    warn!(case = %id.log_tag(), %reason, "original not re-embedded");
+                    filled.unreadable.push((id.clone(), reason));
+                }
+                Embedded::Gone => {}
+            }
+        }
+        if pending.len() == batch_size || done == ids.len() {
+            filled.added += pending.len();
+            flush(target, &mut pending).map_err(target_error)?;
+            info!(done, total = ids.len(), "re-embedding: batch flushed");
+            if progress(ReembedProgress {
+                done,
+                total: ids.len(),
+            })
+            .is_break()
+            {
+                filled.interrupted = true;
+                return Ok(filled);
+            }
+        }
+    }
+    Ok(filled)
 }
 
 enum Embedded {
