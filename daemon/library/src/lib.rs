@@ -33,8 +33,8 @@ pub use photo::{
     original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,
 };
 pub use reembed::{
-    reembed, reembed_into, store_for_encoder, IntoOutcome, IntoReport, ReembedError,
-    ReembedOptions, ReembedOutcome, ReembedProgress, ReembedReport,
+    reembed, reembed_into, store_for_encoder, stores_to_carry, Carry, IntoOutcome, IntoReport,
+    ReembedError, ReembedOptions, ReembedOutcome, ReembedProgress, ReembedReport,
 };
 pub use training::{
     confirmed_cases, load_installed, prediction_report, train_and_install, ConfirmedCases,

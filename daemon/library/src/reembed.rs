@@ -209,6 +209,52 @@ pub fn store_for_encoder(base: &Path, model_id: &str) -> Result<PathBuf, Reembed
     }
 }
 
+/// The stores an install must re-embed between: the cases in `source`
+/// (another encoder's) belong in `target` (the new encoder's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carry {
+    pub source: PathBuf,
+    pub target: PathBuf,
+}
+
+/// Whether installing a version with the encoder `new_model`, over one
+/// with `previous_model` (none on a first install, or a version without
+/// an encoder), needs the cases re-embedded, and between which stores
+/// (see [`store_for_encoder`]). The cases live in the previous encoder's
+/// store; failing that (none there yet), in the store at `base` when it
+/// was made for another encoder (a store older than the updates, or one
+/// whose encoder no version names). `None`: the new encoder's store is
+/// the one in use already, or there are no cases to carry.
+pub fn stores_to_carry(
+    base: &Path,
+    previous_model: Option<&str>,
+    new_model: &str,
+) -> Result<Option<Carry>, ReembedError> {
+    let target = store_for_encoder(base, new_model)?;
+    let exists = |path: &Path| {
+        CaseStore::identity_at(path)
+            .map(|identity| identity.is_some())
+            .map_err(|source| ReembedError::Store {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    let mut candidates = Vec::with_capacity(2);
+    if let Some(previous) = previous_model.filter(|m| !m.is_empty() && *m != new_model) {
+        candidates.push(store_for_encoder(base, previous)?);
+    }
+    // `target` is `base` exactly when `base` is new_model's or empty.
+    if target != base {
+        candidates.push(base.to_path_buf());
+    }
+    for source in candidates {
+        if source != target && exists(&source)? {
+            return Ok(Some(Carry { source, target }));
+        }
+    }
+    Ok(None)
+}
+
 /// Where a [`reembed_into`] run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IntoOutcome {
@@ -682,6 +728,60 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_encoder_change_carries_from_the_previous_encoders_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        // No store at all: nothing to carry.
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-a"), "enc-b").unwrap(),
+            None
+        );
+        make_store(&base, "enc-a");
+        let to_b = Carry {
+            source: base.clone(),
+            target: dir.path().join("cases.enc-b"),
+        };
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-a"), "enc-b").unwrap(),
+            Some(to_b.clone())
+        );
+        // The same encoder again, or a version of the store's own encoder.
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-a"), "enc-a").unwrap(),
+            None
+        );
+        assert_eq!(stores_to_carry(&base, None, "enc-a").unwrap(), None);
+        // A first install (or a previous version naming the same encoder)
+        // over a store of another encoder still carries it over.
+        assert_eq!(
+            stores_to_carry(&base, None, "enc-b").unwrap(),
+            Some(to_b.clone())
+        );
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-b"), "enc-b").unwrap(),
+            Some(to_b)
+        );
+        // From b's sibling store to c's, once b is in use.
+        make_store(&dir.path().join("cases.enc-b"), "enc-b");
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-b"), "enc-c").unwrap(),
+            Some(Carry {
+                source: dir.path().join("cases.enc-b"),
+                target: dir.path().join("cases.enc-c"),
+            })
+        );
+        // A new version back on a: what was captured under b is carried
+        // into a's store (the base), which keeps what it had.
+        assert_eq!(
+            stores_to_carry(&base, Some("enc-b"), "enc-a").unwrap(),
+            Some(Carry {
+                source: dir.path().join("cases.enc-b"),
+                target: base.clone(),
+            })
+        );
     }
 
     #[test]
