@@ -23,6 +23,7 @@ pub mod cases;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod operator;
 pub mod rag;
 pub mod server;

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use crate::auth::{CredentialCache, Viewer};
 pub use crate::config::{ServiceConfig, TlsFiles};
 use crate::error::{ApiError, ApiJson, CloudError};
-use crate::{cases, db, rag};
+use crate::{cases, db, fleet, rag};
 
 /// What every handler shares. Nothing here outlives a request's meaning:
 /// the credential cache only saves argon2 work, the database decides.
@@ -56,6 +56,9 @@ pub fn router(state: AppState) -> Router {
         .route(routes::DEVICE, get(cases::device))
         .route(routes::CASES, post(cases::upload).get(cases::pull))
         .route(routes::RAG, post(rag_answer))
+        .route(routes::UPDATE, post(fleet::device::report))
+        .route(routes::UPDATE_RESULT, post(fleet::device::result))
+        .route(routes::BUNDLE_ARCHIVE, get(fleet::device::archive))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
