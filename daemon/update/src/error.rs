@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use crate::archive::ArchiveError;
 use crate::keys::KeyError;
 use crate::manifest::{ManifestError, Part};
 
@@ -27,6 +28,8 @@ pub enum UpdateError {
     BadSignature { key: String },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
     #[error(
         "{path:?} is in the bundle but not in bundle.toml; remove it or sign the bundle again"
     )]

@@ -20,6 +20,7 @@
 //!
 //! Unix only: the switch is a symlink replaced by rename(2).
 
+pub mod archive;
 mod error;
 mod install;
 pub mod keys;
@@ -27,6 +28,7 @@ pub mod manifest;
 mod sign;
 mod verify;
 
+pub use archive::{pack, unpack, ArchiveError, ArchiveInfo};
 pub use error::UpdateError;
 pub use install::{
     current_version_at, encoder_model_id, verify_version, FailedBundle, HealthCheck,
