@@ -27,3 +27,4 @@ pub mod fleet;
 pub mod operator;
 pub mod rag;
 pub mod server;
+pub mod web;

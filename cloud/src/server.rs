@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route(routes::UPDATE, post(fleet::device::report))
         .route(routes::UPDATE_RESULT, post(fleet::device::result))
         .route(routes::BUNDLE_ARCHIVE, get(fleet::device::archive))
+        .merge(crate::web::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
@@ -198,7 +199,9 @@ pub async fn start(config: ServiceConfig) -> Result<RunningService, CloudError> 
         credentials: CredentialCache::new(),
         vlm,
     };
-    let app = router(state);
+    let app = router(state).layer(axum::Extension(crate::web::Transport {
+        tls: config.tls.is_some(),
+    }));
 
     let listener = std::net::TcpListener::bind(config.listen)
         .map_err(|e| CloudError::io(format!("binding {}", config.listen), e))?;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use dermascope_cloud::config::ServiceConfig;
+use dermascope_cloud::web::session;
 use dermascope_cloud::{db, operator, server};
 use serde::Serialize;
 
@@ -53,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: ReferenceCommand,
     },
+    /// People who may log in to the fleet status page (/fleet).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Run the service.
     Serve {
         #[arg(long, default_value = "cloud.toml")]
@@ -98,6 +104,23 @@ enum ModelCommand {
         dim: usize,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Adds an operator and prints a generated password, once.
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input instead
+        /// (at least 12 characters), for scripts.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    List,
+    /// Removes an operator and ends their open sessions.
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +290,57 @@ async fn run(cli: Cli) -> Result<()> {
                     r.stored, r.already_stored, r.superseded
                 )
             })
+        }
+        Command::Operator { command } => {
+            let pool = pool(&cli.database_url).await?;
+            match command {
+                OperatorCommand::Add {
+                    name,
+                    password_stdin,
+                } => {
+                    let password = if password_stdin {
+                        let text = std::io::read_to_string(std::io::stdin())
+                            .context("reading the password from standard input")?;
+                        Some(text.lines().next().unwrap_or_default().to_string())
+                    } else {
+                        None
+                    };
+                    let o = session::add_operator(
+                        &pool,
+                        &name,
+                        password.as_deref(),
+                        &Default::default(),
+                    )
+                    .await?;
+                    print(json, &o, |o| {
+                        match &o.generated_password {
+                        Some(p) => format!(
+                            "operator {} added\npassword (shown once; log in at /fleet/login):\n{p}",
+                            o.name
+                        ),
+                        None => format!("operator {} added with the given password", o.name),
+                    }
+                    })
+                }
+                OperatorCommand::List => {
+                    let names = session::list_operators(&pool).await?;
+                    print(json, &names, |n| n.join("\n"))
+                }
+                OperatorCommand::Remove { name } => {
+                    let removed = session::remove_operator(&pool, &name).await?;
+                    print(
+                        json,
+                        &serde_json::json!({ "name": name, "removed": removed }),
+                        |_| {
+                            if removed {
+                                format!("operator {name} removed; their sessions are closed")
+                            } else {
+                                format!("no operator {name} (nothing to remove)")
+                            }
+                        },
+                    )
+                }
+            }
         }
         Command::Serve { config } => {
             let mut service_config = if config.exists() {
