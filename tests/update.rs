@@ -119,10 +119,18 @@ fn install_check_fail_back_and_roll_back_with_the_real_encoder() {
     ]);
     assert_eq!(done["installed"], 1);
 
-    // Version 2: a config only, checked against a store made for another
-    // encoder: the real health check refuses it, the device goes back to 1.
+    // Version 2: a config and an adapter for this encoder whose model is
+    // not ONNX (signed all the same: a build mistake): the real health
+    // check refuses it, the device goes back to 1.
     let b2 = t.join("b2");
     config_part(&b2, "# v2\n");
+    fs::create_dir_all(b2.join("adapter")).unwrap();
+    fs::write(
+        b2.join("adapter/manifest.toml"),
+        format!("encoder_model_id = \"{MODEL_ID}\"\n"),
+    )
+    .unwrap();
+    fs::write(b2.join("adapter/adapter.onnx"), b"not an onnx model").unwrap();
     ok(&[
         "update",
         "sign",
@@ -133,7 +141,6 @@ fn install_check_fail_back_and_roll_back_with_the_real_encoder() {
         "2",
         "--json",
     ]);
-    let other_store = store(&t.join("other-cases"), "another-encoder-v9");
     let out = dermascope(&[
         "update",
         "install",
@@ -141,11 +148,12 @@ fn install_check_fail_back_and_roll_back_with_the_real_encoder() {
         "--root",
         s(&root),
         "--store",
-        s(&other_store),
+        s(&good_store),
     ]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("failed its health check"), "{stderr}");
+    assert!(stderr.contains("the adapter does not load"), "{stderr}");
     assert!(stderr.contains("version 1 is current again"), "{stderr}");
     let status = ok(&["update", "status", "--root", s(&root), "--verify", "--json"]);
     assert_eq!(status["current"], 1);

@@ -3,8 +3,14 @@
 //! a failure at any point leaves the device on a complete version.
 //!
 //! The installer is `dermascope-update`; what it cannot know (how to load
-//! this daemon's encoder and store) is assembled here as its `HealthCheck`.
+//! this daemon's encoder and store) is assembled here as its `HealthCheck`
+//! and its `Prepare`: when a bundle changes the encoder, the local cases
+//! are re-embedded into the new encoder's own store before the switch
+//! (`dermascope_library::reembed_into`), so the old encoder's store stays
+//! as it was for a rollback.
 
+use std::cell::RefCell;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -12,10 +18,13 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
+use dermascope_library::reembed::{
+    reembed_into, store_for_encoder, stores_to_carry, IntoReport, ReembedOptions,
+};
 use dermascope_store::{CaseFilter, Residency, ScoreKind};
 use dermascope_update::{
-    keys, sign_bundle, HealthCheck, InstallOptions, InstalledVersion, Installer, NoPreparation,
-    Part, SignOptions, Step, TrustedKeys,
+    keys, sign_bundle, HealthCheck, InstallOptions, InstalledVersion, Installer, Part, Prepare,
+    SignOptions, Step, TrustedKeys,
 };
 
 const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -84,8 +93,11 @@ pub struct InstallArgs {
     path: PathBuf,
     #[command(flatten)]
     root: RootArgs,
-    /// The case store the health check opens and searches (skipped when it
-    /// does not exist). Default: $DERMASCOPE_STORE, else var/cases.
+    /// The case store: each encoder uses this path or, once another
+    /// encoder's store is there, `<DIR>.<model id>` beside it. An encoder
+    /// change re-embeds the cases into the new encoder's store; the health
+    /// check opens and searches it (skipped when there is none).
+    /// Default: $DERMASCOPE_STORE, else var/cases.
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
     /// Verify and say what would change; write nothing.
@@ -185,8 +197,10 @@ impl HealthCheck for DeviceCheck {
                 .predict(embedding.values())
                 .map_err(|e| format!("the adapter does not predict: {e}"))?;
         }
-        if self.store.exists() {
-            let store = crate::open_store_at(&self.store, &encoder, Residency::Int8)
+        let path = store_for_encoder(&self.store, encoder.model_id())
+            .map_err(|e| format!("the case store for this encoder: {e}"))?;
+        if path.exists() {
+            let store = crate::open_store_at(&path, &encoder, Residency::Int8)
                 .map_err(|e| format!("the case store does not open for this encoder: {e:#}"))?;
             store
                 .search(
@@ -197,6 +211,68 @@ impl HealthCheck for DeviceCheck {
                 )
                 .map_err(|e| format!("the case store does not search: {e}"))?;
         }
+        Ok(())
+    }
+}
+
+/// Before the switch: when the new version's encoder is not the one the
+/// cases are embedded with (the previous version's, or the store's own),
+/// the cases are re-embedded with the new encoder into its own store
+/// (`stores_to_carry`). The old store is only read. A kill here leaves the
+/// old version current and its store whole; the rerun resumes from the
+/// last flushed batch.
+struct CarryCases {
+    store: PathBuf,
+    options: EncoderOptions,
+    quiet: bool,
+    report: RefCell<Option<IntoReport>>,
+}
+
+impl Prepare for CarryCases {
+    fn prepare(
+        &self,
+        new: &InstalledVersion,
+        previous: Option<&InstalledVersion>,
+    ) -> Result<(), String> {
+        let Some(new_model) = new.record.encoder_model_id.as_deref() else {
+            return Ok(());
+        };
+        let previous_model = previous.and_then(|p| p.record.encoder_model_id.as_deref());
+        let carry = stores_to_carry(&self.store, previous_model, new_model)
+            .map_err(|e| format!("finding the case store to re-embed: {e}"))?;
+        let Some(carry) = carry else {
+            return Ok(());
+        };
+        let encoder = match Encoder::load(&new.part_dir(Part::Encoder), &self.options) {
+            Ok(encoder) => encoder,
+            Err(e) => {
+                // The health check refuses it and records the bundle as
+                // failed; failing here would leave it to be retried.
+                tracing::warn!(error = %e, "the new encoder does not load; not re-embedding");
+                return Ok(());
+            }
+        };
+        if !self.quiet {
+            eprintln!(
+                "update: re-embedding the cases of {} into {} for encoder {new_model}",
+                carry.source.display(),
+                carry.target.display()
+            );
+        }
+        let report = reembed_into(
+            &carry.source,
+            &carry.target,
+            &encoder,
+            ReembedOptions::default(),
+            |p| {
+                if !self.quiet {
+                    eprintln!("update: re-embedded {}/{} cases", p.done, p.total);
+                }
+                ControlFlow::Continue(())
+            },
+        )
+        .map_err(|e| format!("re-embedding the cases for encoder {new_model}: {e}"))?;
+        *self.report.borrow_mut() = Some(report);
         Ok(())
     }
 }
@@ -257,37 +333,38 @@ fn install(args: &InstallArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let check = DeviceCheck {
-        store: crate::paths::case_store(args.store.as_ref()),
-        options: EncoderOptions {
-            variant: VariantChoice::from_name(None),
-            ..EncoderOptions::default()
-        },
+    let store = crate::paths::case_store(args.store.as_ref());
+    let options = EncoderOptions {
+        variant: VariantChoice::from_name(None),
+        ..EncoderOptions::default()
     };
     let json = args.root.json;
+    let prepare = CarryCases {
+        store: store.clone(),
+        options: options.clone(),
+        quiet: json,
+        report: RefCell::new(None),
+    };
+    let check = DeviceCheck { store, options };
     let progress = |step: Step| {
         if !json {
             eprintln!("update: {step}");
         }
     };
     let started = Instant::now();
-    // TODO(issue 14): when the bundle changes the encoder, re-embed the
-    // local cases into the new version's store before the switch
-    // (`dermascope_library::reembed`, resumable) through a `Prepare`; until
-    // then the health check refuses a store made for another encoder, so
-    // the device stays on the old version.
     let report = installer
         .install(
             &args.path,
             &InstallOptions {
                 retry_failed: args.retry_failed,
-                prepare: &NoPreparation,
+                prepare: &prepare,
                 health: &check,
                 progress: &progress,
             },
         )
         .with_context(|| format!("installing the bundle {}", args.path.display()))?;
     let seconds = started.elapsed().as_secs_f64();
+    let reembedded = prepare.report.into_inner();
     if json {
         println!(
             "{}",
@@ -296,6 +373,16 @@ fn install(args: &InstallArgs) -> anyhow::Result<ExitCode> {
                 "from": report.plan.from,
                 "already_installed": report.plan.already_installed,
                 "dropped": report.plan.dropped.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "reembed": reembedded.as_ref().map(|r| serde_json::json!({
+                    "from_model": r.from_model,
+                    "to_model": r.to_model,
+                    "cases": r.cases,
+                    "reembedded": r.reembedded,
+                    "present": r.present,
+                    "without_original": r.without_original.len(),
+                    "unreadable": r.unreadable.len(),
+                    "seconds": r.elapsed_s,
+                })),
                 "seconds": seconds,
             })
         );
@@ -310,6 +397,20 @@ fn install(args: &InstallArgs) -> anyhow::Result<ExitCode> {
             report.version,
             report.plan.from.map_or("none".into(), |v| v.to_string())
         );
+        if let Some(r) = &reembedded {
+            println!(
+                "  re-embedded {} cases for encoder {} in {:.1} s ({} were there already); \
+                 the store of {} is kept as it was",
+                r.reembedded, r.to_model, r.elapsed_s, r.present, r.from_model
+            );
+            let left = r.without_original.len() + r.unreadable.len();
+            if left > 0 {
+                println!(
+                    "  {left} cases have no readable original photograph: they stay only in the store of {}",
+                    r.from_model
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
