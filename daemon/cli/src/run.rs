@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use dermascope_pipeline::{hardware, Config, Daemon, ReferenceCases, StartOptions, Supervisor};
+use dermascope_pipeline::{
+    hardware, start_from_installed, Config, Daemon, DeviceUpdates, ReferenceCases, StartOptions,
+    Supervisor,
+};
 
 use crate::ingest::IngestBar;
 use crate::paths;
@@ -62,10 +65,19 @@ impl Supervisor for Systemd {
 }
 
 pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let config = match &args.config {
+    let base = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    // The installed version's configuration, encoder, adapter and store,
+    // after finishing (or undoing) an install a kill interrupted.
+    let (config, started) = start_from_installed(base.clone());
+    if let Some(recovery) = &started.recovery {
+        eprintln!("update: {recovery}");
+    }
+    if let Some(problem) = &started.problem {
+        eprintln!("update: the installed version is not used: {problem}");
+    }
     if args.check {
         println!("configuration is valid");
         return Ok(ExitCode::SUCCESS);
@@ -90,10 +102,31 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
     let mut bar = IngestBar::new();
-    let (daemon, report) = Daemon::from_config(&config, drivers, &options, |p| {
+    let (mut daemon, report) = Daemon::from_config(&config, drivers, &options, |p| {
         let _ = bar.update(p);
     })?;
     bar.finish();
+    match DeviceUpdates::new(&base, &config, &paths::encoder_bundle(base.encoder.bundle.as_ref())) {
+        Ok(updates) => daemon.updates = updates,
+        Err(e) => {
+            // Capture goes on; only installing needs the keys.
+            tracing::warn!(error = %e, "updates cannot be installed: the trusted keys did not load");
+            eprintln!("updates cannot be installed: {e}");
+            daemon.notice = Some(append_notice(
+                daemon.notice.take(),
+                "Updates are off: the trusted keys did not load (see the log).",
+            ));
+        }
+    }
+    if let Some(problem) = started.problem.as_ref().or(started.recovery.as_ref()) {
+        tracing::info!(%problem, "update notice shown on the ready screen");
+        let words = if started.problem.is_some() {
+            "The installed update is not used (see the log)."
+        } else {
+            "An interrupted update was undone; the device is unchanged."
+        };
+        daemon.notice = Some(append_notice(daemon.notice.take(), words));
+    }
     if options.reference_cases.is_some() {
         eprintln!(
             "library: {} cases ({} added, {} rows refused; `dermascope ingest` lists why)",
@@ -111,7 +144,40 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         "stopped: {} captures ({} refused by the quality gate or camera), {} confirmed, {} saved",
         summary.captures, summary.rejected, summary.confirmed, summary.saved
     );
+    if let Some(why) = summary.restart {
+        eprintln!("update: {why}; starting again");
+        return Err(start_again());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn append_notice(earlier: Option<String>, notice: &str) -> String {
+    match earlier {
+        Some(earlier) => format!("{earlier} {notice}"),
+        None => notice.to_owned(),
+    }
+}
+
+/// Replaces this process with a fresh start of the same binary and
+/// arguments, so the version now current is loaded the one way every
+/// start loads it (systemd sees the same process). Returns only if the
+/// exec failed.
+fn start_again() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    // /proc/self/exe still runs this binary when its file was replaced
+    // since it started (a package upgrade), where its path would not.
+    let program = if std::path::Path::new("/proc/self/exe").exists() {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        match std::env::current_exe() {
+            Ok(path) => path,
+            Err(e) => return anyhow::anyhow!("cannot find this binary to start again: {e}"),
+        }
+    };
+    let _argv0 = args.next();
+    let error = std::process::Command::new(program).args(args).exec();
+    anyhow::anyhow!("starting again after the update failed: {error}; start the daemon again")
 }
 
 #[derive(Args, Debug)]

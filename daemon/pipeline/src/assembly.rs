@@ -268,6 +268,7 @@ impl Daemon {
             notice,
             storage_failed: false,
             fleet,
+            updates: None,
         };
         Ok((daemon, report))
     }

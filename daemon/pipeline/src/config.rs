@@ -43,6 +43,39 @@ pub struct Config {
     pub quality: QualityThresholds,
     /// The fleet service; absent means offline-only.
     pub sync: Option<dermascope_sync::SyncConfig>,
+    /// Signed updates; absent means the daemon runs what `[encoder]`,
+    /// `[adapter]` and this file name, and installs nothing.
+    pub update: Option<UpdateSection>,
+}
+
+/// `[update]`: where installed versions live and where bundles arrive.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSection {
+    /// `versions/<N>`, `current`, `state.toml` (dermascope-update's layout).
+    pub root: PathBuf,
+    /// The trusted public keys: a directory of `<name>.pub` files.
+    /// Default: `<root>/keys`.
+    #[serde(default)]
+    pub keys: Option<PathBuf>,
+    /// Where a clinic's USB stick mounts: a bundle directory (holding
+    /// `bundle.toml`) or a bundle archive (`*.tar`) there, or one level
+    /// below, is verified and installed.
+    #[serde(default)]
+    pub watch_dir: Option<PathBuf>,
+    /// How often `watch_dir` is looked at.
+    #[serde(default = "default_watch_interval_s")]
+    pub watch_interval_s: u64,
+}
+
+fn default_watch_interval_s() -> u64 {
+    5
+}
+
+impl UpdateSection {
+    pub fn keys(&self) -> PathBuf {
+        self.keys.clone().unwrap_or_else(|| self.root.join("keys"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -293,6 +326,22 @@ impl Config {
             value,
             allowed: allowed.to_string(),
         };
+        if let Some(update) = &self.update {
+            if !(1..=3600).contains(&update.watch_interval_s) {
+                return Err(invalid(
+                    "update.watch_interval_s",
+                    update.watch_interval_s.to_string(),
+                    "must be 1..=3600 seconds",
+                ));
+            }
+            if update.root.as_os_str().is_empty() {
+                return Err(invalid(
+                    "update.root",
+                    "\"\"".into(),
+                    "must name the directory installed versions live in",
+                ));
+            }
+        }
         if let Some(sync) = &self.sync {
             sync.validate().map_err(|e| ConfigError::Parse {
                 path: path.to_path_buf(),
@@ -493,6 +542,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("speed"), "{err}");
+    }
+
+    #[test]
+    fn an_update_section_names_its_root_and_defaults_the_rest() {
+        let config = parse("[update]\nroot = \"/data/update\"\n").unwrap();
+        let update = config.update.unwrap();
+        assert_eq!(update.keys(), PathBuf::from("/data/update/keys"));
+        assert_eq!(update.watch_dir, None);
+        assert_eq!(update.watch_interval_s, 5);
+        let err = parse("[update]\nwatch_dir = \"/media/usb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("root"), "{err}");
+        let err = parse("[update]\nroot = \"/u\"\nwatch_interval_s = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("update.watch_interval_s"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 use crate::fleet::FleetLink;
+use crate::updates::{DeviceUpdates, FoundBundle, UsbFinding};
 
 /// What the daemon tells its supervisor (systemd on the device).
 pub trait Supervisor {
@@ -74,6 +75,24 @@ pub struct Daemon {
     pub storage_failed: bool,
     /// The sync thread, when `[sync]` is configured; `None` is offline-only.
     pub fleet: Option<FleetLink>,
+    /// Signed updates, when `[update]` is configured.
+    pub updates: Option<DeviceUpdates>,
+}
+
+/// How long an install's result stays on the panel before the daemon
+/// starts again into the version that is current.
+const UPDATE_RESULT_SHOWN: Duration = Duration::from_secs(3);
+
+/// A results screen the clinician has not acted on holds back an install
+/// this long (they may be about to confirm it).
+const RESULTS_HOLD_INSTALL: Duration = Duration::from_secs(120);
+
+/// Why the loop ended.
+enum Stop {
+    /// A shutdown, or `max_captures` answered.
+    Done,
+    /// A verified bundle is waiting: install it once everything is closed.
+    Install(FoundBundle),
 }
 
 /// What a confirmed capture is stored with.
@@ -111,6 +130,9 @@ pub struct RunSummary {
     /// For each results screen, oldest first (the last 1,000), the cases it
     /// listed and their scores, best first.
     pub matches: VecDeque<Vec<SearchHit>>,
+    /// Set when an update was installed (or attempted): the caller starts
+    /// the daemon again, into whichever version is now current.
+    pub restart: Option<String>,
 }
 
 /// What the ready screen says while a confirmed capture is being written.
@@ -132,6 +154,7 @@ pub fn screen_label(screen: &Screen) -> String {
             format!("results:{}+fleet", view.matches.len())
         }
         Screen::Results(view) => format!("results:{}", view.matches.len()),
+        Screen::Updating { .. } => "updating".into(),
         Screen::Error { title, .. } => format!("error:{title}"),
     }
 }
@@ -303,6 +326,7 @@ impl Daemon {
             Err(e) => Err(e),
             Ok(()) => self.serve(shutdown, supervisor, max_captures, &writer, &mut summary),
         };
+        let status = self.status();
         supervisor.stopping();
         for outcome in writer.finish() {
             match outcome {
@@ -319,7 +343,93 @@ impl Daemon {
             Ok(_) => info!("case store flushed"),
             Err(e) => warn!(error = %e, "index cache not written; the next start rescans"),
         }
-        outcome.map(|()| summary)
+        match outcome? {
+            Stop::Done => {}
+            Stop::Install(bundle) => {
+                summary.restart = Some(self.install_closed(&bundle, &status, &mut summary));
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Closes everything but the panel, installs `bundle`, shows the
+    /// result. The store must be closed first: a new encoder's version is
+    /// prepared from it and its health check opens it.
+    fn install_closed(
+        self,
+        bundle: &FoundBundle,
+        status: &StatusView,
+        summary: &mut RunSummary,
+    ) -> String {
+        let Daemon {
+            analyzer,
+            feed,
+            trigger,
+            light,
+            mut display,
+            updates,
+            ..
+        } = self;
+        drop((feed, trigger, light));
+        let Some(updates) = updates else {
+            return "no updates configured".into();
+        };
+        // The case writer and the sync thread are gone; anything still
+        // holding the store means it cannot close, and the install waits
+        // for the next start (which finds the same bundle).
+        match Arc::try_unwrap(analyzer) {
+            Ok(analyzer) => drop(analyzer),
+            Err(_) => {
+                warn!("the case store is still in use; the update is installed at the next start");
+                return "store busy; install deferred to the next start".into();
+            }
+        }
+        let mut draw = |screen: &Screen, log: &mut VecDeque<String>| {
+            if log.len() == 1000 {
+                log.pop_front();
+            }
+            log.push_back(screen_label(screen));
+            debug!(screen = %screen_label(screen), "screen shown");
+            present_plain(display.as_mut(), status, screen);
+        };
+        let mut last_drawn: Option<Instant> = None;
+        let result = updates.install(&bundle.dir, |screen| {
+            // Copying a large encoder reports every file: draw at most
+            // four times a second.
+            if last_drawn.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+                draw(&screen, &mut summary.screens);
+                last_drawn = Some(Instant::now());
+            }
+        });
+        let (screen, outcome) = match result {
+            Ok(version) => {
+                info!(version, "update installed; starting it");
+                (
+                    Screen::Updating {
+                        title: format!("Update {version} installed"),
+                        detail: "Starting the new version".into(),
+                        done: 1,
+                        total: 1,
+                    },
+                    format!("update {version} installed"),
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, "the update was not installed");
+                (
+                    Screen::Error {
+                        title: "Update not installed".into(),
+                        what_to_fix: format!(
+                            "{e}. The device keeps the version it had; its cases are safe."
+                        ),
+                    },
+                    format!("update {} not installed: {e}", bundle.version),
+                )
+            }
+        };
+        draw(&screen, &mut summary.screens);
+        std::thread::sleep(UPDATE_RESULT_SHOWN);
+        outcome
     }
 
     /// The loop proper, from the first screen to a stop.
@@ -330,7 +440,7 @@ impl Daemon {
         max_captures: Option<u64>,
         writer: &CaseWriter,
         summary: &mut RunSummary,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<Stop, DaemonError> {
         supervisor.ready(&format!(
             "ready: {} cases, camera {}",
             self.analyzer.store.len().unwrap_or(0),
@@ -347,6 +457,7 @@ impl Daemon {
         // with.
         let mut on_panel: Option<Screen> = None;
         let mut drawn_status = self.status();
+        let mut results_since: Option<Instant> = None;
         loop {
             supervisor.alive();
             while let Some(outcome) = writer.next_outcome() {
@@ -365,10 +476,33 @@ impl Daemon {
             }
             if shutdown.load(Ordering::Relaxed) {
                 info!("shutdown requested");
-                return Ok(());
+                return Ok(Stop::Done);
             }
             if max_captures.is_some_and(|max| summary.captures >= max) {
-                return Ok(());
+                return Ok(Stop::Done);
+            }
+            // An install waits for confirmed cases to be written and for a
+            // clinician looking at results to act on them.
+            let results_open = matches!(on_panel, Some(Screen::Results(_)))
+                && results_since.is_some_and(|t| t.elapsed() < RESULTS_HOLD_INSTALL);
+            if saving.is_empty() && !results_open {
+                if let Some(updates) = self.updates.as_mut() {
+                    match updates.look_at_usb(Instant::now()) {
+                        Some(UsbFinding::Install(bundle)) => return Ok(Stop::Install(bundle)),
+                        Some(UsbFinding::Refused { reason }) => {
+                            let screen = Screen::Error {
+                                title: "Update not installed".into(),
+                                what_to_fix: format!(
+                                    "The bundle on the USB stick was refused: {reason}. The \
+                                     device is unchanged."
+                                ),
+                            };
+                            self.show(&screen, &mut summary.screens)?;
+                            on_panel = Some(screen);
+                        }
+                        None => {}
+                    }
+                }
             }
             let event = match self.trigger.wait(LOOP_TICK) {
                 Ok(event) => event,
@@ -417,6 +551,9 @@ impl Daemon {
                             &lesion.frame,
                         );
                     }
+                    if matches!(screen, Screen::Results(_)) {
+                        results_since = Some(Instant::now());
+                    }
                     on_panel = Some(screen);
                     last_capture = capture;
                     drawn?;
@@ -426,7 +563,7 @@ impl Daemon {
                 }
                 Some(TriggerEvent::Shutdown) => {
                     info!("shutdown event");
-                    return Ok(());
+                    return Ok(Stop::Done);
                 }
                 None => {
                     let health = self.feed.health();
@@ -731,6 +868,7 @@ impl Daemon {
             log.pop_front();
         }
         log.push_back(screen_label(screen));
+        debug!(screen = %screen_label(screen), "screen shown");
         let started = Instant::now();
         let (width, height) = self.display.size();
         let mut canvas = Canvas::new(width, height)
@@ -751,6 +889,20 @@ impl Daemon {
                 Ok(())
             }
             Err(e) => Err(DaemonError::Display(e.to_string())),
+        }
+    }
+}
+
+/// Draws `screen` with a fixed status bar, for when the daemon's parts
+/// are closed (an install); a failure only leaves the log.
+fn present_plain(display: &mut dyn Display, status: &StatusView, screen: &Screen) {
+    let (width, height) = display.size();
+    let Ok(mut canvas) = Canvas::new(width, height) else {
+        return;
+    };
+    if dermascope_ui::render(&mut canvas, status, screen).is_ok() {
+        if let Err(e) = display.present(width, height, canvas.pixels()) {
+            warn!(error = %e, "an update screen was not shown");
         }
     }
 }

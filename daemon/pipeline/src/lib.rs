@@ -25,6 +25,7 @@ mod feed;
 mod fleet;
 pub mod hardware;
 pub mod identity;
+pub mod updates;
 
 pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 pub use assembly::{encoder_options, ReferenceCases, StartError, StartOptions, StartReport};
@@ -35,6 +36,7 @@ pub use daemon::{
 };
 pub use feed::{BurstError, CameraFeed, CameraHealth};
 pub use fleet::{fleet_view, FleetLink};
+pub use updates::{start_from_installed, DeviceUpdates, StartedVersion};
 
 // The daemon's assembly brings the adapter space up to date at start; the
 // work itself belongs to the case library.

@@ -1,0 +1,413 @@
+//! Signed updates on the device: which installed version the daemon runs,
+//! and installing a bundle that arrives on a USB stick or through the
+//! fleet link.
+//!
+//! The installer itself is `dermascope-update`; this module adds what only
+//! the daemon knows: the configuration a version changes, the health check
+//! (the new encoder embeds a known image, the adapter predicts, the store
+//! of that encoder searches, a screen renders) and the screens.
+//!
+//! Architecture Invariant: the daemon starts whatever happens to an
+//! install. An interrupted install is recovered before anything loads; a
+//! version whose record cannot be read leaves the daemon on its embedded
+//! configuration with a notice, never without a screen; an install runs
+//! only after the loop stopped, the case writer flushed and the store
+//! closed, and the process then starts again (the same binary, the same
+//! arguments) into whichever version is current.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dermascope_encoder::{Encoder, EncoderOptions};
+use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
+use dermascope_ui::{Canvas, Screen, StatusView, SyncState};
+use dermascope_update::{
+    HealthCheck, InstallOptions, InstalledVersion, Installer, NoPreparation, Part, Recovery, Step,
+    TrustedKeys, UpdateError,
+};
+use tracing::{info, warn};
+
+use crate::config::{Config, UpdateSection};
+
+/// The daemon's version, which bundles' `min_daemon_version` is checked
+/// against.
+pub const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The configuration file a version's `config/` part holds.
+pub const CONFIG_FILE: &str = "dermascope.toml";
+
+/// What the start found under `[update] root`.
+#[derive(Clone, Debug, Default)]
+pub struct StartedVersion {
+    /// The version the daemon runs, `None` when nothing is installed.
+    pub version: Option<u64>,
+    /// What recovering an interrupted install did, in words.
+    pub recovery: Option<String>,
+    /// Why the installed version is not used (the daemon then runs its
+    /// own configuration and says so).
+    pub problem: Option<String>,
+}
+
+/// Recovers an interrupted install, then returns `base` with the current
+/// version's parts in place of its own: its configuration file (keeping
+/// `base`'s `[update]`), its encoder, its adapter, and the store of its
+/// encoder. Without `[update]` it is `base` unchanged.
+pub fn start_from_installed(base: Config) -> (Config, StartedVersion) {
+    let Some(section) = base.update.clone() else {
+        return (base, StartedVersion::default());
+    };
+    let mut started = StartedVersion::default();
+    // Recovery reads only the root's own records; an unreadable key
+    // directory must not stop it.
+    let keys = TrustedKeys::load(&section.keys()).unwrap_or_else(|e| {
+        warn!(error = %e, "trusted update keys not loaded; recovery only");
+        TrustedKeys::from_keys([])
+    });
+    let installer = Installer::new(&section.root, keys, DAEMON_VERSION);
+    match installer.recover() {
+        Ok(None) => {}
+        Ok(Some(recovery)) => {
+            let text = recovery_words(&recovery);
+            warn!(recovery = %text, "an interrupted install was recovered");
+            started.recovery = Some(text);
+        }
+        Err(e) => {
+            warn!(error = %e, "recovering an interrupted install failed");
+            started.problem = Some(format!("recovering an interrupted install: {e}"));
+        }
+    }
+    let current = match installer.status() {
+        Ok(status) => status.current,
+        Err(e) => {
+            started.problem = Some(format!("reading the installed versions: {e}"));
+            None
+        }
+    };
+    let Some(current) = current else {
+        return (base, started);
+    };
+    match installed_config(&base, &section, &current) {
+        Ok(config) => {
+            info!(version = current.record.version, "running the installed version");
+            started.version = Some(current.record.version);
+            (config, started)
+        }
+        Err(problem) => {
+            warn!(%problem, version = current.record.version, "installed version not used");
+            started.problem = Some(problem);
+            (base, started)
+        }
+    }
+}
+
+fn recovery_words(recovery: &Recovery) -> String {
+    match recovery {
+        Recovery::Abandoned { version } => {
+            format!("the install of update {version} was interrupted before its switch; nothing changed")
+        }
+        Recovery::RolledBack { version, back_to } => format!(
+            "update {version} was interrupted during its check; switched back to {} and marked it failed",
+            back_to.map_or("the factory version".into(), |v| format!("version {v}"))
+        ),
+    }
+}
+
+/// `base` with `version`'s parts in place.
+fn installed_config(
+    base: &Config,
+    section: &UpdateSection,
+    version: &InstalledVersion,
+) -> Result<Config, String> {
+    let mut config = if version.record.part(Part::Config).is_some() {
+        let path = version.part_dir(Part::Config).join(CONFIG_FILE);
+        let mut config = Config::load(&path).map_err(|e| e.to_string())?;
+        config.update = Some(section.clone());
+        config
+    } else {
+        base.clone()
+    };
+    if version.record.part(Part::Encoder).is_some() {
+        config.encoder.bundle = Some(version.part_dir(Part::Encoder));
+    }
+    if version.record.part(Part::Adapter).is_some() {
+        config.adapter.dir = version.part_dir(Part::Adapter);
+    }
+    if let Some(model_id) = &version.record.encoder_model_id {
+        config.store.dir = dermascope_library::store_for_encoder(&config.store.dir, model_id)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}
+
+/// A bundle found where a clinic's USB stick mounts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundBundle {
+    /// The bundle directory (an archive is unpacked first).
+    pub dir: PathBuf,
+    pub version: u64,
+}
+
+/// What one look at the watch directory found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsbFinding {
+    /// A verified bundle newer than what runs: install it.
+    Install(FoundBundle),
+    /// A bundle that cannot be installed, with why (shown once per stick).
+    Refused { reason: String },
+}
+
+/// The daemon's side of updates while it serves.
+pub struct DeviceUpdates {
+    section: UpdateSection,
+    installer: Installer,
+    /// The store path before [`start_from_installed`] chose the current
+    /// encoder's store: where every encoder's store is found from.
+    store_base: PathBuf,
+    /// The encoder the device runs when no installed version carries one.
+    factory_encoder: PathBuf,
+    encoder: EncoderOptions,
+    screen_size: (u32, u32),
+    next_look: Instant,
+    /// The stick's bundle already acted on, so it is not planned (every
+    /// file re-hashed) at each look while it stays plugged in.
+    handled: Option<(PathBuf, Marker)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Marker {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl DeviceUpdates {
+    /// `base` is the configuration file as written (its `[store] dir`),
+    /// `running` what [`start_from_installed`] made of it, and
+    /// `factory_encoder` the encoder bundle used when no installed version
+    /// carries one. `None` when there is no `[update]`. Keys that do not
+    /// load leave the device unable to install: an error the caller shows.
+    pub fn new(
+        base: &Config,
+        running: &Config,
+        factory_encoder: &Path,
+    ) -> Result<Option<DeviceUpdates>, UpdateError> {
+        let Some(section) = base.update.clone() else {
+            return Ok(None);
+        };
+        let keys = TrustedKeys::load(&section.keys())?;
+        Ok(Some(DeviceUpdates {
+            installer: Installer::new(&section.root, keys, DAEMON_VERSION),
+            section,
+            store_base: base.store.dir.clone(),
+            factory_encoder: factory_encoder.to_path_buf(),
+            encoder: crate::assembly::encoder_options(running),
+            screen_size: (running.display.width, running.display.height),
+            next_look: Instant::now(),
+            handled: None,
+        }))
+    }
+
+    pub fn installer(&self) -> &Installer {
+        &self.installer
+    }
+
+    /// Looks at the watch directory when it is due (every
+    /// `watch_interval_s`); cheap when nothing changed.
+    pub fn look_at_usb(&mut self, now: Instant) -> Option<UsbFinding> {
+        let dir = self.section.watch_dir.clone()?;
+        if now < self.next_look {
+            return None;
+        }
+        self.next_look = now + Duration::from_secs(self.section.watch_interval_s);
+        let Some((path, marker)) = find_bundle(&dir) else {
+            // The stick was taken out: the next one is looked at afresh.
+            self.handled = None;
+            return None;
+        };
+        if self.handled.as_ref() == Some(&(path.clone(), marker)) {
+            return None;
+        }
+        self.handled = Some((path.clone(), marker));
+        info!("an update bundle was found on the USB stick; verifying it");
+        match self.installer.plan(&path) {
+            Ok(plan) if plan.already_installed => None,
+            Ok(plan) => Some(UsbFinding::Install(FoundBundle {
+                dir: path,
+                version: plan.bundle.manifest.version,
+            })),
+            Err(e) => {
+                warn!(error = %e, "the USB stick's bundle was refused");
+                Some(UsbFinding::Refused {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Installs `bundle` (the loop has stopped and the store is closed),
+    /// drawing each step through `show`. Returns the installed version, or
+    /// why not (the device is then on the version it ran).
+    pub fn install(
+        &self,
+        bundle: &Path,
+        mut show: impl FnMut(Screen),
+    ) -> Result<u64, UpdateError> {
+        let check = DeviceCheck {
+            store_base: self.store_base.clone(),
+            factory_encoder: self.factory_encoder.clone(),
+            encoder: self.encoder.clone(),
+            screen_size: self.screen_size,
+        };
+        let version_hint = std::cell::Cell::new(None::<u64>);
+        let show = std::cell::RefCell::new(&mut show);
+        let progress = |step: Step| {
+            let (detail, done, total) = match step {
+                Step::Verified { files, .. } => (format!("Verified {files} files"), 0, 0),
+                Step::Copied { done, total } => {
+                    ("Copying the new version".to_owned(), done as u64, total as u64)
+                }
+                Step::Staged | Step::Prepared => ("Preparing the new version".into(), 0, 0),
+                Step::TrialRecorded | Step::Switched => ("Switching to it".into(), 0, 0),
+                Step::Checked => ("Checked: the new version works".into(), 1, 1),
+                Step::Committed => ("Installed".into(), 1, 1),
+            };
+            let title = match version_hint.get() {
+                Some(v) => format!("Installing update {v}"),
+                None => "Installing update".to_owned(),
+            };
+            (show.borrow_mut())(Screen::Updating {
+                title,
+                detail,
+                done,
+                total,
+            });
+        };
+        if let Ok(plan) = self.installer.plan(bundle) {
+            version_hint.set(Some(plan.bundle.manifest.version));
+        }
+        let report = self.installer.install(
+            bundle,
+            &InstallOptions {
+                retry_failed: false,
+                prepare: &NoPreparation,
+                health: &check,
+                progress: &progress,
+            },
+        )?;
+        Ok(report.version)
+    }
+}
+
+/// The bundle at `dir` (a directory holding `bundle.toml`, there or one
+/// level below), with a marker that changes when it is rewritten.
+fn find_bundle(dir: &Path) -> Option<(PathBuf, Marker)> {
+    let marker = |manifest: &Path| {
+        let meta = std::fs::metadata(manifest).ok()?;
+        Some(Marker {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    };
+    let manifest = dir.join(dermascope_update::manifest::MANIFEST);
+    if let Some(m) = marker(&manifest) {
+        return Some((dir.to_path_buf(), m));
+    }
+    let mut below: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.join(dermascope_update::manifest::MANIFEST).is_file())
+        .collect();
+    below.sort();
+    let first = below.into_iter().next()?;
+    let m = marker(&first.join(dermascope_update::manifest::MANIFEST))?;
+    Some((first, m))
+}
+
+/// The health check of a new version, run after the switch: its encoder
+/// loads and embeds a known image, the adapter (if any) loads for that
+/// encoder and predicts, the store of that encoder opens and answers a
+/// search, and a screen renders at the panel's size.
+pub struct DeviceCheck {
+    pub store_base: PathBuf,
+    pub factory_encoder: PathBuf,
+    pub encoder: EncoderOptions,
+    pub screen_size: (u32, u32),
+}
+
+impl HealthCheck for DeviceCheck {
+    fn check(&self, version: &InstalledVersion) -> Result<(), String> {
+        let encoder_dir = if version.record.part(Part::Encoder).is_some() {
+            version.part_dir(Part::Encoder)
+        } else {
+            self.factory_encoder.clone()
+        };
+        let encoder = Encoder::load(&encoder_dir, &self.encoder)
+            .map_err(|e| format!("the encoder does not load: {e}"))?;
+        let embedding = encoder
+            .embed_rgb(&known_image())
+            .map_err(|e| format!("the encoder does not embed: {e}"))?;
+        if !embedding.values().iter().all(|v| v.is_finite()) {
+            return Err("the encoder's embedding of the test image is not finite".into());
+        }
+        if version.record.part(Part::Adapter).is_some() {
+            let adapter =
+                dermascope_library::load_installed(&version.part_dir(Part::Adapter), &encoder)
+                    .map_err(|e| format!("the adapter does not load: {e}"))?;
+            adapter
+                .predict(embedding.values())
+                .map_err(|e| format!("the adapter does not predict: {e}"))?;
+        }
+        if version.record.part(Part::Config).is_some() {
+            let path = version.part_dir(Part::Config).join(CONFIG_FILE);
+            Config::load(&path).map_err(|e| format!("the configuration is not valid: {e}"))?;
+        }
+        let store_dir = dermascope_library::store_for_encoder(&self.store_base, encoder.model_id())
+            .map_err(|e| format!("the case store for this encoder: {e}"))?;
+        if store_dir.exists() {
+            let store = CaseStore::open_with(
+                &store_dir,
+                StoreIdentity {
+                    model_id: encoder.model_id().to_owned(),
+                    embedding_dim: encoder.dim(),
+                },
+                OpenOptions {
+                    residency: Residency::Int8,
+                    no_cache_on_close: true,
+                },
+            )
+            .map_err(|e| format!("the case store does not open for this encoder: {e}"))?;
+            store
+                .search(embedding.values(), 1, &CaseFilter::default(), ScoreKind::Int8)
+                .map_err(|e| format!("the case store does not search: {e}"))?;
+        }
+        let (width, height) = self.screen_size;
+        let mut canvas =
+            Canvas::new(width, height).map_err(|e| format!("no screen of {width}x{height}: {e}"))?;
+        let status = StatusView {
+            sync: SyncState::Offline,
+            pending_uploads: 0,
+            cases_in_library: 0,
+            clock: None,
+            last_sync_minutes: None,
+        };
+        let ready = Screen::Ready {
+            live: None,
+            hint: "Press the button to capture".into(),
+        };
+        dermascope_ui::render(&mut canvas, &status, &ready)
+            .map_err(|e| format!("the ready screen does not render: {e:?}"))?;
+        Ok(())
+    }
+}
+
+/// A lesion-like test image made in code: a dark ellipse with a soft edge
+/// on skin tone, so the check needs no file that could be missing.
+pub fn known_image() -> image::RgbImage {
+    image::RgbImage::from_fn(320, 240, |x, y| {
+        let dx = (x as f32 - 160.0) / 70.0;
+        let dy = (y as f32 - 120.0) / 50.0;
+        let r = (dx * dx + dy * dy).sqrt();
+        let t = (1.0 - r).clamp(0.0, 1.0);
+        let mix = |skin: f32, lesion: f32| (skin + (lesion - skin) * t) as u8;
+        image::Rgb([mix(214.0, 92.0), mix(170.0, 54.0), mix(150.0, 40.0)])
+    })
+}

@@ -1,0 +1,275 @@
+//! A clinic's USB stick: the running daemon finds a bundle in its watch
+//! directory, refuses a tampered one with a screen and keeps capturing,
+//! installs a good one (the real encoder, the real health check), starts
+//! again into it, and takes a bundle that fails its check back out without
+//! retrying it in a loop. Every confirmed case is still there at the end.
+
+mod support;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{daemon_config, synthetic_library};
+
+/// Generous: each start loads the encoder, each install copies ~100 MB
+/// and the result stays on the panel for 3 s.
+const WATCHDOG: Duration = Duration::from_secs(180);
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn dermascope(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dermascope"))
+        .args(["--log", "warn"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = dermascope(args);
+    assert!(
+        out.status.success(),
+        "dermascope {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The daemon with its log collected line by line while it runs (and
+/// across the starts it makes itself after an install: the same process).
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, socket: &Path, library: &Path) -> Daemon {
+        let mut child = support::dermascope()
+            .args(["run", "--config", s(config), "--cases", s(library)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon {
+            child,
+            log,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `needle` was logged `times` times.
+    fn wait_for(&mut self, needle: &str, times: usize) {
+        let deadline = Instant::now() + WATCHDOG;
+        while self.count(needle) < times {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}) before logging {needle:?}:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watchdog: {needle:?} never logged {times} times:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn press(&self, command: &[&str]) -> String {
+        let mut args = vec!["press", "--socket", s(&self.socket)];
+        args.extend_from_slice(command);
+        let out = dermascope(&args);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn stop(mut self) -> String {
+        let _ = self.press(&["shutdown"]);
+        let deadline = Instant::now() + WATCHDOG;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("watchdog: the daemon did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = self.log.lock().unwrap().join("\n");
+        assert!(status.success(), "the daemon failed:\n{log}");
+        log
+    }
+}
+
+/// An encoder part holding the real bundle's files (hard links: they are
+/// never written).
+fn encoder_part(bundle: &Path) {
+    let src = dermascope_testkit::bundle_dir();
+    let dst = bundle.join("encoder");
+    fs::create_dir_all(&dst).unwrap();
+    for name in ["manifest.toml", "encoder-fp32.onnx", "encoder-int8.onnx"] {
+        if fs::hard_link(src.join(name), dst.join(name)).is_err() {
+            fs::copy(src.join(name), dst.join(name)).unwrap();
+        }
+    }
+}
+
+fn sign(bundle: &Path, key: &Path, version: u64) {
+    let out = dermascope(&[
+        "update",
+        "sign",
+        s(bundle),
+        "--key",
+        s(key),
+        "--version",
+        &version.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Puts `bundle` on the "stick" as its only content.
+fn plug(usb: &Path, bundle: &Path) {
+    let _ = fs::remove_dir_all(usb);
+    fs::create_dir_all(usb).unwrap();
+    fs::rename(bundle, usb.join("dermascope-update")).unwrap();
+}
+
+fn current(root: &Path) -> serde_json::Value {
+    ok_json(&["update", "status", "--root", s(root), "--json"])["current"].clone()
+}
+
+#[test]
+fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_capturing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let key = t.join("operator/a.key");
+    ok_json(&["update", "keygen", "--secret", s(&key), "--json"]);
+    let root = t.join("update");
+    fs::create_dir_all(root.join("keys")).unwrap();
+    fs::copy(t.join("operator/a.pub"), root.join("keys/a.pub")).unwrap();
+    let usb = t.join("usb");
+    fs::create_dir_all(&usb).unwrap();
+    let (_, library_ids) = synthetic_library(&t.join("library"), 2, "ref");
+    let host = daemon_config(t, &t.join("cases"));
+    let base_config = fs::read_to_string(&host.config).unwrap();
+    let with_update = format!(
+        "{base_config}[update]\nroot = {root:?}\nwatch_dir = {usb:?}\nwatch_interval_s = 1\n"
+    );
+    fs::write(&host.config, &with_update).unwrap();
+
+    let mut daemon = Daemon::start(&host.config, &host.socket, &t.join("library"));
+    let deadline = Instant::now() + WATCHDOG;
+    while !host.socket.exists() {
+        assert!(Instant::now() < deadline, "watchdog: no control socket");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A confirmed case before any update: it must survive all of them.
+    assert_eq!(daemon.press(&["capture"]), "ok");
+    assert_eq!(daemon.press(&["confirm", "nv"]), "ok");
+    daemon.wait_for("screen=ready:saved", 1);
+
+    // 1. A tampered bundle: refused on the screen, nothing installed, and
+    //    the device still captures.
+    let tampered = t.join("tampered");
+    encoder_part(&tampered);
+    fs::create_dir_all(tampered.join("config")).unwrap();
+    fs::write(tampered.join("config/dermascope.toml"), &with_update).unwrap();
+    sign(&tampered, &key, 1);
+    fs::write(
+        tampered.join("config/dermascope.toml"),
+        format!("{with_update}# changed after signing\n"),
+    )
+    .unwrap();
+    plug(&usb, &tampered);
+    daemon.wait_for("screen=error:Update not installed", 1);
+    assert_eq!(current(&root), serde_json::Value::Null);
+    assert_eq!(daemon.press(&["capture"]), "ok");
+    daemon.wait_for("screen=results:", 2);
+
+    // 2. A good bundle (the encoder and a configuration showing 3 cases
+    //    instead of 5): installed, health-checked, and the daemon starts
+    //    again into it without being told to.
+    let good = t.join("good");
+    encoder_part(&good);
+    fs::create_dir_all(good.join("config")).unwrap();
+    fs::write(
+        good.join("config/dermascope.toml"),
+        format!("{with_update}[pipeline]\ntop_k = 3\n"),
+    )
+    .unwrap();
+    sign(&good, &key, 1);
+    plug(&usb, &good);
+    daemon.wait_for("update 1 installed; starting again", 1);
+    daemon.wait_for("running the installed version", 1);
+    assert_eq!(current(&root), 1);
+    assert!(daemon.count("screen=updating") >= 2, "no progress screens");
+    // The new start reads the stick again and finds it installed: no loop.
+    let deadline = Instant::now() + WATCHDOG;
+    while daemon.press(&["capture"]) != "ok" {
+        assert!(Instant::now() < deadline, "watchdog: the new version never captured");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.wait_for("screen=results:3", 1);
+
+    // 3. A bundle whose configuration the daemon cannot run: it fails the
+    //    health check, is switched back and marked failed, and the stick
+    //    left in is not installed again after the restart.
+    let broken = t.join("broken");
+    fs::create_dir_all(broken.join("config")).unwrap();
+    fs::write(
+        broken.join("config/dermascope.toml"),
+        format!("{with_update}[pipeline]\nburst = 99\n"),
+    )
+    .unwrap();
+    sign(&broken, &key, 2);
+    plug(&usb, &broken);
+    daemon.wait_for("update 2 not installed", 1);
+    daemon.wait_for("running the installed version", 2);
+    daemon.wait_for("failed before", 1);
+    assert_eq!(current(&root), 1);
+    let deadline = Instant::now() + WATCHDOG;
+    while daemon.press(&["capture"]) != "ok" {
+        assert!(Instant::now() < deadline, "watchdog: the device stopped capturing");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.wait_for("screen=results:3", 2);
+    let log = daemon.stop();
+    assert_eq!(
+        log.matches("update 2 not installed").count(),
+        1,
+        "a failed bundle was installed again"
+    );
+
+    // Every case is still there: the references and the confirmed capture.
+    let identity = dermascope_store::CaseStore::identity_at(&t.join("cases"))
+        .unwrap()
+        .unwrap();
+    let store = dermascope_store::CaseStore::open(&t.join("cases"), identity).unwrap();
+    assert_eq!(store.len().unwrap(), library_ids.len() + 1);
+}
