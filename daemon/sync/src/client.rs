@@ -7,11 +7,12 @@ use std::io::Read;
 use std::time::Duration;
 
 use dermascope_cloud_api::{
-    bearer, routes, CasePage, DeviceInfo, ErrorBody, Health, RagAnswer, RagRequest, UploadBatch,
-    UploadReceipt, MAX_PULL_PAGE, MAX_RESPONSE_BYTES,
+    bearer, bundle_archive_route, routes, CasePage, DeviceInfo, DeviceReport, ErrorBody, Health,
+    RagAnswer, RagRequest, UpdateAck, UpdateOffer, UpdateResult, UploadBatch, UploadReceipt,
+    MAX_PULL_PAGE, MAX_RESPONSE_BYTES,
 };
 use reqwest::blocking::{RequestBuilder, Response};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::Url;
 use serde::de::DeserializeOwned;
 use tracing::debug;
@@ -158,6 +159,65 @@ impl Client {
         self.send(self.authorized(self.http.post(url)).json(request), "rag")
     }
 
+    /// `POST /v1/update`: what this device runs -> what its rollout asks.
+    pub fn report(&self, report: &DeviceReport) -> Result<UpdateOffer, SyncError> {
+        let url = self.url(routes::UPDATE)?;
+        self.send(
+            self.authorized(self.http.post(url)).json(report),
+            "update report",
+        )
+    }
+
+    /// `POST /v1/update/result`.
+    pub fn update_result(&self, result: &UpdateResult) -> Result<UpdateAck, SyncError> {
+        let url = self.url(routes::UPDATE_RESULT)?;
+        self.send(
+            self.authorized(self.http.post(url)).json(result),
+            "update result",
+        )
+    }
+
+    /// `GET` a bundle's archive from byte `from` on (`Range: bytes=N-` when
+    /// `from > 0`). The body is left to the caller to stream; a refusal is
+    /// read and returned as an error. `bundle_id` must be path-safe (the
+    /// caller checks it: it comes from the service).
+    pub(crate) fn archive(&self, bundle_id: &str, from: u64) -> Result<Archive, SyncError> {
+        let url = self.url(&bundle_archive_route(bundle_id))?;
+        let mut request = self.authorized(self.http.get(url));
+        if from > 0 {
+            request = request.header(RANGE, format!("bytes={from}-"));
+        }
+        let response = request.send().map_err(transport)?;
+        let status = response.status().as_u16();
+        debug!(status, from, "archive answer");
+        if status != 200 && status != 206 {
+            let body = read_capped(response)?;
+            return Err(refusal(status, &body));
+        }
+        let length = header_u64(&response, CONTENT_LENGTH);
+        let (start, total) = if status == 206 {
+            let range = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range)
+                .ok_or_else(|| {
+                    SyncError::BadResponse(
+                        "a 206 archive answer without a valid Content-Range".into(),
+                    )
+                })?;
+            (range.0, Some(range.2))
+        } else {
+            (0, length)
+        };
+        Ok(Archive {
+            start,
+            total,
+            length,
+            response,
+        })
+    }
+
     fn authorized(&self, request: RequestBuilder) -> RequestBuilder {
         request.header(AUTHORIZATION, self.authorization.clone())
     }
@@ -182,6 +242,38 @@ impl Client {
         serde_json::from_slice(&body)
             .map_err(|e| SyncError::BadResponse(format!("{what}: not the expected JSON ({e})")))
     }
+}
+
+/// An archive answer whose body is still to be read.
+pub(crate) struct Archive {
+    /// The byte of the archive the body starts at.
+    pub start: u64,
+    /// The whole archive's size, as the answer states it.
+    pub total: Option<u64>,
+    /// `Content-Length`, when announced.
+    pub length: Option<u64>,
+    pub response: Response,
+}
+
+fn header_u64(response: &Response, name: reqwest::header::HeaderName) -> Option<u64> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `bytes START-END/TOTAL` -> (start, end, total).
+fn parse_content_range(value: &str) -> Option<(u64, u64, u64)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        start.trim().parse().ok()?,
+        end.trim().parse().ok()?,
+        total.trim().parse().ok()?,
+    );
+    (start <= end && end < total).then_some((start, end, total))
 }
 
 /// The body, refused beyond [`MAX_RESPONSE_BYTES`] whether or not a
@@ -262,6 +354,21 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9, 10)));
+        assert_eq!(parse_content_range("bytes 0-0/1"), Some((0, 0, 1)));
+        for bad in [
+            "bytes 5-4/10",
+            "bytes 5-10/10",
+            "bytes */10",
+            "items 1-2/3",
+            "bytes 1-2",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_refusal_keeps_the_services_code_and_message() {

@@ -42,6 +42,10 @@ pub enum SyncError {
     /// dimension): nothing is uploaded or pulled until the operator adds it.
     #[error("{0}")]
     NotIndexed(String),
+    /// The download directory cannot be used (the device's disk): retried
+    /// after the interval.
+    #[error("update download: {0}")]
+    Download(String),
     /// A thread could not be started.
     #[error("could not start a sync thread: {0}")]
     Thread(String),

@@ -61,11 +61,15 @@ mod config;
 pub mod convert;
 mod error;
 mod syncer;
+mod update;
 
 pub use client::Client;
 pub use config::SyncConfig;
 pub use error::SyncError;
 pub use syncer::{SyncHandle, SyncStatus, Syncer};
+pub use update::{
+    DownloadProgress, ReadyUpdate, UpdateSettings, DEFAULT_KEEP_FREE_BYTES, MAX_REFETCHES,
+};
 
 /// The wire contract this crate speaks, re-exported for callers that
 /// build [`dermascope_cloud_api::RagRequest`]s or read answers.

@@ -19,6 +19,7 @@ use crate::client::Client;
 use crate::config::SyncConfig;
 use crate::convert::{from_wire, to_wire};
 use crate::error::SyncError;
+use crate::update::{self, DownloadProgress, ReadyUpdate, UpdateSettings, Updates};
 
 /// First retry after a failure waits up to this long (full jitter); each
 /// further failure doubles it, up to the configured interval.
@@ -53,6 +54,9 @@ pub struct SyncStatus {
     /// Cycles finished so far, successful or not: lets a caller wait for
     /// "the next cycle after X" without a clock.
     pub cycles: u64,
+    /// The update archive being downloaded (kept while a cut download
+    /// waits to resume); `None` without updates or when none is under way.
+    pub download: Option<DownloadProgress>,
 }
 
 /// Starts the background sync; see [`Syncer::start`].
@@ -75,12 +79,45 @@ impl Syncer {
     /// [`SyncHandle::nudge`]. A refused credential (401/403) waits a whole
     /// interval and says why in [`SyncStatus::last_error`].
     pub fn start(config: SyncConfig, store: Arc<CaseStore>) -> Result<SyncHandle, SyncError> {
+        Self::start_inner(config, store, None)
+    }
+
+    /// [`Syncer::start`] with the update channel: each cycle then also
+    /// sends the results queued with [`SyncHandle::report_update`], posts
+    /// a [`dermascope_cloud_api::DeviceReport`] (what
+    /// [`SyncHandle::set_installed`] last said, the store's encoder and
+    /// outbox) and acts on the offer: an archive is downloaded into
+    /// `settings.download_dir` (resumed after a cut, checked against the
+    /// offer's size and sha256) and a rollback passed on, both for
+    /// [`SyncHandle::take_update`]. The update step runs even when the
+    /// service does not index the store's encoder, so a device can always
+    /// be updated out of that state.
+    pub fn start_with_updates(
+        config: SyncConfig,
+        store: Arc<CaseStore>,
+        settings: UpdateSettings,
+    ) -> Result<SyncHandle, SyncError> {
+        if settings.daemon_version.trim().is_empty() {
+            return Err(SyncError::Config {
+                key: "daemon_version",
+                message: "is empty: pass the daemon's MAJOR.MINOR.PATCH".into(),
+            });
+        }
+        Self::start_inner(config, store, Some(settings))
+    }
+
+    fn start_inner(
+        config: SyncConfig,
+        store: Arc<CaseStore>,
+        settings: Option<UpdateSettings>,
+    ) -> Result<SyncHandle, SyncError> {
         let client = Client::new(&config)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(LoopState::default()),
             wake: Condvar::new(),
             device: Mutex::new(None),
             pending: AtomicUsize::new(store.pending_upload_count()),
+            updates: Updates::default(),
         });
         let spawn_error = |e: std::io::Error| SyncError::Thread(e.to_string());
         let (rag_tx, rag_rx) = mpsc::channel::<RagJob>();
@@ -98,7 +135,7 @@ impl Syncer {
             let config = config.clone();
             std::thread::Builder::new()
                 .name("dermascope-sync".into())
-                .spawn(move || run(&shared, &client, &store, &config))
+                .spawn(move || run(&shared, &client, &store, &config, settings.as_ref()))
                 .map_err(spawn_error)?
         };
         info!(
@@ -146,7 +183,36 @@ impl SyncHandle {
             last_sync_ms: s.last_sync_ms,
             last_error: s.last_error.clone(),
             cycles: s.cycles,
+            download: self.shared.updates.download(),
         }
+    }
+
+    /// What the daemon runs now, for the next report: the `current`
+    /// bundle version and the versions it marked failed. Call it at start
+    /// and after every install, rollback or recovery.
+    pub fn set_installed(&self, bundle_version: Option<u64>, failed_versions: Vec<u64>) {
+        self.shared
+            .updates
+            .set_installed(bundle_version, failed_versions);
+    }
+
+    /// An update ready to carry out, each handed out once (and never again
+    /// after a result for it was queued). Cheap; poll it from the daemon's
+    /// loop. Always `None` without [`Syncer::start_with_updates`].
+    pub fn take_update(&self) -> Option<ReadyUpdate> {
+        self.shared.updates.take()
+    }
+
+    /// Queues the outcome of a [`ReadyUpdate`] (or any result for a
+    /// rollout); it is sent at the next cycle (started now) and at each
+    /// one after until the service acknowledges it. An install's archive
+    /// is deleted here: it has served. `detail` is cut to
+    /// [`dermascope_cloud_api::MAX_UPDATE_DETAIL`] characters and must
+    /// hold no patient data.
+    pub fn report_update(&self, result: dermascope_cloud_api::UpdateResult) {
+        self.shared.updates.report(result);
+        self.shared.lock().nudged = true;
+        self.shared.wake.notify_all();
     }
 
     /// Starts the next cycle now (e.g. after a capture) instead of at the
@@ -219,6 +285,7 @@ struct Shared {
     device: Mutex<Option<DeviceInfo>>,
     /// The outbox's size when last counted.
     pending: AtomicUsize,
+    updates: Updates,
 }
 
 impl Shared {
@@ -275,7 +342,13 @@ struct Cycle {
     refusal: Option<String>,
 }
 
-fn run(shared: &Shared, client: &Client, store: &CaseStore, config: &SyncConfig) {
+fn run(
+    shared: &Shared,
+    client: &Client,
+    store: &CaseStore,
+    config: &SyncConfig,
+    settings: Option<&UpdateSettings>,
+) {
     let interval = config.interval();
     let mut failures: u32 = 0;
     let seed = now_ms() ^ u64::from(std::process::id()).rotate_left(32);
@@ -290,7 +363,7 @@ fn run(shared: &Shared, client: &Client, store: &CaseStore, config: &SyncConfig)
             s.nudged = false;
         }
         shared.count_pending(store);
-        let result = cycle(shared, client, store, config);
+        let result = cycle(shared, client, store, config, settings);
         shared.count_pending(store);
         let wait = {
             let mut s = shared.lock();
@@ -382,6 +455,33 @@ fn sleep(shared: &Shared, wait: Duration) {
 }
 
 fn cycle(
+    shared: &Shared,
+    client: &Client,
+    store: &CaseStore,
+    config: &SyncConfig,
+    settings: Option<&UpdateSettings>,
+) -> Result<Cycle, SyncError> {
+    let cases = sync_cases(shared, client, store, config);
+    if matches!(cases, Err(SyncError::Stopped)) {
+        return cases;
+    }
+    // After the cases (captures go up first), and whatever became of them
+    // short of a refused credential: a store of an encoder the service
+    // does not index must not keep the device from its next update.
+    let updated = match settings {
+        Some(settings) if !cases.as_ref().is_err_and(SyncError::is_refused_credential) => {
+            update::step(&shared.updates, client, store, settings, &|| {
+                shared.stopping()
+            })
+        }
+        _ => Ok(()),
+    };
+    let done = cases?;
+    updated?;
+    Ok(done)
+}
+
+fn sync_cases(
     shared: &Shared,
     client: &Client,
     store: &CaseStore,
