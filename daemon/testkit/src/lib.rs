@@ -51,6 +51,9 @@ pub enum Need {
     /// A PostgreSQL 18 + pgvector server ([`postgres`]): `$DERMASCOPE_TEST_PG`
     /// or one `scripts/pg` runs.
     Postgres,
+    /// Debian's `chromium`, run headless by the fleet status page's
+    /// browser test (`scripts/setup` installs it).
+    Chromium,
 }
 
 impl Need {
@@ -60,6 +63,7 @@ impl Need {
             Need::Isic => "isic",
             Need::Hardware => "hardware",
             Need::Postgres => "postgres",
+            Need::Chromium => "chromium",
         }
     }
 }
