@@ -326,22 +326,22 @@ fn rollouts_body(rollouts: &[RolloutSummary]) -> String {
         return b;
     }
     b.push_str(
-        "<table><thead><tr><th>Clinic</th><th>Bundle</th><th>State</th><th>Stage</th>\
+        "<table><thead><tr><th>Clinic</th><th>Bundle</th><th>State</th><th>Current stage</th>\
          <th>Assigned</th><th>Installed</th><th>Failed</th><th>Refused</th><th>Rolled back</th>\
          <th>Updated</th><th></th></tr></thead><tbody>",
     );
     for r in rollouts {
         let _ = write!(
             b,
-            "<tr data-rollout=\"{}\"><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{} of {}</td>\
+            "<tr data-rollout=\"{}\"><td>{}</td><td class=\"num\">{}</td><td>{}</td><td>{} of 0&ndash;{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
             r.rollout_id,
             escape(&r.clinic_name),
             r.bundle_version,
             state_badge(&r.state, None),
-            (r.current_stage + 1).min(i32::try_from(r.stages).unwrap_or(i32::MAX)),
-            r.stages,
+            r.current_stage,
+            (r.stages - 1).max(0),
             r.assigned,
             r.installed,
             r.failed,
@@ -365,12 +365,14 @@ async fn rollouts_page(State(state): State<AppState>, Operator(operator): Operat
     }
 }
 
-/// The least count `n` of `assigned` with `n / assigned >= threshold`,
-/// the rule the rollout logic applies (a hair of slack for `real`'s
-/// rounding: 0.3 is stored as 0.30000001).
+/// The least count `k` of `assigned` devices with
+/// `k / assigned >= threshold` in `f32`, exactly the comparison the
+/// rollout logic makes (`fleet::rollouts`), so the page never promises an
+/// advance or a pause one device off.
 pub fn needed(threshold: f32, assigned: i64) -> i64 {
-    let exact = f64::from(threshold) * assigned as f64;
-    (exact - 1e-5).ceil().max(0.0) as i64
+    (0..=assigned)
+        .find(|&k| assigned > 0 && (k as f32) / (assigned as f32) >= threshold)
+        .unwrap_or(0)
 }
 
 fn stage_kind(s: &StageStatus) -> String {
@@ -388,10 +390,7 @@ fn stage_kind(s: &StageStatus) -> String {
 
 fn stage_progress(s: &StageStatus, current: bool, rollout_state: &str) -> String {
     match (&s.started_at, &s.finished_at) {
-        (_, Some(t)) => format!(
-            "finished <time datetime=\"{0}\" title=\"{0}\">{0}</time>",
-            escape(t)
-        ),
+        (_, Some(t)) => format!("finished {}", when(Some(t), s.finished_age_s)),
         (Some(_), None) if current && rollout_state == "paused" => "paused".into(),
         (Some(_), None) => "in progress".into(),
         (None, _) => "waiting".into(),
@@ -453,12 +452,12 @@ fn rollout_body(r: &RolloutDetail) -> String {
             "<tr data-stage=\"{}\"{}><td class=\"num\">{}</td><td>{}</td><td class=\"progress\">{}</td>\
              <td class=\"num assigned\">{}</td><td class=\"num offered\">{}</td>\
              <td class=\"num installed\">{}</td><td class=\"num failed\">{}</td>\
-             <td class=\"num refused\">{}</td><td class=\"num rolled-back\">{} of {}</td>\
+             <td class=\"num refused\">{}</td><td class=\"num rolled-back\">{}</td>\
              <td class=\"num\">{} installed</td><td class=\"num\">{} failed or refused</td>\
              <td><progress max=\"{}\" value=\"{}\"></progress></td></tr>",
             st.stage,
             if current { " class=\"current\"" } else { "" },
-            st.stage + 1,
+            st.stage,
             stage_kind(st),
             stage_progress(st, current, &s.state),
             st.assigned,
@@ -466,8 +465,11 @@ fn rollout_body(r: &RolloutDetail) -> String {
             st.installed,
             st.failed,
             st.refused,
-            st.rolled_back,
-            rolled_back,
+            if rolled_back == 0 {
+                "0".to_string()
+            } else {
+                format!("{} of {rolled_back}", st.rolled_back)
+            },
             needed(r.success_threshold, st.assigned),
             needed(r.error_threshold, st.assigned).max(1),
             st.assigned.max(1),
@@ -486,12 +488,12 @@ fn rollout_body(r: &RolloutDetail) -> String {
     for d in &r.devices {
         let _ = write!(
             b,
-            "<tr data-device=\"{}\"><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"state\">{}</td>\
+            "<tr data-device=\"{}\"><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"device-state\">{}</td>\
              <td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
             d.device_id,
             escape(&d.name),
             short_id(&d.device_id),
-            d.stage + 1,
+            d.stage,
             state_badge(&d.state, None),
             d.bundle_version.map_or("&mdash;".into(), |v| v.to_string()),
             or_dash(d.detail.as_deref()),
@@ -552,13 +554,10 @@ mod tests {
         assert_eq!(needed(1.0, 7), 7);
         assert_eq!(needed(0.5, 0), 0);
         for n in 1..200i64 {
-            for t in [0.1f32, 0.2, 0.3, 0.7, 0.9, 0.95] {
+            for t in [0.1f32, 0.2, 0.3, 0.7, 0.9, 0.95, 1.0] {
                 let k = needed(t, n);
-                assert!(k as f32 / n as f32 >= t - 1e-6, "{t} {n} {k}");
-                assert!(
-                    k == 0 || ((k - 1) as f32 / n as f32) < t - 1e-6,
-                    "{t} {n} {k}"
-                );
+                assert!(k as f32 / n as f32 >= t, "{t} {n} {k}");
+                assert!(k == 0 || ((k - 1) as f32 / n as f32) < t, "{t} {n} {k}");
             }
         }
     }

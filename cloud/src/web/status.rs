@@ -63,6 +63,7 @@ pub struct StageStatus {
     pub listed_devices: i32,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    pub finished_age_s: Option<i64>,
     pub assigned: i64,
     pub offered: i64,
     pub installed: i64,
@@ -214,6 +215,7 @@ pub async fn rollout(pool: &PgPool, rollout_id: Uuid) -> Result<Option<RolloutDe
     let stages: Vec<StageStatus> = sqlx::query_as(&format!(
         "SELECT s.stage, s.kind, s.percent, coalesce(cardinality(s.device_ids), 0) AS listed_devices, \
                 {} AS started_at, {} AS finished_at, \
+                extract(epoch FROM now() - s.finished_at)::bigint AS finished_age_s, \
                 count(d.device_id) AS assigned, \
                 count(*) FILTER (WHERE d.state = 'offered') AS offered, \
                 count(*) FILTER (WHERE d.state = 'installed') AS installed, \
