@@ -187,13 +187,17 @@ impl SyncHandle {
         }
     }
 
-    /// What the daemon runs now, for the next report: the `current`
-    /// bundle version and the versions it marked failed. Call it at start
-    /// and after every install, rollback or recovery.
+    /// What the daemon runs now, for the next report (sent at once): the
+    /// `current` bundle version (`None` when it runs none) and the
+    /// versions it marked failed. Call it at start and after every
+    /// install, rollback or recovery. No report is sent before the first
+    /// call, so no update is offered either.
     pub fn set_installed(&self, bundle_version: Option<u64>, failed_versions: Vec<u64>) {
         self.shared
             .updates
             .set_installed(bundle_version, failed_versions);
+        self.shared.lock().nudged = true;
+        self.shared.wake.notify_all();
     }
 
     /// An update ready to carry out, each handed out once (and never again

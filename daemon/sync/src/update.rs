@@ -114,6 +114,10 @@ struct Ready {
 
 #[derive(Default)]
 struct State {
+    /// `set_installed` was called: until then the device does not know
+    /// what it runs, and a report saying "nothing" could settle a
+    /// rollback it never carried out.
+    known: bool,
     installed: Option<u64>,
     failed_versions: Vec<u64>,
     ready: Option<Ready>,
@@ -143,6 +147,7 @@ impl Updates {
 
     pub(crate) fn set_installed(&self, bundle_version: Option<u64>, failed_versions: Vec<u64>) {
         let mut s = self.lock();
+        s.known = true;
         s.installed = bundle_version;
         s.failed_versions = failed_versions;
     }
@@ -216,6 +221,10 @@ pub(crate) fn step(
     send_results(updates, client)?;
     let report = {
         let s = updates.lock();
+        if !s.known {
+            debug!("no update report until the daemon says what it runs");
+            return Ok(());
+        }
         DeviceReport {
             daemon_version: settings.daemon_version.clone(),
             bundle_version: s.installed,

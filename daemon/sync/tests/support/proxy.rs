@@ -26,6 +26,12 @@ pub enum Action {
     /// Answer 200 with a chunked body of this many bytes of JSON-ish
     /// filler (no Content-Length), then close.
     Flood(usize),
+    /// Forward it, then pass on the service's head and only the first
+    /// this many bytes of its body, and close: a download cut mid-way.
+    Cut(usize),
+    /// Forward it and pass the answer on with one byte of its body
+    /// flipped: a download damaged on the way.
+    Corrupt,
 }
 
 impl Action {
@@ -66,6 +72,8 @@ struct Fault {
 pub struct Exchange {
     /// `GET /v1/cases?model_id=...`
     pub request_line: String,
+    /// The request's header lines as sent, `name: value` each.
+    pub request_head: Vec<String>,
     /// The service's status, when it was forwarded and answered.
     pub status: Option<u16>,
     /// The device's request body.
@@ -77,6 +85,14 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// A request header's value (name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.request_head.iter().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+
     pub fn is(&self, method: &str, path: &str) -> bool {
         let mut parts = self.request_line.split(' ');
         parts.next() == Some(method)
@@ -211,12 +227,13 @@ fn record(inner: &Inner, exchange: Exchange) {
 
 /// An exchange the service never answered: held, answered by the proxy
 /// itself, or flooded.
-fn record_unanswered(inner: &Inner, request: Vec<u8>, request_line: String, fault: Option<String>) {
+fn record_unanswered(inner: &Inner, request: &Message, fault: Option<String>) {
     record(
         inner,
         Exchange {
-            request,
-            request_line,
+            request: request.body.clone(),
+            request_line: request.first_line.clone(),
+            request_head: request.headers.clone(),
             status: None,
             body: Vec::new(),
             fault,
@@ -257,7 +274,7 @@ fn serve(client: TcpStream, inner: &Inner) {
             .as_ref()
             .map(|a| format!("{a:?}").chars().take(40).collect());
         match action {
-            None | Some(Action::DropAnswer) => {
+            None | Some(Action::DropAnswer | Action::Cut(_) | Action::Corrupt) => {
                 if upstream.is_none() {
                     let target = inner.lock().upstream;
                     let Some(target) = target else { return };
@@ -283,27 +300,42 @@ fn serve(client: TcpStream, inner: &Inner) {
                     .split(' ')
                     .nth(1)
                     .and_then(|s| s.parse().ok());
-                let dropped = action.is_some();
                 record(
                     inner,
                     Exchange {
                         request: request.body.clone(),
                         request_line,
+                        request_head: request.headers.clone(),
                         status,
                         body: response.body.clone(),
                         fault,
                     },
                 );
-                if dropped {
-                    let _ = client_write.shutdown(Shutdown::Both);
-                    return;
+                let mut raw = response.raw;
+                match action {
+                    Some(Action::DropAnswer) => {
+                        let _ = client_write.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Some(Action::Cut(n)) => {
+                        let end = (response.head_len + n).min(raw.len());
+                        let _ = client_write.write_all(&raw[..end]);
+                        let _ = client_write.flush();
+                        let _ = client_write.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Some(Action::Corrupt) if raw.len() > response.head_len => {
+                        let at = response.head_len + (raw.len() - response.head_len) / 2;
+                        raw[at] ^= 0x5a;
+                    }
+                    _ => {}
                 }
-                if client_write.write_all(&response.raw).is_err() {
+                if client_write.write_all(&raw).is_err() {
                     return;
                 }
             }
             Some(Action::Hold) => {
-                record_unanswered(inner, request.body.clone(), request_line, fault);
+                record_unanswered(inner, &request, fault);
                 let mut state = inner.lock();
                 state.held += 1;
                 inner.changed.notify_all();
@@ -315,14 +347,14 @@ fn serve(client: TcpStream, inner: &Inner) {
                 return;
             }
             Some(Action::Answer(bytes)) => {
-                record_unanswered(inner, request.body.clone(), request_line, fault);
+                record_unanswered(inner, &request, fault);
                 let _ = client_write.write_all(&bytes);
                 let _ = client_write.flush();
                 let _ = client_write.shutdown(Shutdown::Both);
                 return;
             }
             Some(Action::Flood(total)) => {
-                record_unanswered(inner, request.body.clone(), request_line, fault);
+                record_unanswered(inner, &request, fault);
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                             transfer-encoding: chunked\r\nconnection: close\r\n\r\n";
                 if client_write.write_all(head.as_bytes()).is_err() {
@@ -351,6 +383,7 @@ fn line_is(line: &str, method: &str, path: &str) -> bool {
     Exchange {
         request: Vec::new(),
         request_line: line.to_owned(),
+        request_head: Vec::new(),
         status: None,
         body: Vec::new(),
         fault: None,
@@ -360,6 +393,10 @@ fn line_is(line: &str, method: &str, path: &str) -> bool {
 
 struct Message {
     first_line: String,
+    /// Header lines, as received.
+    headers: Vec<String>,
+    /// Bytes of `raw` before the body.
+    head_len: usize,
     /// The whole message as received, to pass on unchanged.
     raw: Vec<u8>,
     /// The body, de-chunked.
@@ -373,6 +410,7 @@ fn read_message(from: &mut impl BufRead, response: bool) -> Option<Message> {
     let mut first_line = String::new();
     let mut length: Option<usize> = None;
     let mut chunked = false;
+    let mut headers = Vec::new();
     loop {
         let mut line = String::new();
         if from.read_line(&mut line).ok()? == 0 {
@@ -387,6 +425,7 @@ fn read_message(from: &mut impl BufRead, response: bool) -> Option<Message> {
         if trimmed.is_empty() {
             break;
         }
+        headers.push(trimmed.to_owned());
         let (name, value) = trimmed.split_once(':')?;
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
         if name == "content-length" {
@@ -395,6 +434,7 @@ fn read_message(from: &mut impl BufRead, response: bool) -> Option<Message> {
             chunked = true;
         }
     }
+    let head_len = raw.len();
     let mut body = Vec::new();
     if chunked {
         loop {
@@ -425,6 +465,8 @@ fn read_message(from: &mut impl BufRead, response: bool) -> Option<Message> {
     }
     Some(Message {
         first_line,
+        headers,
+        head_len,
         raw,
         body,
     })
