@@ -72,6 +72,11 @@ pub enum ReembedError {
     #[error("an encoder model id must not be empty")]
     EmptyModelId,
     #[error(
+        "the encoder model id {model_id:?} would name its store like a re-embedding's \
+         staging or kept store; give the encoder another model id"
+    )]
+    ReservedModelId { model_id: String },
+    #[error(
         "the library is switched to the new encoder, but keeping the old store as {previous} \
          failed: {source}; it is still at {staging}: move it there by hand"
     )]
@@ -198,7 +203,15 @@ pub fn store_for_encoder(base: &Path, model_id: &str) -> Result<PathBuf, Reembed
         Some(found) if found.model_id == model_id => return Ok(base.to_path_buf()),
         Some(_) => {}
     }
-    let own = sibling(base, &format!(".{}", path_safe(model_id)));
+    let safe = path_safe(model_id);
+    // `reembed` owns `<base>.reembed` and `<base>.previous-*`: a store there
+    // would be taken for its staging or kept store.
+    if safe == "reembed" || safe.starts_with("previous-") {
+        return Err(ReembedError::ReservedModelId {
+            model_id: model_id.to_owned(),
+        });
+    }
+    let own = sibling(base, &format!(".{safe}"));
     match identity(&own)? {
         Some(found) if found.model_id != model_id => Err(ReembedError::StoreOfAnotherEncoder {
             path: own,
@@ -791,5 +804,27 @@ mod tests {
             store_for_encoder(&dir.path().join("cases"), ""),
             Err(ReembedError::EmptyModelId)
         ));
+    }
+
+    #[test]
+    fn a_model_id_naming_reembeds_own_siblings_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("cases");
+        make_store(&base, "enc-a");
+        for model_id in ["reembed", "previous-enc-a", "previous-org/m"] {
+            assert!(
+                matches!(
+                    store_for_encoder(&base, model_id),
+                    Err(ReembedError::ReservedModelId { .. })
+                ),
+                "{model_id}"
+            );
+        }
+        // Only a sibling needs the name: the base's own encoder is fine.
+        make_store(&dir.path().join("other"), "reembed");
+        assert_eq!(
+            store_for_encoder(&dir.path().join("other"), "reembed").unwrap(),
+            dir.path().join("other")
+        );
     }
 }
