@@ -728,6 +728,61 @@ fn an_operator_logs_in_and_watches_a_rollout_progress_in_chromium() {
     let lac1 = browser.text(&format!("tr[data-device=\"{}\"]", handhelds[0].id));
     assert!(lac1.contains(&NEW_VERSION.to_string()), "{lac1}");
 
+    // The operator rolls it back: the three devices that installed it are
+    // offered a rollback, and the page follows them back.
+    runtime.block_on(async {
+        rollouts::rollback_rollout(&db.pool, &rollout_id, Mode::Apply)
+            .await
+            .expect("rollback");
+    });
+    browser.goto(&format!("{base}/fleet/rollouts/{rollout_id}"));
+    assert_eq!(browser.text("#rollout-state"), "rolling back");
+    assert_eq!(
+        browser.text("tr[data-stage=\"0\"] td.rolled-back"),
+        "0 of 1"
+    );
+    assert_eq!(
+        browser.text("tr[data-stage=\"1\"] td.rolled-back"),
+        "0 of 2"
+    );
+    runtime.block_on(async {
+        for h in [&handhelds[0], stage1[0]] {
+            let offer = h.report(NEW_VERSION, vec![], 0).await;
+            assert!(
+                matches!(&offer, UpdateOffer::Rollback { version, .. } if *version == NEW_VERSION),
+                "{}: {offer:?}",
+                h.name
+            );
+            h.result(&rollout_id, UpdateOutcome::RolledBack, None).await;
+        }
+    });
+    browser.reload();
+    assert_eq!(browser.text("#rollout-state"), "rolling back");
+    assert_eq!(
+        browser.text("tr[data-stage=\"0\"] td.rolled-back"),
+        "1 of 1"
+    );
+    assert_eq!(
+        browser.text("tr[data-stage=\"1\"] td.rolled-back"),
+        "1 of 2"
+    );
+    // The last one's report shows it back on 6: that settles it too.
+    runtime.block_on(async {
+        assert_eq!(
+            stage1[2].report(OLD_VERSION, vec![], 0).await,
+            UpdateOffer::None
+        );
+    });
+    browser.reload();
+    assert_eq!(browser.text("#rollout-state"), "rolled back");
+    assert_eq!(
+        browser.text("tr[data-stage=\"1\"] td.rolled-back"),
+        "2 of 2"
+    );
+    browser.goto(&format!("{base}/fleet/rollouts"));
+    let listed = browser.text(&format!("tr[data-rollout=\"{rollout_id}\"]"));
+    assert!(listed.contains("rolled back"), "{listed}");
+
     // Logging out ends it: the cookie is gone and the pages are closed.
     browser.click_and_wait("header button");
     assert!(browser.url().ends_with("/fleet/login"), "{}", browser.url());
@@ -745,4 +800,85 @@ fn an_operator_logs_in_and_watches_a_rollout_progress_in_chromium() {
     if !Path::new(&out).starts_with(dermascope_testkit::workspace_root()) {
         let _ = std::fs::remove_file(&out);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_session_cookie_is_secure() {
+    let Some(db) = database("status_page_tls").await else {
+        return;
+    };
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer =
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let service = dermascope_cloud::server::start(dermascope_cloud::server::ServiceConfig {
+        tls: Some(dermascope_cloud::server::TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        }),
+        ..dermascope_cloud::server::ServiceConfig::for_database(&db.url)
+    })
+    .await
+    .expect("TLS service starts");
+    add_operator(&db.url, "ops@tls", PASSWORD);
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(issuer.pem().as_bytes()).unwrap()])
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(WATCHDOG)
+        .build()
+        .unwrap();
+    let base = service.base_url();
+    assert!(base.starts_with("https://"));
+    let reply = client
+        .post(format!("{base}/fleet/login"))
+        .header(
+            reqwest::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(format!(
+            "name={}&password={}",
+            form_encode("ops@tls"),
+            form_encode(PASSWORD)
+        ))
+        .send()
+        .await
+        .expect("the service answers over TLS");
+    assert_eq!(reply.status(), StatusCode::SEE_OTHER);
+    let cookie = reply.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    let token = cookie
+        .trim_start_matches("dermascope_session=")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let reply = client
+        .post(format!("{base}/fleet/logout"))
+        .header(
+            reqwest::header::COOKIE,
+            format!("dermascope_session={token}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let cleared = reply.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap();
+    assert!(
+        cleared.contains("Max-Age=0") && cleared.contains("; Secure"),
+        "{cleared}"
+    );
+    service.shutdown().await;
 }
