@@ -83,7 +83,8 @@ impl Daemon {
 
     /// Waits until `needle` was logged `times` times.
     fn wait_for(&mut self, needle: &str, times: usize) {
-        let deadline = Instant::now() + WATCHDOG;
+        let started = Instant::now();
+        let deadline = started + WATCHDOG;
         while self.count(needle) < times {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
@@ -98,6 +99,10 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        eprintln!(
+            "{needle:?} x{times} after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 
     fn press(&self, command: &[&str]) -> String {
@@ -211,6 +216,10 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     assert_eq!(current(&root), serde_json::Value::Null);
     assert_eq!(daemon.press(&["capture"]), "ok");
     daemon.wait_for("screen=results:", 2);
+    // Confirmed, so the results screen (which holds an install back while
+    // a clinician may still act on it) gives way to the ready screen.
+    assert_eq!(daemon.press(&["confirm", "mel"]), "ok");
+    daemon.wait_for("screen=ready:saved", 2);
 
     // 2. A good bundle (the encoder and a configuration showing 3 cases
     //    instead of 5): installed, health-checked, and the daemon starts
@@ -232,10 +241,15 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     // The new start reads the stick again and finds it installed: no loop.
     let deadline = Instant::now() + WATCHDOG;
     while daemon.press(&["capture"]) != "ok" {
-        assert!(Instant::now() < deadline, "watchdog: the new version never captured");
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: the new version never captured"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     daemon.wait_for("screen=results:3", 1);
+    assert_eq!(daemon.press(&["confirm", "vasc"]), "ok");
+    daemon.wait_for("screen=ready:saved", 3);
 
     // 3. A bundle whose configuration the daemon cannot run: it fails the
     //    health check, is switched back and marked failed, and the stick
@@ -255,7 +269,10 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     assert_eq!(current(&root), 1);
     let deadline = Instant::now() + WATCHDOG;
     while daemon.press(&["capture"]) != "ok" {
-        assert!(Instant::now() < deadline, "watchdog: the device stopped capturing");
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: the device stopped capturing"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     daemon.wait_for("screen=results:3", 2);
@@ -266,10 +283,11 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
         "a failed bundle was installed again"
     );
 
-    // Every case is still there: the references and the confirmed capture.
-    let identity = dermascope_store::CaseStore::identity_at(&t.join("cases"))
+    // Every case is still there: the references and the three confirmed
+    // captures.
+    let identity = dermascope_store::CaseStore::identity_at(t.join("cases"))
         .unwrap()
         .unwrap();
-    let store = dermascope_store::CaseStore::open(&t.join("cases"), identity).unwrap();
-    assert_eq!(store.len().unwrap(), library_ids.len() + 1);
+    let store = dermascope_store::CaseStore::open(t.join("cases"), identity).unwrap();
+    assert_eq!(store.len().unwrap(), library_ids.len() + 3);
 }

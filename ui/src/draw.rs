@@ -566,17 +566,17 @@ where
     let title_font = font_for(title, &[&FONT_10X20, &FONT_9X15_BOLD], span.size.width, 1);
     y = paragraph_centred(target, title, title_font, TEXT, span, y, 1)? + 4;
     y = paragraph_centred(target, detail, &FONT_9X15, TEXT_DIM, span, y, 2)? + 8;
-    if total > 0 {
+    if let Some(filled) = (u64::from(span.size.width.min(240)) * done.min(total)).checked_div(total)
+    {
         let bar_width = span.size.width.min(240);
         let bar = Rectangle::new(
             Point::new(body.center().x - bar_width as i32 / 2, y),
             Size::new(bar_width, 14),
         );
         fill(target, bar, TRACK)?;
-        let filled = (u64::from(bar_width) * done.min(total) / total) as u32;
         fill(
             target,
-            Rectangle::new(bar.top_left, Size::new(filled, 14)),
+            Rectangle::new(bar.top_left, Size::new(filled as u32, 14)),
             SKY_BLUE,
         )?;
         let shown = format!("{}%", done.min(total) * 100 / total);

@@ -106,7 +106,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         let _ = bar.update(p);
     })?;
     bar.finish();
-    match DeviceUpdates::new(&base, &config, &paths::encoder_bundle(base.encoder.bundle.as_ref())) {
+    match DeviceUpdates::new(
+        &base,
+        &config,
+        &paths::encoder_bundle(base.encoder.bundle.as_ref()),
+    ) {
         Ok(updates) => daemon.updates = updates,
         Err(e) => {
             // Capture goes on; only installing needs the keys.

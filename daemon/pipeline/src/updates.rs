@@ -15,14 +15,17 @@
 //! closed, and the process then starts again (the same binary, the same
 //! arguments) into whichever version is current.
 
+use std::cell::RefCell;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dermascope_encoder::{Encoder, EncoderOptions};
+use dermascope_library::{reembed_into, stores_to_carry, IntoReport, ReembedOptions};
 use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
 use dermascope_ui::{Canvas, Screen, StatusView, SyncState};
 use dermascope_update::{
-    HealthCheck, InstallOptions, InstalledVersion, Installer, NoPreparation, Part, Recovery, Step,
+    HealthCheck, InstallOptions, InstalledVersion, Installer, Part, Prepare, Recovery, Step,
     TrustedKeys, UpdateError,
 };
 use tracing::{info, warn};
@@ -88,7 +91,10 @@ pub fn start_from_installed(base: Config) -> (Config, StartedVersion) {
     };
     match installed_config(&base, &section, &current) {
         Ok(config) => {
-            info!(version = current.record.version, "running the installed version");
+            info!(
+                version = current.record.version,
+                "running the installed version"
+            );
             started.version = Some(current.record.version);
             (config, started)
         }
@@ -246,11 +252,7 @@ impl DeviceUpdates {
     /// Installs `bundle` (the loop has stopped and the store is closed),
     /// drawing each step through `show`. Returns the installed version, or
     /// why not (the device is then on the version it ran).
-    pub fn install(
-        &self,
-        bundle: &Path,
-        mut show: impl FnMut(Screen),
-    ) -> Result<u64, UpdateError> {
+    pub fn install(&self, bundle: &Path, mut show: impl FnMut(Screen)) -> Result<u64, UpdateError> {
         let check = DeviceCheck {
             store_base: self.store_base.clone(),
             factory_encoder: self.factory_encoder.clone(),
@@ -258,28 +260,44 @@ impl DeviceUpdates {
             screen_size: self.screen_size,
         };
         let version_hint = std::cell::Cell::new(None::<u64>);
-        let show = std::cell::RefCell::new(&mut show);
+        let show = RefCell::new(&mut show);
+        let title = || match version_hint.get() {
+            Some(v) => format!("Installing update {v}"),
+            None => "Installing update".to_owned(),
+        };
         let progress = |step: Step| {
             let (detail, done, total) = match step {
                 Step::Verified { files, .. } => (format!("Verified {files} files"), 0, 0),
-                Step::Copied { done, total } => {
-                    ("Copying the new version".to_owned(), done as u64, total as u64)
-                }
+                Step::Copied { done, total } => (
+                    "Copying the new version".to_owned(),
+                    done as u64,
+                    total as u64,
+                ),
                 Step::Staged | Step::Prepared => ("Preparing the new version".into(), 0, 0),
                 Step::TrialRecorded | Step::Switched => ("Switching to it".into(), 0, 0),
                 Step::Checked => ("Checked: the new version works".into(), 1, 1),
                 Step::Committed => ("Installed".into(), 1, 1),
             };
-            let title = match version_hint.get() {
-                Some(v) => format!("Installing update {v}"),
-                None => "Installing update".to_owned(),
-            };
             (show.borrow_mut())(Screen::Updating {
-                title,
+                title: title(),
                 detail,
                 done,
                 total,
             });
+        };
+        let reembedding = |done: usize, total: usize| {
+            (show.borrow_mut())(Screen::Updating {
+                title: title(),
+                detail: "Re-embedding the cases for the new model".into(),
+                done: done as u64,
+                total: total as u64,
+            });
+        };
+        let carry = CarryCases {
+            store_base: self.store_base.clone(),
+            encoder: self.encoder.clone(),
+            progress: &reembedding,
+            report: RefCell::new(None),
         };
         if let Ok(plan) = self.installer.plan(bundle) {
             version_hint.set(Some(plan.bundle.manifest.version));
@@ -288,12 +306,75 @@ impl DeviceUpdates {
             bundle,
             &InstallOptions {
                 retry_failed: false,
-                prepare: &NoPreparation,
+                prepare: &carry,
                 health: &check,
                 progress: &progress,
             },
         )?;
         Ok(report.version)
+    }
+}
+
+/// Before the switch: when the new version's encoder is not the one the
+/// cases are embedded with (the previous version's, or the store's own),
+/// the cases are re-embedded with the new encoder into its own store
+/// (`stores_to_carry`). The old store is only read, so a kill here leaves
+/// the old version current with its store whole, and the next attempt
+/// resumes from the last flushed batch.
+pub struct CarryCases<'a> {
+    pub store_base: PathBuf,
+    pub encoder: EncoderOptions,
+    /// Cases done of the total, after each flushed batch.
+    pub progress: &'a dyn Fn(usize, usize),
+    /// What the re-embedding did, when it ran.
+    pub report: RefCell<Option<IntoReport>>,
+}
+
+impl Prepare for CarryCases<'_> {
+    fn prepare(
+        &self,
+        new: &InstalledVersion,
+        previous: Option<&InstalledVersion>,
+    ) -> Result<(), String> {
+        let Some(new_model) = new.record.encoder_model_id.as_deref() else {
+            return Ok(());
+        };
+        let previous_model = previous.and_then(|p| p.record.encoder_model_id.as_deref());
+        let carry = stores_to_carry(&self.store_base, previous_model, new_model)
+            .map_err(|e| format!("finding the case store to re-embed: {e}"))?;
+        let Some(carry) = carry else {
+            return Ok(());
+        };
+        let encoder = match Encoder::load(&new.part_dir(Part::Encoder), &self.encoder) {
+            Ok(encoder) => encoder,
+            Err(e) => {
+                // The health check refuses it and records the bundle as
+                // failed; failing here would leave it to be retried.
+                warn!(error = %e, "the new encoder does not load; not re-embedding");
+                return Ok(());
+            }
+        };
+        info!(to = new_model, "re-embedding the cases for the new encoder");
+        let report = reembed_into(
+            &carry.source,
+            &carry.target,
+            &encoder,
+            ReembedOptions::default(),
+            |p| {
+                (self.progress)(p.done, p.total);
+                ControlFlow::Continue(())
+            },
+        )
+        .map_err(|e| format!("re-embedding the cases for encoder {new_model}: {e}"))?;
+        info!(
+            reembedded = report.reembedded,
+            present = report.present,
+            without_original = report.without_original.len(),
+            unreadable = report.unreadable.len(),
+            "cases carried to the new encoder's store"
+        );
+        *self.report.borrow_mut() = Some(report);
+        Ok(())
     }
 }
 
@@ -376,12 +457,17 @@ impl HealthCheck for DeviceCheck {
             )
             .map_err(|e| format!("the case store does not open for this encoder: {e}"))?;
             store
-                .search(embedding.values(), 1, &CaseFilter::default(), ScoreKind::Int8)
+                .search(
+                    embedding.values(),
+                    1,
+                    &CaseFilter::default(),
+                    ScoreKind::Int8,
+                )
                 .map_err(|e| format!("the case store does not search: {e}"))?;
         }
         let (width, height) = self.screen_size;
-        let mut canvas =
-            Canvas::new(width, height).map_err(|e| format!("no screen of {width}x{height}: {e}"))?;
+        let mut canvas = Canvas::new(width, height)
+            .map_err(|e| format!("no screen of {width}x{height}: {e}"))?;
         let status = StatusView {
             sync: SyncState::Offline,
             pending_uploads: 0,

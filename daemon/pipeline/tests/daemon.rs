@@ -162,6 +162,7 @@ fn daemon(
             notice: None,
             storage_failed: false,
             fleet: None,
+            updates: None,
         },
         presented,
     )

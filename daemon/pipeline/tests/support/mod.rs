@@ -125,6 +125,7 @@ pub fn host_daemon(
         notice: None,
         storage_failed: false,
         fleet: None,
+        updates: None,
     }
 }
 
