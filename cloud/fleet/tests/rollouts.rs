@@ -614,3 +614,118 @@ async fn every_command_is_idempotent_and_a_dry_run_writes_nothing() {
     }
     f.service.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_rollout_is_refused_naming_what_to_fix_and_writes_nothing() {
+    let Some(f) = fleet("fleet_bad_rollouts").await else {
+        return;
+    };
+    let clinic = f.clinic("isle").await;
+    let other = f.clinic("cape").await;
+    let d = f.devices(&clinic, 2).await;
+    let foreign = f.devices(&other, 1).await;
+    let first = f.publish(&archive_bytes(100, 7), 4).await;
+    // A signed downgrade may re-issue a version: then only the id is unambiguous.
+    let second = f.publish(&archive_bytes(100, 8), 4).await;
+    let before = f.snapshot().await;
+    let invalid = |m: &str| m.to_string();
+    for (new, expect) in [
+        (
+            rollout(
+                &first.bundle_id,
+                "isle",
+                vec![StageSpec::Rest, StageSpec::Rest],
+                0.9,
+                0.2,
+            ),
+            invalid("must be the last stage"),
+        ),
+        (
+            rollout(
+                &first.bundle_id,
+                "isle",
+                vec![devices_stage(&foreign)],
+                0.9,
+                0.2,
+            ),
+            invalid("is not a device of this clinic"),
+        ),
+        (
+            rollout(&first.bundle_id, "isle", vec![StageSpec::Rest], 0.0, 0.2),
+            invalid("success threshold"),
+        ),
+        (
+            rollout(&first.bundle_id, "isle", vec![StageSpec::Rest], 0.9, 1.5),
+            invalid("error threshold"),
+        ),
+        (
+            rollout(&first.bundle_id, "isle", vec![], 0.9, 0.2),
+            invalid("1 to 100 stages"),
+        ),
+        (
+            rollout("4", "isle", vec![StageSpec::Rest], 0.9, 0.2),
+            invalid("name one by its id"),
+        ),
+        (
+            rollout("99", "isle", vec![StageSpec::Rest], 0.9, 0.2),
+            invalid("no published bundle has version 99"),
+        ),
+        (
+            rollout(&first.bundle_id, "nowhere", vec![StageSpec::Rest], 0.9, 0.2),
+            invalid("no clinic"),
+        ),
+    ] {
+        let err = fleet::create_rollout(&f.pool, &new, Mode::Apply)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains(&expect),
+            "{err} (wanted {expect:?})"
+        );
+    }
+    assert_eq!(f.snapshot().await, before, "nothing written by a refusal");
+
+    // A done rollout cannot be rolled back while a newer one is active.
+    let done = fleet::create_rollout(
+        &f.pool,
+        &rollout(&first.bundle_id, "isle", vec![StageSpec::Rest], 0.5, 0.5),
+        Mode::Apply,
+    )
+    .await
+    .unwrap()
+    .rollout
+    .rollout_id;
+    assert!(d[0].result(&done, 4, UpdateOutcome::Installed).await);
+    assert_eq!(status(&f, &done).await.state, "done");
+    let newer = fleet::create_rollout(
+        &f.pool,
+        &rollout(&second.bundle_id, "isle", vec![StageSpec::Rest], 0.5, 0.5),
+        Mode::Apply,
+    )
+    .await
+    .unwrap()
+    .rollout
+    .rollout_id;
+    match fleet::rollback_rollout(&f.pool, &done, Mode::Apply).await {
+        Err(CloudError::Conflict(m)) => assert!(m.contains("another rollout"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The newest rollout is the one devices are answered from: the
+    // straggler of the done one is offered the newer bundle, and a device
+    // that runs version 4 counts as having it (versions, not archives,
+    // are what a device reports).
+    match d[1].report(None, &[]).await {
+        UpdateOffer::Install {
+            rollout_id,
+            bundle_id,
+            ..
+        } => assert_eq!(
+            (rollout_id, bundle_id),
+            (newer.clone(), second.bundle_id.clone())
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d[0].report(Some(4), &[]).await, UpdateOffer::None);
+    assert_eq!(state_of(&status(&f, &newer).await, &d[0]), "installed");
+    f.service.shutdown().await;
+}
