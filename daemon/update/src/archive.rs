@@ -361,7 +361,9 @@ fn unpack_into(reader: impl Read, dest: &Path, limits: Limits) -> Result<(), Upd
             fs::create_dir_all(&target).map_err(io("create", &target))?;
             continue;
         }
-        let size = entry.header().size().map_err(unreadable)?;
+        // The size the data is read with: a PAX `size` record overrides
+        // the header's, so the header alone must not be what is capped.
+        let size = entry.size();
         let limit = if rel == MANIFEST {
             MAX_MANIFEST_BYTES
         } else if rel == SIGNATURE {

@@ -363,6 +363,32 @@ fn refuses_a_file_above_the_caps_before_reading_it() {
 }
 
 #[test]
+fn a_pax_size_record_is_capped_like_a_header_size() {
+    // The header says 0 bytes; the PAX record before it says more than the
+    // cap, and the data would be read with the PAX size.
+    let claim = dermascope_update::manifest::MAX_FILE_BYTES + 1;
+    let body = format!(" size={claim}\n");
+    let mut len = body.len() + 2;
+    if format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    let record = format!("{len}{body}");
+    assert_eq!(record.len(), len);
+    let bytes = Raw::default()
+        .bundle_files()
+        .entry(b"././@PaxHeader", b'x', record.as_bytes(), b"")
+        .file("encoder/huge", b"")
+        .finish();
+    match archive_error(&bytes) {
+        ArchiveError::FileTooLarge { path, size, .. } => {
+            assert_eq!(path, "encoder/huge");
+            assert_eq!(size, claim);
+        }
+        e => panic!("{e:?}"),
+    }
+}
+
+#[test]
 fn no_truncation_of_a_real_archive_unpacks_into_a_bundle_that_verifies() {
     let root = tempfile::tempdir().unwrap();
     let k = key(&root.path().join("keys"), "op");
