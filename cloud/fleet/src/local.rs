@@ -145,6 +145,17 @@ pub fn build(
             parent.display()
         );
     }
+    let inside = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a.starts_with(b),
+        _ => false,
+    };
+    if inside(&parent, dir) {
+        bail!(
+            "--out {} is inside the bundle directory {}; write the archive elsewhere",
+            out.display(),
+            dir.display()
+        );
+    }
     // Beside `out`, so the finished archive is renamed into place; in the
     // system's temporary directory for a dry run, which writes nothing
     // where the operator looks.

@@ -249,7 +249,7 @@ fn stage_line(s: &fleet::StageStatus) -> String {
 
 fn rollout_text(r: &RolloutStatus) -> String {
     let mut lines = vec![format!(
-        "rollout {} of version {} to {}: {}{} (stage {} of {}; next stage at {:.0}% installed, pause at {:.0}% failed)",
+        "rollout {} of version {} to {}: {}{} (at stage {} of stages 0-{}; a stage ends at {:.0}% installed, the rollout pauses at {:.0}% failed or refused)",
         r.rollout_id,
         r.version,
         r.clinic_name,
@@ -259,7 +259,7 @@ fn rollout_text(r: &RolloutStatus) -> String {
             .map(|p| format!(" — {p}"))
             .unwrap_or_default(),
         r.current_stage,
-        r.stages.len(),
+        r.stages.len().saturating_sub(1),
         r.success_threshold * 100.0,
         r.error_threshold * 100.0,
     )];

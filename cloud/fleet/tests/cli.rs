@@ -186,6 +186,14 @@ async fn key_build_publish_and_roll_out_repeatably_with_dry_runs_writing_nothing
         BTreeSet::from(["b3.tar".to_string()]),
         "no leftovers"
     );
+    let args = build("3", &src.join("self.tar"), false);
+    let why = refused(&url, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(why.contains("inside the bundle directory"), "{why}");
+    assert_eq!(
+        tree(&src),
+        src_tree,
+        "a refused build leaves the source alone"
+    );
 
     // --- bundle publish: verified first; a damaged or foreign archive is
     // refused with nothing stored; the same archive twice is one bundle.
