@@ -25,6 +25,40 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Updates (the daemon)
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # fn demo(store: Arc<dermascope_store::CaseStore>, config: dermascope_sync::SyncConfig) -> Result<(), dermascope_sync::SyncError> {
+//! use dermascope_sync::api::{UpdateOutcome, UpdateResult};
+//! use dermascope_sync::{ReadyUpdate, Syncer, UpdateSettings};
+//! let settings = UpdateSettings::new("/var/lib/dermascope/downloads", env!("CARGO_PKG_VERSION"));
+//! let sync = Syncer::start_with_updates(config, store, settings)?;
+//! // at start (after `recover()`) and after every install or rollback:
+//! sync.set_installed(Some(7), vec![5]); // `current`'s version, the failed ones
+//! // every tick: the screen shows `sync.status().download` while it runs
+//! if let Some(update) = sync.take_update() {
+//!     let (rollout_id, version, outcome) = match update {
+//!         ReadyUpdate::Install { rollout_id, version, archive } => {
+//!             // dermascope_update::archive::unpack(&archive, &dir), then
+//!             // Installer::install(&dir, ...) as for a USB stick
+//!             (rollout_id, version, UpdateOutcome::Installed)
+//!         }
+//!         ReadyUpdate::Rollback { rollout_id, version } => {
+//!             // Installer::rollback() if `version` is current
+//!             (rollout_id, version, UpdateOutcome::RolledBack)
+//!         }
+//!     };
+//!     sync.report_update(UpdateResult { rollout_id, version, outcome, detail: None });
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! No report is sent (so nothing is offered) before the first
+//! `set_installed`. Each update is handed out once; a result is sent until
+//! the service acknowledges it, and its offer is never handed out again.
+//! [`update`] says what the download guarantees.
+//!
 //! # Guarantees
 //!
 //! * Nothing blocks the caller: `status`, `nudge` and `request_rag` return
@@ -61,7 +95,7 @@ mod config;
 pub mod convert;
 mod error;
 mod syncer;
-mod update;
+pub mod update;
 
 pub use client::Client;
 pub use config::SyncConfig;
