@@ -186,7 +186,10 @@ async fn login_sessions_and_escaping_over_http() {
     );
 
     // The right one: a session cookie the page's script cannot read.
+    let clock = "SELECT clock_timestamp()::text";
+    let before: String = sqlx::query_scalar(clock).fetch_one(&db.pool).await.unwrap();
     let reply = post_login(&base, "ops@nord", PASSWORD).await;
+    let after: String = sqlx::query_scalar(clock).fetch_one(&db.pool).await.unwrap();
     assert_eq!(reply.status(), StatusCode::SEE_OTHER);
     assert_eq!(reply.headers()[reqwest::header::LOCATION], "/fleet");
     let set_cookie = reply.headers()[reqwest::header::SET_COOKIE]
@@ -209,10 +212,14 @@ async fn login_sessions_and_escaping_over_http() {
         .to_string();
     assert_eq!(token.len(), 64, "32 random bytes as hex");
     // Kept as its SHA-256 only, for 12 hours.
-    let (digest, hours): (String, f64) = sqlx::query_as(
-        "SELECT token_sha256, extract(epoch FROM expires_at - now())::float8 / 3600 \
+    // The database's clock read around the login brackets its start.
+    let (digest, twelve_hours): (String, bool) = sqlx::query_as(
+        "SELECT token_sha256, expires_at BETWEEN $1::timestamptz + interval '12 hours' \
+                                         AND $2::timestamptz + interval '12 hours' \
          FROM operator_sessions WHERE operator = 'ops@nord'",
     )
+    .bind(&before)
+    .bind(&after)
     .fetch_one(&db.pool)
     .await
     .unwrap();
@@ -222,7 +229,7 @@ async fn login_sessions_and_escaping_over_http() {
         .await
         .unwrap();
     assert_eq!(digest, expected);
-    assert!((11.9..=12.0).contains(&hours), "{hours}");
+    assert!(twelve_hours, "a session lasts 12 hours from login");
 
     let (status, _, html) = get_page(&base, "/fleet", Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
