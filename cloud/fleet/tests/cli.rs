@@ -408,3 +408,102 @@ async fn key_build_publish_and_roll_out_repeatably_with_dry_runs_writing_nothing
     assert_eq!(list[0]["state"].as_str(), Some("rolling_back"));
     f.service.shutdown().await;
 }
+
+/// Whether the stored bundle, if any, is whole: its chunks in order are
+/// exactly the archive.
+async fn stored_whole(f: &Fleet, sha: &str, size: u64) -> bool {
+    let row: Option<(String, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT b.archive_sha256, b.archive_size, \
+                (SELECT sum(length(data))::bigint FROM bundle_chunks c WHERE c.bundle_id = b.bundle_id), \
+                (SELECT encode(sha256(string_agg(data, ''::bytea ORDER BY idx)), 'hex') \
+                   FROM bundle_chunks c WHERE c.bundle_id = b.bundle_id) \
+         FROM bundles b",
+    )
+    .fetch_optional(&f.pool)
+    .await
+    .expect("read the bundle");
+    match row {
+        None => false,
+        Some((stored_sha, stored_size, chunk_bytes, chunk_sha)) => {
+            assert_eq!((stored_sha.as_str(), stored_size as u64), (sha, size));
+            assert_eq!(chunk_bytes, Some(size as i64), "every chunk is there");
+            assert_eq!(
+                chunk_sha.as_deref(),
+                Some(sha),
+                "the chunks are the archive"
+            );
+            true
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_killed_at_any_point_stores_the_whole_archive_or_nothing() {
+    let Some(f) = fleet("fleet_publish_kill").await else {
+        return;
+    };
+    let url = f.url.clone();
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("keys/op.key");
+    ok(&url, &["key", "create", "--secret", s(&secret)]).await;
+    let src = work.path().join("src");
+    std::fs::create_dir_all(src.join("library")).unwrap();
+    // 48 MiB: long enough to publish that kills land while chunks go in.
+    std::fs::write(src.join("library/cases.bin"), archive_bytes(48 << 20, 9)).unwrap();
+    let archive = work.path().join("big.tar");
+    let built = ok(
+        &url,
+        &[
+            "bundle",
+            "build",
+            s(&src),
+            "--key",
+            s(&secret),
+            "--version",
+            "2",
+            "--encoder-model-id",
+            "enc-a",
+            "--out",
+            s(&archive),
+        ],
+    )
+    .await;
+    let sha = built["archive_sha256"].as_str().unwrap().to_string();
+    let size = built["archive_size"].as_u64().unwrap();
+    let keys = secret.parent().unwrap().to_path_buf();
+
+    // SIGKILLs spread over the publish (the delays only spread the kills;
+    // the claim holds wherever one lands): after each, either no bundle or
+    // the complete archive.
+    let mut whole_after_kill = 0;
+    for delay_ms in [0u64, 40, 80, 160, 240, 320, 480, 640] {
+        let mut c = command(
+            &url,
+            &["bundle", "publish", s(&archive), "--keys", s(&keys)],
+        );
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = c.spawn().expect("publish");
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        let _ = child.kill();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        if stored_whole(&f, &sha, size).await {
+            whole_after_kill += 1;
+        } else {
+            assert_eq!(f.count("bundle_chunks").await, 0, "no orphan chunk");
+        }
+    }
+    eprintln!("publish killed 8 times: {whole_after_kill} had committed first");
+    let done = ok(
+        &url,
+        &["bundle", "publish", s(&archive), "--keys", s(&keys)],
+    )
+    .await;
+    assert!(stored_whole(&f, &sha, size).await);
+    assert_eq!(
+        done["already"].as_bool().unwrap(),
+        whole_after_kill > 0,
+        "a rerun publishes what was not stored, and only that"
+    );
+    assert_eq!(f.count("bundles").await, 1);
+    f.service.shutdown().await;
+}
