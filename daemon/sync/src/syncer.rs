@@ -117,7 +117,7 @@ impl Syncer {
             wake: Condvar::new(),
             device: Mutex::new(None),
             pending: AtomicUsize::new(store.pending_upload_count()),
-            updates: Updates::default(),
+            updates: settings.as_ref().map(Updates::open).unwrap_or_default(),
         });
         let spawn_error = |e: std::io::Error| SyncError::Thread(e.to_string());
         let (rag_tx, rag_rx) = mpsc::channel::<RagJob>();

@@ -22,7 +22,8 @@
 //! * Each offer is handed out once ([`crate::SyncHandle::take_update`]);
 //!   once the daemon reported a result for it, it is never handed out
 //!   again, and the result is sent at each cycle until the service
-//!   acknowledges it.
+//!   acknowledges it, across restarts too: results not yet acknowledged
+//!   are kept in `<download_dir>/update-results.json`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs;
@@ -46,6 +47,8 @@ pub const MAX_REFETCHES: u32 = 3;
 /// Space an update leaves free by default (captures need it more).
 pub const DEFAULT_KEEP_FREE_BYTES: u64 = 64 << 20;
 const CHUNK: usize = 64 * 1024;
+/// The results not yet acknowledged, in the download directory.
+pub const RESULTS_FILE: &str = "update-results.json";
 
 /// What [`crate::Syncer::start_with_updates`] needs to take updates.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,11 +137,76 @@ struct State {
 #[derive(Default)]
 pub(crate) struct Updates {
     state: Mutex<State>,
+    /// Where the unacknowledged results are kept (none without updates).
+    journal: Option<PathBuf>,
 }
 
 impl Updates {
+    /// The channel's state, with the results an earlier run left
+    /// unacknowledged. A journal that cannot be read is set aside with a
+    /// warning, never a reason not to start: the report settles most
+    /// results anyway.
+    pub(crate) fn open(settings: &UpdateSettings) -> Updates {
+        let journal = settings.download_dir.join(RESULTS_FILE);
+        let mut state = State::default();
+        match fs::read(&journal) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<UpdateResult>>(&bytes) {
+                Ok(results) => {
+                    for r in &results {
+                        state.answered.insert(OfferKey {
+                            rollout_id: r.rollout_id.clone(),
+                            version: r.version,
+                            rollback: r.outcome == UpdateOutcome::RolledBack,
+                        });
+                    }
+                    if !results.is_empty() {
+                        info!(
+                            results = results.len(),
+                            "update results from an earlier run queued"
+                        );
+                    }
+                    state.results = results.into();
+                }
+                Err(e) => warn!(error = %e, "update results journal unreadable; set aside"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(error = %e, "update results journal unreadable; set aside"),
+        }
+        Updates {
+            state: Mutex::new(state),
+            journal: Some(journal),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the queue (called with the lock held, after each change):
+    /// beside the journal, synced, renamed over it.
+    fn persist(&self, s: &State) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = journal.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            let tmp = journal.with_extension("json.tmp");
+            let bytes = serde_json::to_vec(&s.results).map_err(std::io::Error::other)?;
+            let mut file = fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp, journal)?;
+            if let Some(dir) = journal.parent() {
+                fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            // Still sent from memory; only a restart before then loses it.
+            warn!(error = %e, "update results journal not written");
+        }
     }
 
     pub(crate) fn download(&self) -> Option<DownloadProgress> {
@@ -190,6 +258,7 @@ impl Updates {
         };
         s.answered.insert(key);
         s.results.push_back(result);
+        self.persist(&s);
     }
 
     fn queue_refusal(&self, key: OfferKey, detail: String) {
@@ -203,6 +272,7 @@ impl Updates {
             detail: Some(detail.chars().take(MAX_UPDATE_DETAIL).collect()),
         });
         s.answered.insert(key);
+        self.persist(&s);
     }
 
     fn set_progress(&self, progress: Option<DownloadProgress>) {
@@ -259,6 +329,7 @@ fn send_results(updates: &Updates, client: &Client) -> Result<(), SyncError> {
         let mut s = updates.lock();
         if s.results.front() == Some(&result) {
             s.results.pop_front();
+            updates.persist(&s);
         }
     }
 }
@@ -667,6 +738,44 @@ mod tests {
             version: 5,
             rollback: true
         }));
+    }
+
+    #[test]
+    fn unacknowledged_results_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = UpdateSettings::new(dir.path().join("downloads"), "0.1.0");
+        let updates = Updates::open(&settings);
+        ready(&updates, "r1", 5, false);
+        assert!(updates.take().is_some());
+        updates.report(result("r1", 5, UpdateOutcome::Refused));
+        drop(updates);
+
+        let again = Updates::open(&settings);
+        {
+            let s = again.lock();
+            assert_eq!(s.results.len(), 1);
+            assert_eq!(s.results[0].outcome, UpdateOutcome::Refused);
+            assert!(s.answered.contains(&OfferKey {
+                rollout_id: "r1".into(),
+                version: 5,
+                rollback: false
+            }));
+        }
+        // Acknowledged: gone from the journal too.
+        {
+            let mut s = again.lock();
+            s.results.pop_front();
+            again.persist(&s);
+        }
+        assert!(Updates::open(&settings).lock().results.is_empty());
+
+        // A damaged journal is set aside, not a reason not to start.
+        fs::write(
+            dir.path().join("downloads").join(RESULTS_FILE),
+            b"{not json",
+        )
+        .unwrap();
+        assert!(Updates::open(&settings).lock().results.is_empty());
     }
 
     #[test]

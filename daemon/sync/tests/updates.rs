@@ -193,11 +193,13 @@ fn wait_ready(sync: &SyncHandle) -> ReadyUpdate {
     ready.expect("just taken")
 }
 
+/// The downloads (`.part`, `.tar`) in `dir`, not the results journal.
 fn files_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|entries| {
             entries
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".part") || n.ends_with(".tar"))
                 .collect()
         })
         .unwrap_or_default();
@@ -505,6 +507,58 @@ fn a_result_is_sent_again_until_the_service_acknowledges_it() {
     next_cycle(&sync);
     assert_eq!(results().len(), 4, "sent again after it was acknowledged");
     assert_eq!(sync.take_update(), None);
+}
+
+#[test]
+fn a_result_not_yet_acknowledged_is_sent_by_the_next_run() {
+    let Some(s) = setup("update_result_restart") else {
+        return;
+    };
+    let proxy = &s.fleet.proxy;
+    proxy.fault(
+        "POST",
+        routes::UPDATE_RESULT,
+        Action::json(503, r#"{"code":"unavailable","message":"try later"}"#),
+        usize::MAX,
+    );
+    let first = s.start(s.settings());
+    let _ = wait_ready(&first);
+    first.report_update(UpdateResult {
+        rollout_id: s.rollout_id.clone(),
+        version: 2,
+        outcome: UpdateOutcome::Installed,
+        detail: None,
+    });
+    proxy.wait_log("a result refused", |log| {
+        log.iter().any(|e| e.is("POST", routes::UPDATE_RESULT))
+    });
+    first.stop();
+    assert_eq!(s.device_state().0, "offered");
+
+    // The daemon restarts; the service is reachable again.
+    let clean = support::Proxy::start(
+        s.fleet
+            .direct_url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("the service's address"),
+    );
+    let second = s.start_via(&clean.url(), s.settings());
+    s.wait_state("installed");
+    next_cycle(&second);
+    let sent: Vec<_> = clean
+        .log()
+        .into_iter()
+        .filter(|e| e.is("POST", routes::UPDATE_RESULT))
+        .collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].status, Some(200));
+    let journal = fs::read(s.downloads().join(dermascope_sync::update::RESULTS_FILE)).unwrap();
+    assert_eq!(
+        journal, b"[]",
+        "an acknowledged result stays in the journal"
+    );
 }
 
 #[test]
