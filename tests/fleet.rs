@@ -17,9 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dermascope_cloud::config::{ServiceConfig, TlsFiles};
+use dermascope_cloud::config::ServiceConfig;
 use dermascope_cloud::{db, operator, server};
-use support::{daemon_config, synthetic_library, HostDaemon};
+use support::{daemon_config, pki, synthetic_library, HostDaemon};
 
 /// Only stops a hung test; no claim depends on it.
 const WATCHDOG: Duration = Duration::from_secs(120);
@@ -38,31 +38,6 @@ fn waited(mut done: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     true
-}
-
-/// A CA, and a certificate it signed for the loopback service.
-fn pki(dir: &Path) -> (PathBuf, TlsFiles) {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Dermascope test fleet CA");
-    let ca =
-        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let ca_file = dir.join("fleet-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let tls = TlsFiles {
-        cert: dir.join("service-cert.pem"),
-        key: dir.join("service-key.pem"),
-    };
-    std::fs::write(&tls.cert, cert.pem()).unwrap();
-    std::fs::write(&tls.key, key.serialize_pem()).unwrap();
-    (ca_file, tls)
 }
 
 /// `dermascope run` with its stderr collected line by line as it comes.

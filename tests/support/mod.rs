@@ -158,3 +158,29 @@ pub fn daemon_config(dir: &Path, store: &Path) -> HostDaemon {
         screens,
     }
 }
+
+/// A test CA (the file a device's `[sync] ca` names) and a service
+/// certificate for 127.0.0.1 signed by it.
+pub fn pki(dir: &Path) -> (PathBuf, dermascope_cloud::config::TlsFiles) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Dermascope test fleet CA");
+    let ca =
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_file = dir.join("fleet-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let tls = dermascope_cloud::config::TlsFiles {
+        cert: dir.join("service-cert.pem"),
+        key: dir.join("service-key.pem"),
+    };
+    std::fs::write(&tls.cert, cert.pem()).unwrap();
+    std::fs::write(&tls.key, key.serialize_pem()).unwrap();
+    (ca_file, tls)
+}

@@ -111,7 +111,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         &config,
         &paths::encoder_bundle(base.encoder.bundle.as_ref()),
     ) {
-        Ok(updates) => daemon.updates = updates,
+        Ok(updates) => {
+            if let Some(updates) = &updates {
+                updates.tidy();
+                // The outcome of the install this start follows, for the
+                // rollout that asked for it.
+                if let (Some(kept), Some(fleet)) = (updates.take_kept_result(), &daemon.fleet) {
+                    fleet.report_update(kept);
+                }
+            }
+            daemon.updates = updates;
+        }
         Err(e) => {
             // Capture goes on; only installing needs the keys.
             tracing::warn!(error = %e, "updates cannot be installed: the trusted keys did not load");

@@ -228,10 +228,15 @@ impl Daemon {
         // still captures and answers from its own library, and says so.
         let fleet = match &config.sync {
             None => None,
-            Some(sync) => match dermascope_sync::Syncer::start(sync.clone(), Arc::clone(&store)) {
+            Some(sync) => match start_sync(config, sync, &store) {
                 Ok(handle) => {
                     info!("fleet sync started");
-                    Some(FleetLink::new(handle))
+                    let link = FleetLink::new(handle);
+                    if let Some(update) = &config.update {
+                        let (current, failed) = crate::updates::installed_state(&update.root);
+                        link.set_installed(current, failed);
+                    }
+                    Some(link)
                 }
                 Err(e) => {
                     warn!(error = %e, "fleet sync not started; working offline");
@@ -271,6 +276,26 @@ impl Daemon {
             updates: None,
         };
         Ok((daemon, report))
+    }
+}
+
+/// The sync thread; with `[update]` it also takes the fleet's bundles,
+/// downloaded under the update root.
+fn start_sync(
+    config: &Config,
+    sync: &dermascope_sync::SyncConfig,
+    store: &Arc<CaseStore>,
+) -> Result<dermascope_sync::SyncHandle, dermascope_sync::SyncError> {
+    match &config.update {
+        None => dermascope_sync::Syncer::start(sync.clone(), Arc::clone(store)),
+        Some(update) => dermascope_sync::Syncer::start_with_updates(
+            sync.clone(),
+            Arc::clone(store),
+            dermascope_sync::UpdateSettings::new(
+                update.root.join(crate::updates::DOWNLOADS),
+                crate::updates::DAEMON_VERSION,
+            ),
+        ),
     }
 }
 

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 use crate::fleet::FleetLink;
-use crate::updates::{DeviceUpdates, FoundBundle, UsbFinding};
+use crate::updates::{DeviceUpdates, FleetAction, FoundBundle, Origin, UsbFinding};
 
 /// What the daemon tells its supervisor (systemd on the device).
 pub trait Supervisor {
@@ -93,6 +93,8 @@ enum Stop {
     Done,
     /// A verified bundle is waiting: install it once everything is closed.
     Install(FoundBundle),
+    /// The fleet's rollout was rolled back: switch back from `version`.
+    Rollback { rollout_id: String, version: u64 },
 }
 
 /// What a confirmed capture is stored with.
@@ -348,8 +350,63 @@ impl Daemon {
             Stop::Install(bundle) => {
                 summary.restart = Some(self.install_closed(&bundle, &status, &mut summary));
             }
+            Stop::Rollback {
+                rollout_id,
+                version,
+            } => {
+                summary.restart = Some(self.roll_back_closed(&rollout_id, version, &status));
+            }
         }
         Ok(summary)
+    }
+
+    /// Closes everything but the panel and switches back from `version`.
+    fn roll_back_closed(self, rollout_id: &str, version: u64, status: &StatusView) -> String {
+        let Daemon {
+            analyzer,
+            mut display,
+            updates,
+            ..
+        } = self;
+        let Some(updates) = updates else {
+            return "no updates configured".into();
+        };
+        drop(analyzer);
+        present_plain(
+            display.as_mut(),
+            status,
+            &Screen::Updating {
+                title: format!("Undoing update {version}"),
+                detail: "The fleet operator rolled this update back".into(),
+                done: 0,
+                total: 0,
+            },
+        );
+        let (outcome, detail, words) = match updates.rollback() {
+            Ok(back_to) => {
+                info!(version, back_to, "rolled back for the fleet");
+                (
+                    dermascope_cloud_api::UpdateOutcome::RolledBack,
+                    None,
+                    format!("update {version} rolled back to {back_to}"),
+                )
+            }
+            Err(e) => {
+                warn!(error = %e, version, "the fleet's rollback could not be carried out");
+                (
+                    dermascope_cloud_api::UpdateOutcome::Refused,
+                    Some(e.to_string()),
+                    format!("update {version} not rolled back: {e}"),
+                )
+            }
+        };
+        updates.keep_result(&dermascope_cloud_api::UpdateResult {
+            rollout_id: rollout_id.to_owned(),
+            version,
+            outcome,
+            detail,
+        });
+        words
     }
 
     /// Closes everything but the panel, installs `bundle`, shows the
@@ -401,6 +458,15 @@ impl Daemon {
                 last_drawn = Some(Instant::now());
             }
         });
+        if let Some(outcome) = DeviceUpdates::outcome_of(bundle, &result) {
+            updates.keep_result(&outcome);
+        }
+        if let Origin::Fleet { archive, .. } = &bundle.origin {
+            // Installed or refused, it is never installed from again: a
+            // failed one is marked failed, a refused one would be again.
+            let _ = std::fs::remove_file(archive);
+        }
+        updates.tidy();
         let (screen, outcome) = match result {
             Ok(version) => {
                 info!(version, "update installed; starting it");
@@ -486,21 +552,40 @@ impl Daemon {
             let results_open = matches!(on_panel, Some(Screen::Results(_)))
                 && results_since.is_some_and(|t| t.elapsed() < RESULTS_HOLD_INSTALL);
             if saving.is_empty() && !results_open {
-                if let Some(updates) = self.updates.as_mut() {
-                    match updates.look_at_usb(Instant::now()) {
-                        Some(UsbFinding::Install(bundle)) => return Ok(Stop::Install(bundle)),
-                        Some(UsbFinding::Refused { reason }) => {
-                            let screen = Screen::Error {
-                                title: "Update not installed".into(),
-                                what_to_fix: format!(
-                                    "The bundle on the USB stick was refused: {reason}. The \
-                                     device is unchanged."
-                                ),
-                            };
-                            self.show(&screen, &mut summary.screens)?;
-                            on_panel = Some(screen);
+                let usb = self
+                    .updates
+                    .as_mut()
+                    .and_then(|updates| updates.look_at_usb(Instant::now()));
+                match usb {
+                    Some(UsbFinding::Install(bundle)) => return Ok(Stop::Install(bundle)),
+                    Some(UsbFinding::Refused { reason }) => {
+                        let screen = Screen::Error {
+                            title: "Update not installed".into(),
+                            what_to_fix: format!(
+                                "The bundle on the USB stick was refused: {reason}. The device \
+                                 is unchanged."
+                            ),
+                        };
+                        self.show(&screen, &mut summary.screens)?;
+                        on_panel = Some(screen);
+                    }
+                    None => {}
+                }
+                if let (Some(updates), Some(fleet)) = (self.updates.as_ref(), self.fleet.as_ref()) {
+                    if let Some(ready) = fleet.take_update() {
+                        match updates.take_fleet_update(ready, fleet) {
+                            FleetAction::Install(bundle) => return Ok(Stop::Install(bundle)),
+                            FleetAction::Rollback {
+                                rollout_id,
+                                version,
+                            } => {
+                                return Ok(Stop::Rollback {
+                                    rollout_id,
+                                    version,
+                                })
+                            }
+                            FleetAction::Reported => {}
                         }
-                        None => {}
                     }
                 }
             }

@@ -65,6 +65,27 @@ impl FleetLink {
         self.handle.nudge();
     }
 
+    /// A downloaded bundle or a rollback the fleet's rollout asks for,
+    /// handed out once.
+    pub fn take_update(&self) -> Option<dermascope_sync::ReadyUpdate> {
+        self.handle.take_update()
+    }
+
+    /// Queues an update's outcome for the service (sent until acknowledged).
+    pub fn report_update(&self, result: dermascope_cloud_api::UpdateResult) {
+        self.handle.report_update(result);
+    }
+
+    /// What the device runs, for the report sent at every sync cycle.
+    pub fn set_installed(&self, bundle_version: Option<u64>, failed_versions: Vec<u64>) {
+        self.handle.set_installed(bundle_version, failed_versions);
+    }
+
+    /// The bundle being downloaded, if any.
+    pub fn download(&self) -> Option<dermascope_sync::DownloadProgress> {
+        self.handle.status().download
+    }
+
     /// Asks the fleet service about capture number `capture`, in the
     /// background; a newer capture's question replaces an older one's.
     /// The photograph is encoded off the loop, and sent only where the

@@ -30,7 +30,11 @@ use dermascope_update::{
 };
 use tracing::{info, warn};
 
+use dermascope_cloud_api::{UpdateOutcome, UpdateResult, MAX_UPDATE_DETAIL};
+use dermascope_sync::ReadyUpdate;
+
 use crate::config::{Config, UpdateSection};
+use crate::fleet::FleetLink;
 
 /// The daemon's version, which bundles' `min_daemon_version` is checked
 /// against.
@@ -145,12 +149,75 @@ fn installed_config(
     Ok(config)
 }
 
-/// A bundle found where a clinic's USB stick mounts.
+/// A verified bundle waiting to be installed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FoundBundle {
     /// The bundle directory (an archive is unpacked first).
     pub dir: PathBuf,
     pub version: u64,
+    pub origin: Origin,
+}
+
+/// Where a bundle came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Usb,
+    /// Downloaded for a rollout; the outcome goes back to the service.
+    Fleet {
+        rollout_id: String,
+        archive: PathBuf,
+    },
+}
+
+/// What to do about an update the fleet link handed over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetAction {
+    Install(FoundBundle),
+    /// Switch back from `version` (current) to the kept previous version.
+    Rollback {
+        rollout_id: String,
+        version: u64,
+    },
+    /// Nothing to install; the outcome was already reported.
+    Reported,
+}
+
+/// Where unpacked archives wait for their install.
+const INCOMING: &str = "incoming";
+/// An install's outcome, kept across the start it ends with so the fleet
+/// link of the next start reports it.
+const PENDING_RESULT: &str = "pending-result.json";
+/// Where the fleet link downloads archives.
+pub const DOWNLOADS: &str = "downloads";
+
+/// The installed version and the versions marked failed under `root`,
+/// for the report the fleet link sends (read without keys).
+pub fn installed_state(root: &Path) -> (Option<u64>, Vec<u64>) {
+    let installer = Installer::new(root, TrustedKeys::from_keys([]), DAEMON_VERSION);
+    match installer.status() {
+        Ok(status) => (
+            status.current.map(|c| c.record.version),
+            status.failed.iter().map(|f| f.version).collect(),
+        ),
+        Err(e) => {
+            warn!(error = %e, "the installed versions could not be read for the fleet report");
+            (None, Vec::new())
+        }
+    }
+}
+
+fn result(
+    rollout_id: &str,
+    version: u64,
+    outcome: UpdateOutcome,
+    detail: Option<String>,
+) -> UpdateResult {
+    UpdateResult {
+        rollout_id: rollout_id.to_owned(),
+        version,
+        outcome,
+        detail: detail.map(|d| d.chars().take(MAX_UPDATE_DETAIL).collect()),
+    }
 }
 
 /// What one look at the watch directory found.
@@ -234,11 +301,25 @@ impl DeviceUpdates {
         }
         self.handled = Some((path.clone(), marker));
         info!("an update bundle was found on the USB stick; verifying it");
-        match self.installer.plan(&path) {
+        let dir = if path.is_file() {
+            match self.unpack(&path, "usb") {
+                Ok(dir) => dir,
+                Err(e) => {
+                    warn!(error = %e, "the USB stick's bundle archive was refused");
+                    return Some(UsbFinding::Refused {
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        } else {
+            path
+        };
+        match self.installer.plan(&dir) {
             Ok(plan) if plan.already_installed => None,
             Ok(plan) => Some(UsbFinding::Install(FoundBundle {
-                dir: path,
+                dir,
                 version: plan.bundle.manifest.version,
+                origin: Origin::Usb,
             })),
             Err(e) => {
                 warn!(error = %e, "the USB stick's bundle was refused");
@@ -247,6 +328,160 @@ impl DeviceUpdates {
                 })
             }
         }
+    }
+
+    /// Unpacks `archive` into a fresh `<root>/incoming/<name>`.
+    fn unpack(&self, archive: &Path, name: &str) -> Result<PathBuf, UpdateError> {
+        let incoming = self.section.root.join(INCOMING);
+        let dest = incoming.join(name);
+        match std::fs::remove_dir_all(&dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(UpdateError::Io {
+                    action: "clear",
+                    path: dest,
+                    error: e,
+                })
+            }
+        }
+        dermascope_durable::create_private_dir_all(&incoming).map_err(|e| UpdateError::Io {
+            action: "create",
+            path: incoming.clone(),
+            error: e,
+        })?;
+        dermascope_update::archive::unpack(archive, &dest)?;
+        Ok(dest)
+    }
+
+    /// Decides what to do about an update the fleet link handed over:
+    /// anything refused before the install is reported at once, and the
+    /// device carries on.
+    pub fn take_fleet_update(&self, ready: ReadyUpdate, fleet: &FleetLink) -> FleetAction {
+        match ready {
+            ReadyUpdate::Install {
+                rollout_id,
+                version,
+                archive,
+            } => {
+                let refuse = |e: UpdateError| {
+                    warn!(error = %e, version, "the fleet's bundle was refused");
+                    fleet.report_update(result(
+                        &rollout_id,
+                        version,
+                        UpdateOutcome::Refused,
+                        Some(e.to_string()),
+                    ));
+                    let _ = std::fs::remove_file(&archive);
+                    FleetAction::Reported
+                };
+                let dir = match self.unpack(&archive, &format!("fleet-{version}")) {
+                    Ok(dir) => dir,
+                    Err(e) => return refuse(e),
+                };
+                match self.installer.plan(&dir) {
+                    Ok(plan) if plan.already_installed => {
+                        fleet.report_update(result(
+                            &rollout_id,
+                            version,
+                            UpdateOutcome::Installed,
+                            None,
+                        ));
+                        let _ = std::fs::remove_file(&archive);
+                        FleetAction::Reported
+                    }
+                    Ok(plan) => FleetAction::Install(FoundBundle {
+                        dir,
+                        version: plan.bundle.manifest.version,
+                        origin: Origin::Fleet {
+                            rollout_id,
+                            archive,
+                        },
+                    }),
+                    Err(e) => refuse(e),
+                }
+            }
+            ReadyUpdate::Rollback {
+                rollout_id,
+                version,
+            } => match self.installer.current_version() {
+                Ok(Some(current)) if current == version => FleetAction::Rollback {
+                    rollout_id,
+                    version,
+                },
+                // Not (or no longer) on that version: nothing to undo.
+                _ => {
+                    fleet.report_update(result(
+                        &rollout_id,
+                        version,
+                        UpdateOutcome::RolledBack,
+                        None,
+                    ));
+                    FleetAction::Reported
+                }
+            },
+        }
+    }
+
+    /// Keeps `outcome` of a fleet install for the next start's fleet link.
+    pub fn keep_result(&self, outcome: &UpdateResult) {
+        let path = self.section.root.join(PENDING_RESULT);
+        let written = serde_json::to_vec(outcome)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| dermascope_durable::replace_durably(&path, &bytes));
+        if let Err(e) = written {
+            // The next report of what the device runs settles it anyway.
+            warn!(error = %e, "the update's outcome was not kept for the service");
+        }
+    }
+
+    /// The outcome a previous start kept, removed once taken.
+    pub fn take_kept_result(&self) -> Option<UpdateResult> {
+        let path = self.section.root.join(PENDING_RESULT);
+        let bytes = std::fs::read(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Clears what an earlier install left in `incoming/`.
+    pub fn tidy(&self) {
+        let incoming = self.section.root.join(INCOMING);
+        if let Err(e) = std::fs::remove_dir_all(&incoming) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(error = %e, "unpacked bundles were not removed");
+            }
+        }
+    }
+
+    /// Switches back to the kept previous version (the loop has stopped
+    /// and the store is closed).
+    pub fn rollback(&self) -> Result<u64, UpdateError> {
+        self.installer.rollback()
+    }
+
+    /// The outcome of installing `bundle`, for the service.
+    pub fn outcome_of(
+        bundle: &FoundBundle,
+        installed: &Result<u64, UpdateError>,
+    ) -> Option<UpdateResult> {
+        let Origin::Fleet { rollout_id, .. } = &bundle.origin else {
+            return None;
+        };
+        Some(match installed {
+            Ok(_) => result(rollout_id, bundle.version, UpdateOutcome::Installed, None),
+            Err(e @ UpdateError::HealthCheck { .. }) => result(
+                rollout_id,
+                bundle.version,
+                UpdateOutcome::Failed,
+                Some(e.to_string()),
+            ),
+            Err(e) => result(
+                rollout_id,
+                bundle.version,
+                UpdateOutcome::Refused,
+                Some(e.to_string()),
+            ),
+        })
     }
 
     /// Installs `bundle` (the loop has stopped and the store is closed),
@@ -379,7 +614,8 @@ impl Prepare for CarryCases<'_> {
 }
 
 /// The bundle at `dir` (a directory holding `bundle.toml`, there or one
-/// level below), with a marker that changes when it is rewritten.
+/// level below, or a `*.tar` bundle archive there; the first by name),
+/// with a marker that changes when it is rewritten.
 fn find_bundle(dir: &Path) -> Option<(PathBuf, Marker)> {
     let marker = |manifest: &Path| {
         let meta = std::fs::metadata(manifest).ok()?;
@@ -392,14 +628,23 @@ fn find_bundle(dir: &Path) -> Option<(PathBuf, Marker)> {
     if let Some(m) = marker(&manifest) {
         return Some((dir.to_path_buf(), m));
     }
-    let mut below: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut found: Vec<(PathBuf, PathBuf)> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.join(dermascope_update::manifest::MANIFEST).is_file())
+        .filter_map(|p| {
+            let manifest = p.join(dermascope_update::manifest::MANIFEST);
+            if manifest.is_file() {
+                Some((p, manifest))
+            } else if p.is_file() && p.extension().is_some_and(|e| e == "tar") {
+                Some((p.clone(), p))
+            } else {
+                None
+            }
+        })
         .collect();
-    below.sort();
-    let first = below.into_iter().next()?;
-    let m = marker(&first.join(dermascope_update::manifest::MANIFEST))?;
+    found.sort();
+    let (first, marked) = found.into_iter().next()?;
+    let m = marker(&marked)?;
     Some((first, m))
 }
 
