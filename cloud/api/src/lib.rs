@@ -503,8 +503,14 @@ mod tests {
             version: 7,
         };
         let json = serde_json::to_string(&rollback).unwrap();
-        assert_eq!(json, r#"{"action":"rollback","rollout_id":"r","version":7}"#);
-        assert_eq!(serde_json::from_str::<UpdateOffer>(&json).unwrap(), rollback);
+        assert_eq!(
+            json,
+            r#"{"action":"rollback","rollout_id":"r","version":7}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<UpdateOffer>(&json).unwrap(),
+            rollback
+        );
         assert_eq!(bundle_archive_route("b1"), "/v1/bundles/b1/archive");
     }
 

@@ -26,6 +26,9 @@ const CLOUD_API: &str = "dermascope-cloud-api";
 /// The fleet service's library, and its operator's binary.
 const CLOUD: &str = "dermascope-cloud";
 const CLOUD_CLI: &str = "dermascope-cloud-cli";
+/// The fleet operator's update tool: signs and verifies bundles exactly as
+/// a device does, so it alone on the service's side uses a device crate.
+const FLEET: &str = "dermascope-fleet";
 
 /// What the handheld runs: none of it may reach the service.
 const DEVICE_SIDE: [&str; 14] = [
@@ -304,8 +307,8 @@ fn rules(graph: &Graph) -> Vec<Rule> {
         graph.reached(PIPELINE, &[DEVICE_LINUX, "v4l", "rppal"]),
     );
     rule(
-        "only the two binaries (dermascope, dermascope-cloud) depend on clap",
-        graph.direct_users(&["clap"], &[BINARY, CLOUD_CLI]),
+        "only the three binaries (dermascope, dermascope-cloud, dermascope-fleet) depend on clap",
+        graph.direct_users(&["clap"], &[BINARY, CLOUD_CLI, FLEET]),
     );
     rule(
         "the wire contract depends on serde, serde_json, base64 and thiserror only",
@@ -333,6 +336,18 @@ fn rules(graph: &Graph) -> Vec<Rule> {
                 graph.reached(service, &forbidden)
             })
             .collect(),
+    );
+    rule(
+        "the operator's dermascope-fleet reaches, of the device crates, only dermascope-update and dermascope-durable",
+        {
+            let mut forbidden: Vec<&str> = DEVICE_SIDE
+                .iter()
+                .copied()
+                .filter(|c| ![UPDATE, "dermascope-durable"].contains(c))
+                .collect();
+            forbidden.extend(["sled", "tract-onnx", "tract-core"]);
+            graph.reached(FLEET, &forbidden)
+        },
     );
     rule(
         "dermascope-update depends on no crate of ours but dermascope-durable",
@@ -395,6 +410,7 @@ fn dependency_rules_hold() {
         CLOUD_API,
         CLOUD,
         CLOUD_CLI,
+        FLEET,
     ]
     .iter()
     .chain(LEAVES.iter())
