@@ -561,6 +561,126 @@ fn a_result_not_yet_acknowledged_is_sent_by_the_next_run() {
     );
 }
 
+/// The daemon's health check, reduced to what the sync test needs: the
+/// version it is asked about is complete.
+struct Complete;
+
+impl dermascope_update::HealthCheck for Complete {
+    fn check(&self, version: &dermascope_update::InstalledVersion) -> Result<(), String> {
+        dermascope_update::verify_version(&version.dir)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The device's whole side, as the daemon drives it: version 1 from a
+/// stick, version 2 from the fleet (download cut once), installed by the
+/// real installer from the unpacked archive, reported; then the operator's
+/// rollback carried out by the installer and reported.
+#[test]
+fn a_device_installs_the_rollouts_bundle_and_rolls_it_back() {
+    let Some(s) = setup("update_end_to_end") else {
+        return;
+    };
+    let keys = TrustedKeys::load(&s.trusted).unwrap();
+    let installer =
+        dermascope_update::Installer::new(s.device.dir.path().join("updates"), keys, "0.1.0");
+    let install = |bundle: &Path| {
+        installer.install(
+            bundle,
+            &dermascope_update::InstallOptions {
+                retry_failed: false,
+                prepare: &dermascope_update::NoPreparation,
+                health: &Complete,
+                progress: &|_| {},
+            },
+        )
+    };
+    let v1 = s.work.path().join("v1");
+    fs::create_dir_all(v1.join("config")).unwrap();
+    fs::write(v1.join("config/dermascope.toml"), "# version 1\n").unwrap();
+    let signing = read_secret(&s.work.path().join("keys/op.key")).unwrap();
+    sign_bundle(
+        &v1,
+        &signing,
+        &SignOptions {
+            version: 1,
+            ..SignOptions::default()
+        },
+    )
+    .unwrap();
+    install(&v1).expect("install version 1 from the stick");
+
+    s.fleet
+        .proxy
+        .fault("GET", s.archive_route(), Action::Cut(CUT_AT), 1);
+    let sync = s.start(s.settings());
+    let installed = |sync: &SyncHandle| {
+        let status = installer.status().unwrap();
+        sync.set_installed(
+            installer.current_version().unwrap(),
+            status.failed.iter().map(|f| f.version).collect(),
+        );
+    };
+    installed(&sync);
+    let (rollout_id, version, archive) = match wait_ready(&sync) {
+        ReadyUpdate::Install {
+            rollout_id,
+            version,
+            archive,
+        } => (rollout_id, version, archive),
+        other => panic!("{other:?}"),
+    };
+    let unpacked = s.work.path().join("unpacked");
+    unpack(&archive, &unpacked).expect("unpack");
+    let report = install(&unpacked).expect("install version 2");
+    assert_eq!(report.version, 2);
+    sync.report_update(UpdateResult {
+        rollout_id: rollout_id.clone(),
+        version,
+        outcome: UpdateOutcome::Installed,
+        detail: None,
+    });
+    installed(&sync);
+    s.wait_state("installed");
+    let status = |s: &Setup| {
+        s.fleet
+            .rt
+            .block_on(fleet::rollout_status(&s.fleet.pool, &s.rollout_id))
+            .unwrap()
+    };
+    assert_eq!(status(&s).state, "done");
+
+    s.fleet
+        .rt
+        .block_on(fleet::rollback_rollout(
+            &s.fleet.pool,
+            &s.rollout_id,
+            Mode::Apply,
+        ))
+        .unwrap();
+    match wait_ready(&sync) {
+        ReadyUpdate::Rollback { version: 2, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(installer.current_version().unwrap(), Some(2));
+    assert_eq!(installer.rollback().expect("roll back"), 1);
+    sync.report_update(UpdateResult {
+        rollout_id,
+        version: 2,
+        outcome: UpdateOutcome::RolledBack,
+        detail: None,
+    });
+    installed(&sync);
+    s.wait_state("rolled_back");
+    wait_until("the rollout rolled back", || {
+        status(&s).state == "rolled_back"
+    });
+    assert_eq!(installer.current_version().unwrap(), Some(1));
+    next_cycle(&sync);
+    assert_eq!(sync.take_update(), None);
+}
+
 #[test]
 fn the_report_carries_what_the_daemon_runs_and_settles_the_rollout() {
     let Some(s) = setup("update_report") else {
