@@ -145,15 +145,22 @@ fn encoder_part(bundle: &Path) {
 }
 
 fn sign(bundle: &Path, key: &Path, version: u64) {
-    let out = dermascope(&[
+    sign_with(bundle, key, version, &[]);
+}
+
+fn sign_with(bundle: &Path, key: &Path, version: u64, extra: &[&str]) {
+    let version = version.to_string();
+    let mut args = vec![
         "update",
         "sign",
         s(bundle),
         "--key",
         s(key),
         "--version",
-        &version.to_string(),
-    ]);
+        &version,
+    ];
+    args.extend_from_slice(extra);
+    let out = dermascope(&args);
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -251,6 +258,61 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     assert_eq!(daemon.press(&["confirm", "vasc"]), "ok");
     daemon.wait_for("screen=ready:saved", 3);
 
+    // 2b. A reference-library snapshot (3 cases exported from another
+    //     store, embedded by the same encoder): installed, and its cases
+    //     are in the library after the start.
+    let (snap_labels, snap_ids) = synthetic_library(&t.join("snap"), 1, "snap");
+    let scratch = t.join("snap-store");
+    let ingest = support::dermascope()
+        .args(["--log", "warn", "ingest", "--store", s(&scratch)])
+        .args([
+            "--images",
+            s(&t.join("snap/images")),
+            "--labels",
+            s(&snap_labels),
+        ])
+        .output()
+        .unwrap();
+    assert!(ingest.status.success(), "{ingest:?}");
+    let library = t.join("library-bundle");
+    fs::create_dir_all(library.join("library")).unwrap();
+    let export = support::dermascope()
+        .args([
+            "--log",
+            "warn",
+            "cases",
+            "--store",
+            s(&scratch),
+            "--export-reference",
+        ])
+        .arg(library.join("library/cases.jsonl"))
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{export:?}");
+    // A snapshot belongs to one encoder's embedding space: the bundle says
+    // which.
+    sign_with(
+        &library,
+        &key,
+        2,
+        &["--encoder-model-id", "sklesion-xception-gap2048-v1"],
+    );
+    plug(&usb, &library);
+    daemon.wait_for("update 2 installed; starting again", 1);
+    daemon.wait_for("reference library of the installed update added added=3", 1);
+    assert_eq!(current(&root), 2);
+    let deadline = Instant::now() + WATCHDOG;
+    while daemon.press(&["capture"]) != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: the library version never captured"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    daemon.wait_for("screen=results:3", 2);
+    assert_eq!(daemon.press(&["confirm", "nv"]), "ok");
+    daemon.wait_for("screen=ready:saved", 4);
+
     // 3. A bundle whose configuration the daemon cannot run: it fails the
     //    health check, is switched back and marked failed, and the stick
     //    left in is not installed again after the restart.
@@ -261,12 +323,12 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
         format!("{with_update}[pipeline]\nburst = 99\n"),
     )
     .unwrap();
-    sign(&broken, &key, 2);
+    sign(&broken, &key, 3);
     plug(&usb, &broken);
-    daemon.wait_for("update 2 not installed", 1);
-    daemon.wait_for("running the installed version", 2);
+    daemon.wait_for("update 3 not installed", 1);
+    daemon.wait_for("running the installed version", 3);
     daemon.wait_for("failed before", 1);
-    assert_eq!(current(&root), 1);
+    assert_eq!(current(&root), 2);
     let deadline = Instant::now() + WATCHDOG;
     while daemon.press(&["capture"]) != "ok" {
         assert!(
@@ -275,19 +337,19 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    daemon.wait_for("screen=results:3", 2);
+    daemon.wait_for("screen=results:3", 3);
     let log = daemon.stop();
     assert_eq!(
-        log.matches("update 2 not installed").count(),
+        log.matches("update 3 not installed").count(),
         1,
         "a failed bundle was installed again"
     );
 
-    // Every case is still there: the references and the three confirmed
-    // captures.
+    // Every case is still there: the references, the snapshot's and the
+    // four confirmed captures.
     let identity = dermascope_store::CaseStore::identity_at(t.join("cases"))
         .unwrap()
         .unwrap();
     let store = dermascope_store::CaseStore::open(t.join("cases"), identity).unwrap();
-    assert_eq!(store.len().unwrap(), library_ids.len() + 3);
+    assert_eq!(store.len().unwrap(), library_ids.len() + snap_ids.len() + 4);
 }

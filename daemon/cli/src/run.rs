@@ -99,6 +99,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 .clone()
                 .unwrap_or_else(|| dir.join("labels.csv")),
         }),
+        library_snapshot: started.library.clone(),
     };
     let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
     let mut bar = IngestBar::new();

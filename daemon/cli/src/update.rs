@@ -3,28 +3,24 @@
 //! a failure at any point leaves the device on a complete version.
 //!
 //! The installer is `dermascope-update`; what it cannot know (how to load
-//! this daemon's encoder and store) is assembled here as its `HealthCheck`
-//! and its `Prepare`: when a bundle changes the encoder, the local cases
-//! are re-embedded into the new encoder's own store before the switch
-//! (`dermascope_library::reembed_into`), so the old encoder's store stays
+//! this daemon's encoder and store) is the daemon's own `DeviceCheck` and
+//! `CarryCases` (`dermascope_pipeline::updates`), so an install by hand
+//! checks and re-embeds exactly as the daemon's automatic one: when a
+//! bundle changes the encoder, the local cases are re-embedded into the new
+//! encoder's own store before the switch, and the old encoder's store stays
 //! as it was for a rollback.
 
 use std::cell::RefCell;
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
-use dermascope_library::reembed::{
-    reembed_into, store_for_encoder, stores_to_carry, IntoReport, ReembedOptions,
-};
-use dermascope_store::{CaseFilter, Residency, ScoreKind};
+use dermascope_encoder::{EncoderOptions, VariantChoice};
+use dermascope_pipeline::updates::{CarryCases, DeviceCheck};
 use dermascope_update::{
-    keys, sign_bundle, HealthCheck, InstallOptions, InstalledVersion, Installer, Part, Prepare,
-    SignOptions, Step, TrustedKeys,
+    keys, sign_bundle, InstallOptions, Installer, SignOptions, Step, TrustedKeys,
 };
 
 const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -169,127 +165,6 @@ pub fn run(command: &UpdateCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The health check of a new version: its encoder loads and embeds a known
-/// image, the adapter (if any) loads for that encoder and predicts, and the
-/// case store opens for that encoder and answers a search. Drawing a
-/// screen is left to the daemon's start (the CLI has no display).
-struct DeviceCheck {
-    store: PathBuf,
-    options: EncoderOptions,
-}
-
-impl HealthCheck for DeviceCheck {
-    fn check(&self, version: &InstalledVersion) -> Result<(), String> {
-        let dir = version.part_dir(Part::Encoder);
-        let encoder = Encoder::load(&dir, &self.options)
-            .map_err(|e| format!("the encoder does not load: {e}"))?;
-        let embedding = encoder
-            .embed_rgb(&known_image())
-            .map_err(|e| format!("the encoder does not embed: {e}"))?;
-        if !embedding.values().iter().all(|v| v.is_finite()) {
-            return Err("the encoder's embedding of the test image is not finite".into());
-        }
-        if version.record.part(Part::Adapter).is_some() {
-            let adapter =
-                dermascope_library::load_installed(&version.part_dir(Part::Adapter), &encoder)
-                    .map_err(|e| format!("the adapter does not load: {e}"))?;
-            adapter
-                .predict(embedding.values())
-                .map_err(|e| format!("the adapter does not predict: {e}"))?;
-        }
-        let path = store_for_encoder(&self.store, encoder.model_id())
-            .map_err(|e| format!("the case store for this encoder: {e}"))?;
-        if path.exists() {
-            let store = crate::open_store_at(&path, &encoder, Residency::Int8)
-                .map_err(|e| format!("the case store does not open for this encoder: {e:#}"))?;
-            store
-                .search(
-                    embedding.values(),
-                    1,
-                    &CaseFilter::default(),
-                    ScoreKind::Int8,
-                )
-                .map_err(|e| format!("the case store does not search: {e}"))?;
-        }
-        Ok(())
-    }
-}
-
-/// Before the switch: when the new version's encoder is not the one the
-/// cases are embedded with (the previous version's, or the store's own),
-/// the cases are re-embedded with the new encoder into its own store
-/// (`stores_to_carry`). The old store is only read. A kill here leaves the
-/// old version current and its store whole; the rerun resumes from the
-/// last flushed batch.
-struct CarryCases {
-    store: PathBuf,
-    options: EncoderOptions,
-    quiet: bool,
-    report: RefCell<Option<IntoReport>>,
-}
-
-impl Prepare for CarryCases {
-    fn prepare(
-        &self,
-        new: &InstalledVersion,
-        previous: Option<&InstalledVersion>,
-    ) -> Result<(), String> {
-        let Some(new_model) = new.record.encoder_model_id.as_deref() else {
-            return Ok(());
-        };
-        let previous_model = previous.and_then(|p| p.record.encoder_model_id.as_deref());
-        let carry = stores_to_carry(&self.store, previous_model, new_model)
-            .map_err(|e| format!("finding the case store to re-embed: {e}"))?;
-        let Some(carry) = carry else {
-            return Ok(());
-        };
-        let encoder = match Encoder::load(&new.part_dir(Part::Encoder), &self.options) {
-            Ok(encoder) => encoder,
-            Err(e) => {
-                // The health check refuses it and records the bundle as
-                // failed; failing here would leave it to be retried.
-                tracing::warn!(error = %e, "the new encoder does not load; not re-embedding");
-                return Ok(());
-            }
-        };
-        if !self.quiet {
-            eprintln!(
-                "update: re-embedding the cases of {} into {} for encoder {new_model}",
-                carry.source.display(),
-                carry.target.display()
-            );
-        }
-        let report = reembed_into(
-            &carry.source,
-            &carry.target,
-            &encoder,
-            ReembedOptions::default(),
-            |p| {
-                if !self.quiet {
-                    eprintln!("update: re-embedded {}/{} cases", p.done, p.total);
-                }
-                ControlFlow::Continue(())
-            },
-        )
-        .map_err(|e| format!("re-embedding the cases for encoder {new_model}: {e}"))?;
-        *self.report.borrow_mut() = Some(report);
-        Ok(())
-    }
-}
-
-/// A lesion-like test image made in code: a dark ellipse with a soft edge
-/// on skin tone, so the check needs no file that could be missing.
-fn known_image() -> image::RgbImage {
-    image::RgbImage::from_fn(320, 240, |x, y| {
-        let dx = (x as f32 - 160.0) / 70.0;
-        let dy = (y as f32 - 120.0) / 50.0;
-        let r = (dx * dx + dy * dy).sqrt();
-        let t = (1.0 - r).clamp(0.0, 1.0);
-        let mix = |skin: f32, lesion: f32| (skin + (lesion - skin) * t) as u8;
-        image::Rgb([mix(214.0, 92.0), mix(170.0, 54.0), mix(150.0, 40.0)])
-    })
-}
-
 fn install(args: &InstallArgs) -> anyhow::Result<ExitCode> {
     let installer = args.root.installer()?;
     if args.dry_run {
@@ -339,13 +214,24 @@ fn install(args: &InstallArgs) -> anyhow::Result<ExitCode> {
         ..EncoderOptions::default()
     };
     let json = args.root.json;
+    let reembedding = |done: usize, total: usize| {
+        if !json {
+            eprintln!("update: re-embedded {done}/{total} cases");
+        }
+    };
     let prepare = CarryCases {
-        store: store.clone(),
-        options: options.clone(),
-        quiet: json,
+        store_base: store.clone(),
+        encoder: options.clone(),
+        progress: &reembedding,
         report: RefCell::new(None),
     };
-    let check = DeviceCheck { store, options };
+    let defaults = dermascope_pipeline::Config::default();
+    let check = DeviceCheck {
+        store_base: store,
+        factory_encoder: crate::paths::encoder_bundle(None),
+        encoder: options,
+        screen_size: (defaults.display.width, defaults.display.height),
+    };
     let progress = |step: Step| {
         if !json {
             eprintln!("update: {step}");

@@ -222,6 +222,7 @@ fn main() -> Result<(), String> {
     let start = StartOptions {
         bundle: args.bundle.clone(),
         reference_cases: None,
+        library_snapshot: None,
     };
     let (mut daemon, _) = Daemon::from_config(&config, Arc::new(NoHardware), &start, |_| {})
         .map_err(|e| e.to_string())?;

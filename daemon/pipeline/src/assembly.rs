@@ -42,6 +42,10 @@ pub struct StartOptions {
     pub bundle: PathBuf,
     /// Reference cases to add before serving (resumable).
     pub reference_cases: Option<ReferenceCases>,
+    /// The installed version's reference-library snapshot
+    /// ([`crate::updates::LIBRARY_FILE`]): its cases the store lacks are
+    /// added at start.
+    pub library_snapshot: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +133,8 @@ pub struct StartReport {
     pub adapter_problem: Option<String>,
     /// Why `[sync]` is configured but the fleet link did not start.
     pub sync_problem: Option<String>,
+    /// Why the installed version's reference library was not added.
+    pub library_problem: Option<String>,
 }
 
 /// The encoder's options from `[encoder]`.
@@ -204,6 +210,27 @@ impl Daemon {
             ));
             report.references_added = added;
             report.references_refused = refused;
+        }
+        if let Some(path) = &options.library_snapshot {
+            // Checked by the install's health check; a snapshot damaged since
+            // costs its cases, not the start.
+            let identity = StoreIdentity {
+                model_id: encoder.model_id().to_owned(),
+                embedding_dim: encoder.dim(),
+            };
+            let added = crate::updates::read_library(path, &identity).and_then(|cases| {
+                crate::updates::add_library(&store, &cases).map_err(|e| e.to_string())
+            });
+            match added {
+                Ok(added) => {
+                    info!(added, "reference library of the installed update added");
+                    report.references_added += added;
+                }
+                Err(problem) => {
+                    warn!(%problem, "the installed update's reference library was not added");
+                    report.library_problem = Some(problem);
+                }
+            }
         }
         report.library_cases = store.len().unwrap_or(0);
         if report.library_cases == 0 {

@@ -19,6 +19,7 @@ use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 use crate::fleet::FleetLink;
 use crate::updates::{DeviceUpdates, FleetAction, FoundBundle, Origin, UsbFinding};
+use dermascope_update::UpdateError;
 
 /// What the daemon tells its supervisor (systemd on the device).
 pub trait Supervisor {
@@ -460,6 +461,11 @@ impl Daemon {
         });
         if let Some(outcome) = DeviceUpdates::outcome_of(bundle, &result) {
             updates.keep_result(&outcome);
+        }
+        match &result {
+            // Marked failed by the installer, or nothing to retry.
+            Ok(_) | Err(UpdateError::HealthCheck { .. } | UpdateError::Busy { .. }) => {}
+            Err(e) => updates.record_stopped(bundle.version, &e.to_string()),
         }
         if let Origin::Fleet { archive, .. } = &bundle.origin {
             // Installed or refused, it is never installed from again: a

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use dermascope_encoder::{Encoder, EncoderOptions};
 use dermascope_library::{reembed_into, stores_to_carry, IntoReport, ReembedOptions};
-use dermascope_store::{CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreIdentity};
+use dermascope_store::{
+    Case, CaseFilter, CaseStore, OpenOptions, Residency, ScoreKind, StoreError, StoreIdentity,
+};
 use dermascope_ui::{Canvas, Screen, StatusView, SyncState};
 use dermascope_update::{
     HealthCheck, InstallOptions, InstalledVersion, Installer, Part, Prepare, Recovery, Step,
@@ -43,6 +45,16 @@ pub const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The configuration file a version's `config/` part holds.
 pub const CONFIG_FILE: &str = "dermascope.toml";
 
+/// The reference cases a version's `library/` part holds: one JSON case per
+/// line, embedded by the encoder the bundle names (what `dermascope cases
+/// --export-reference` writes and `dermascope-cloud reference import`
+/// reads).
+pub const LIBRARY_FILE: &str = "cases.jsonl";
+
+/// A snapshot is a list of cases, not photographs' worth of data: a line
+/// longer than this is damage.
+const MAX_LIBRARY_LINE: usize = 4 << 20;
+
 /// What the start found under `[update] root`.
 #[derive(Clone, Debug, Default)]
 pub struct StartedVersion {
@@ -53,6 +65,8 @@ pub struct StartedVersion {
     /// Why the installed version is not used (the daemon then runs its
     /// own configuration and says so).
     pub problem: Option<String>,
+    /// The version's reference-library snapshot, when it carries one.
+    pub library: Option<PathBuf>,
 }
 
 /// Recovers an interrupted install, then returns `base` with the current
@@ -100,6 +114,9 @@ pub fn start_from_installed(base: Config) -> (Config, StartedVersion) {
                 "running the installed version"
             );
             started.version = Some(current.record.version);
+            if current.record.part(Part::Library).is_some() {
+                started.library = Some(current.part_dir(Part::Library).join(LIBRARY_FILE));
+            }
             (config, started)
         }
         Err(problem) => {
@@ -149,6 +166,57 @@ fn installed_config(
     Ok(config)
 }
 
+/// Reads a reference-library snapshot for the store of `identity`: every
+/// line must be a reference case of that encoder, or the whole snapshot is
+/// refused with the line that is wrong.
+pub fn read_library(path: &Path, identity: &StoreIdentity) -> Result<Vec<Case>, String> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut cases = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.len() > MAX_LIBRARY_LINE {
+            return Err(format!(
+                "line {}: longer than {MAX_LIBRARY_LINE} bytes",
+                i + 1
+            ));
+        }
+        let mut wire: dermascope_cloud_api::WireCase =
+            serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", i + 1))?;
+        // The export leaves the source out, as an upload does; a snapshot
+        // holds reference cases only, never another clinic's captures.
+        if wire.source == Some(dermascope_cloud_api::WireSource::Fleet) {
+            return Err(format!(
+                "line {}: a fleet case, not a reference case",
+                i + 1
+            ));
+        }
+        wire.source = Some(dermascope_cloud_api::WireSource::Reference);
+        let case = dermascope_sync::convert::from_wire(wire, identity)
+            .map_err(|refused| format!("line {}: {}", i + 1, refused.0))?;
+        cases.push(case);
+    }
+    Ok(cases)
+}
+
+/// Adds the snapshot's cases the store lacks (a start after the first adds
+/// nothing); returns how many were added.
+pub fn add_library(store: &CaseStore, cases: &[Case]) -> Result<usize, StoreError> {
+    let mut missing = Vec::new();
+    for case in cases {
+        if !store.contains(&case.id)? {
+            missing.push(case.clone());
+        }
+    }
+    for batch in missing.chunks(256) {
+        store.insert_batch(batch)?;
+    }
+    Ok(missing.len())
+}
+
 /// A verified bundle waiting to be installed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FoundBundle {
@@ -189,6 +257,15 @@ const INCOMING: &str = "incoming";
 const PENDING_RESULT: &str = "pending-result.json";
 /// Where the fleet link downloads archives.
 pub const DOWNLOADS: &str = "downloads";
+/// Versions whose automatic install stopped short of the health check.
+const STOPPED: &str = "stopped-installs.json";
+
+fn read_stopped(root: &Path) -> Vec<(u64, String)> {
+    std::fs::read(root.join(STOPPED))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
 
 /// The installed version and the versions marked failed under `root`,
 /// for the report the fleet link sends (read without keys).
@@ -316,11 +393,14 @@ impl DeviceUpdates {
         };
         match self.installer.plan(&dir) {
             Ok(plan) if plan.already_installed => None,
-            Ok(plan) => Some(UsbFinding::Install(FoundBundle {
-                dir,
-                version: plan.bundle.manifest.version,
-                origin: Origin::Usb,
-            })),
+            Ok(plan) => match self.stopped_before(plan.bundle.manifest.version) {
+                Some(reason) => Some(UsbFinding::Refused { reason }),
+                None => Some(UsbFinding::Install(FoundBundle {
+                    dir,
+                    version: plan.bundle.manifest.version,
+                    origin: Origin::Usb,
+                })),
+            },
             Err(e) => {
                 warn!(error = %e, "the USB stick's bundle was refused");
                 Some(UsbFinding::Refused {
@@ -390,14 +470,26 @@ impl DeviceUpdates {
                         let _ = std::fs::remove_file(&archive);
                         FleetAction::Reported
                     }
-                    Ok(plan) => FleetAction::Install(FoundBundle {
-                        dir,
-                        version: plan.bundle.manifest.version,
-                        origin: Origin::Fleet {
-                            rollout_id,
-                            archive,
-                        },
-                    }),
+                    Ok(plan) => match self.stopped_before(plan.bundle.manifest.version) {
+                        Some(reason) => {
+                            fleet.report_update(result(
+                                &rollout_id,
+                                version,
+                                UpdateOutcome::Refused,
+                                Some(reason),
+                            ));
+                            let _ = std::fs::remove_file(&archive);
+                            FleetAction::Reported
+                        }
+                        None => FleetAction::Install(FoundBundle {
+                            dir,
+                            version: plan.bundle.manifest.version,
+                            origin: Origin::Fleet {
+                                rollout_id,
+                                archive,
+                            },
+                        }),
+                    },
                     Err(e) => refuse(e),
                 }
             }
@@ -420,6 +512,33 @@ impl DeviceUpdates {
                     FleetAction::Reported
                 }
             },
+        }
+    }
+
+    /// Why an automatic install of `version` stopped before, if it did
+    /// without the installer marking it failed (a full disk while copying
+    /// or re-embedding): the daemon starts again after every attempt, and
+    /// trying again at each start would keep the device from capturing.
+    fn stopped_before(&self, version: u64) -> Option<String> {
+        let stopped = read_stopped(&self.section.root);
+        let (_, why) = stopped.into_iter().find(|(v, _)| *v == version)?;
+        Some(format!(
+            "installing update {version} stopped before ({why}); it is not tried again by \
+             itself: fix the cause, then install it with `dermascope update install`"
+        ))
+    }
+
+    /// Records that an automatic install of `version` stopped with `why`.
+    pub fn record_stopped(&self, version: u64, why: &str) {
+        let mut stopped = read_stopped(&self.section.root);
+        stopped.retain(|(v, _)| *v != version);
+        stopped.push((version, why.chars().take(MAX_UPDATE_DETAIL).collect()));
+        let path = self.section.root.join(STOPPED);
+        let written = serde_json::to_vec(&stopped)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| dermascope_durable::replace_durably(&path, &bytes));
+        if let Err(e) = written {
+            warn!(error = %e, "a stopped install was not recorded; it may be tried again");
         }
     }
 
@@ -686,15 +805,21 @@ impl HealthCheck for DeviceCheck {
             let path = version.part_dir(Part::Config).join(CONFIG_FILE);
             Config::load(&path).map_err(|e| format!("the configuration is not valid: {e}"))?;
         }
+        let identity = StoreIdentity {
+            model_id: encoder.model_id().to_owned(),
+            embedding_dim: encoder.dim(),
+        };
+        if version.record.part(Part::Library).is_some() {
+            let path = version.part_dir(Part::Library).join(LIBRARY_FILE);
+            read_library(&path, &identity)
+                .map_err(|e| format!("the reference library is not usable: {e}"))?;
+        }
         let store_dir = dermascope_library::store_for_encoder(&self.store_base, encoder.model_id())
             .map_err(|e| format!("the case store for this encoder: {e}"))?;
         if store_dir.exists() {
             let store = CaseStore::open_with(
                 &store_dir,
-                StoreIdentity {
-                    model_id: encoder.model_id().to_owned(),
-                    embedding_dim: encoder.dim(),
-                },
+                identity,
                 OpenOptions {
                     residency: Residency::Int8,
                     no_cache_on_close: true,
@@ -741,4 +866,80 @@ pub fn known_image() -> image::RgbImage {
         let mix = |skin: f32, lesion: f32| (skin + (lesion - skin) * t) as u8;
         image::Rgb([mix(214.0, 92.0), mix(170.0, 54.0), mix(150.0, 40.0)])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dermascope_cloud_api::{WireCase, WireDiagnosis, WireMetadata, WireSource};
+
+    fn identity() -> StoreIdentity {
+        StoreIdentity {
+            model_id: "enc-a".into(),
+            embedding_dim: 3,
+        }
+    }
+
+    fn wire(id: &str, source: Option<WireSource>) -> String {
+        serde_json::to_string(&WireCase {
+            id: id.into(),
+            revision: 1,
+            model_id: "enc-a".into(),
+            embedding: vec![0.5, 0.5, 0.7],
+            diagnosis: WireDiagnosis {
+                code: "nv".into(),
+                name: "Melanocytic nevus".into(),
+            },
+            label_confirmed: true,
+            metadata: WireMetadata::default(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            thumbnail_jpeg: vec![0xff, 0xd8],
+            original_jpeg: None,
+            source,
+            device_id: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_is_taken_whole_once_or_refused_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LIBRARY_FILE);
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n\n{}\n",
+                wire("r1", None),
+                wire("r2", Some(WireSource::Reference))
+            ),
+        )
+        .unwrap();
+        let cases = read_library(&path, &identity()).unwrap();
+        assert_eq!(cases.len(), 2);
+        assert!(cases
+            .iter()
+            .all(|c| c.source == dermascope_store::CaseSource::Reference));
+        let store = CaseStore::open(dir.path().join("cases"), identity()).unwrap();
+        assert_eq!(add_library(&store, &cases).unwrap(), 2);
+        assert_eq!(
+            add_library(&store, &cases).unwrap(),
+            0,
+            "a second start adds nothing"
+        );
+        assert_eq!(store.len().unwrap(), 2);
+
+        for (bad, says) in [
+            (wire("f1", Some(WireSource::Fleet)), "line 2: a fleet case"),
+            ("{not json".to_owned(), "line 2:"),
+            (
+                wire("r3", None).replace("enc-a", "enc-b"),
+                "line 2: embedded by",
+            ),
+        ] {
+            std::fs::write(&path, format!("{}\n{bad}\n", wire("r1", None))).unwrap();
+            let err = read_library(&path, &identity()).unwrap_err();
+            assert!(err.starts_with(says), "{err}");
+        }
+    }
 }

@@ -29,6 +29,7 @@ fn options(bundle: &Path) -> StartOptions {
     StartOptions {
         bundle: bundle.to_path_buf(),
         reference_cases: None,
+        library_snapshot: None,
     }
 }
 
