@@ -8,17 +8,15 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dermascope_cloud::config::ServiceConfig;
 use dermascope_cloud::fleet::{self, BundleFacts, Mode, NewRollout, StageSpec};
 use dermascope_cloud::{db, operator, server};
-use support::{daemon_config, pki, synthetic_library};
+use support::{daemon_config, encoder_part, pki, synthetic_library, LoggedDaemon};
 
 /// Generous: each start loads the encoder; an install copies ~100 MB.
 const WATCHDOG: Duration = Duration::from_secs(240);
@@ -33,98 +31,6 @@ fn dermascope(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, socket: &Path, library: &Path) -> Daemon {
-        let mut child = support::dermascope()
-            .env("RUST_LOG", "info,dermascope_pipeline=debug")
-            .args(["run", "--config", s(config), "--cases", s(library)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon {
-            child,
-            log,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|l| l.contains(needle)).count()
-    }
-
-    fn wait_for(&mut self, needle: &str, times: usize) {
-        let deadline = Instant::now() + WATCHDOG;
-        while self.count(needle) < times {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the daemon exited ({status}) before logging {needle:?}:\n{}",
-                    self.log.lock().unwrap().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "watchdog: {needle:?} never logged {times} times:\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn press(&self, command: &[&str]) -> String {
-        let mut args = vec!["press", "--socket", s(&self.socket)];
-        args.extend_from_slice(command);
-        String::from_utf8_lossy(&dermascope(&args).stdout)
-            .trim()
-            .to_owned()
-    }
-
-    /// Presses until the daemon answers (it may be starting again).
-    fn press_until_ok(&self, command: &[&str]) {
-        let deadline = Instant::now() + WATCHDOG;
-        while self.press(command) != "ok" {
-            assert!(
-                Instant::now() < deadline,
-                "watchdog: {command:?} never taken"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn stop(mut self) -> String {
-        let _ = self.press(&["shutdown"]);
-        let deadline = Instant::now() + WATCHDOG;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("watchdog: the daemon did not stop");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let log = self.log.lock().unwrap().join("\n");
-        assert!(status.success(), "the daemon failed:\n{log}");
-        log
-    }
 }
 
 /// Signs `bundle` as `version` and packs it, as `dermascope-fleet bundle
@@ -158,17 +64,6 @@ fn build(bundle: &Path, key: &Path, version: u64, out: &Path) -> BundleFacts {
 fn config_bundle(dir: &Path, config: &str) {
     fs::create_dir_all(dir.join("config")).unwrap();
     fs::write(dir.join("config/dermascope.toml"), config).unwrap();
-}
-
-fn encoder_part(bundle: &Path) {
-    let src = dermascope_testkit::bundle_dir();
-    let dst = bundle.join("encoder");
-    fs::create_dir_all(&dst).unwrap();
-    for name in ["manifest.toml", "encoder-fp32.onnx", "encoder-int8.onnx"] {
-        if fs::hard_link(src.join(name), dst.join(name)).is_err() {
-            fs::copy(src.join(name), dst.join(name)).unwrap();
-        }
-    }
 }
 
 fn current(root: &Path) -> serde_json::Value {
@@ -245,7 +140,14 @@ fn a_rollout_installs_on_a_running_device_and_its_rollback_takes_it_back() {
     config_bundle(&b2, &format!("{device_config}[pipeline]\ntop_k = 4\n"));
     let facts2 = build(&b2, &key, 2, &t.join("v2.tar"));
 
-    let mut daemon = Daemon::start(&host.config, &host.socket, &t.join("library"));
+    let mut daemon = LoggedDaemon::start(
+        support::dermascope()
+            .env("RUST_LOG", "info,dermascope_pipeline=debug")
+            .args(["run", "--config", s(&host.config), "--cases"])
+            .arg(t.join("library")),
+        &host.socket,
+        WATCHDOG,
+    );
     daemon.press_until_ok(&["capture"]);
     daemon.press_until_ok(&["confirm", "nv"]);
     daemon.wait_for("screen=ready:saved", 1);

@@ -3,9 +3,13 @@
 //! and searches a real store), a failing health check switched back and
 //! marked failed, status and rollback.
 
+mod support;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use support::encoder_part;
 
 use dermascope_store::{CaseStore, StoreIdentity};
 
@@ -33,19 +37,6 @@ fn ok(args: &[&str]) -> serde_json::Value {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// An encoder part holding the real bundle's files (hard links where the
-/// filesystem allows: the files are ~100 MB and never written).
-fn encoder_part(bundle: &Path) {
-    let src = dermascope_testkit::bundle_dir();
-    let dst = bundle.join("encoder");
-    fs::create_dir_all(&dst).unwrap();
-    for name in ["manifest.toml", "encoder-fp32.onnx", "encoder-int8.onnx"] {
-        if fs::hard_link(src.join(name), dst.join(name)).is_err() {
-            fs::copy(src.join(name), dst.join(name)).unwrap();
-        }
-    }
 }
 
 fn config_part(bundle: &Path, text: &str) {

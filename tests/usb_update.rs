@@ -7,13 +7,11 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use support::{daemon_config, synthetic_library};
+use support::{daemon_config, encoder_part, synthetic_library, LoggedDaemon};
 
 /// Generous: each start loads the encoder, each install copies ~100 MB
 /// and the result stays on the panel for 3 s.
@@ -39,109 +37,6 @@ fn ok_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The daemon with its log collected line by line while it runs (and
-/// across the starts it makes itself after an install: the same process).
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, socket: &Path, library: &Path) -> Daemon {
-        let mut child = support::dermascope()
-            .args(["run", "--config", s(config), "--cases", s(library)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon {
-            child,
-            log,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// Waits until `needle` was logged `times` times.
-    fn wait_for(&mut self, needle: &str, times: usize) {
-        let started = Instant::now();
-        let deadline = started + WATCHDOG;
-        while self.count(needle) < times {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the daemon exited ({status}) before logging {needle:?}:\n{}",
-                    self.log.lock().unwrap().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "watchdog: {needle:?} never logged {times} times:\n{}",
-                self.log.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!(
-            "{needle:?} x{times} after {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
-
-    fn press(&self, command: &[&str]) -> String {
-        let mut args = vec!["press", "--socket", s(&self.socket)];
-        args.extend_from_slice(command);
-        let out = dermascope(&args);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn stop(mut self) -> String {
-        let _ = self.press(&["shutdown"]);
-        let deadline = Instant::now() + WATCHDOG;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("watchdog: the daemon did not stop");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let log = self.log.lock().unwrap().join("\n");
-        assert!(status.success(), "the daemon failed:\n{log}");
-        log
-    }
-}
-
-/// An encoder part holding the real bundle's files (hard links: they are
-/// never written).
-fn encoder_part(bundle: &Path) {
-    let src = dermascope_testkit::bundle_dir();
-    let dst = bundle.join("encoder");
-    fs::create_dir_all(&dst).unwrap();
-    for name in ["manifest.toml", "encoder-fp32.onnx", "encoder-int8.onnx"] {
-        if fs::hard_link(src.join(name), dst.join(name)).is_err() {
-            fs::copy(src.join(name), dst.join(name)).unwrap();
-        }
-    }
 }
 
 fn sign(bundle: &Path, key: &Path, version: u64) {
@@ -194,15 +89,16 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     );
     fs::write(&host.config, &with_update).unwrap();
 
-    let mut daemon = Daemon::start(&host.config, &host.socket, &t.join("library"));
-    let deadline = Instant::now() + WATCHDOG;
-    while !host.socket.exists() {
-        assert!(Instant::now() < deadline, "watchdog: no control socket");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut daemon = LoggedDaemon::start(
+        support::dermascope()
+            .args(["run", "--config", s(&host.config), "--cases"])
+            .arg(t.join("library")),
+        &host.socket,
+        WATCHDOG,
+    );
 
     // A confirmed case before any update: it must survive all of them.
-    assert_eq!(daemon.press(&["capture"]), "ok");
+    daemon.press_until_ok(&["capture"]);
     assert_eq!(daemon.press(&["confirm", "nv"]), "ok");
     daemon.wait_for("screen=ready:saved", 1);
 
@@ -246,14 +142,7 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     assert_eq!(current(&root), 1);
     assert!(daemon.count("screen=updating") >= 2, "no progress screens");
     // The new start reads the stick again and finds it installed: no loop.
-    let deadline = Instant::now() + WATCHDOG;
-    while daemon.press(&["capture"]) != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: the new version never captured"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    daemon.press_until_ok(&["capture"]);
     daemon.wait_for("screen=results:3", 1);
     assert_eq!(daemon.press(&["confirm", "vasc"]), "ok");
     daemon.wait_for("screen=ready:saved", 3);
@@ -301,14 +190,7 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     daemon.wait_for("update 2 installed; starting again", 1);
     daemon.wait_for("reference library of the installed update added added=3", 1);
     assert_eq!(current(&root), 2);
-    let deadline = Instant::now() + WATCHDOG;
-    while daemon.press(&["capture"]) != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: the library version never captured"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    daemon.press_until_ok(&["capture"]);
     daemon.wait_for("screen=results:3", 2);
     assert_eq!(daemon.press(&["confirm", "nv"]), "ok");
     daemon.wait_for("screen=ready:saved", 4);
@@ -329,14 +211,7 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
     daemon.wait_for("running the installed version", 3);
     daemon.wait_for("failed before", 1);
     assert_eq!(current(&root), 2);
-    let deadline = Instant::now() + WATCHDOG;
-    while daemon.press(&["capture"]) != "ok" {
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: the device stopped capturing"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    daemon.press_until_ok(&["capture"]);
     daemon.wait_for("screen=results:3", 3);
     let log = daemon.stop();
     assert_eq!(

@@ -4,9 +4,10 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -183,4 +184,123 @@ pub fn pki(dir: &Path) -> (PathBuf, dermascope_cloud::config::TlsFiles) {
     std::fs::write(&tls.cert, cert.pem()).unwrap();
     std::fs::write(&tls.key, key.serialize_pem()).unwrap();
     (ca_file, tls)
+}
+
+/// An encoder part holding the real bundle's files (hard links where the
+/// filesystem allows: the files are ~100 MB and never written).
+pub fn encoder_part(bundle: &Path) {
+    let src = dermascope_testkit::bundle_dir();
+    let dst = bundle.join("encoder");
+    std::fs::create_dir_all(&dst).unwrap();
+    for name in ["manifest.toml", "encoder-fp32.onnx", "encoder-int8.onnx"] {
+        if std::fs::hard_link(src.join(name), dst.join(name)).is_err() {
+            std::fs::copy(src.join(name), dst.join(name)).unwrap();
+        }
+    }
+}
+
+/// `dermascope run` with its log collected line by line while it runs, and
+/// across the starts it makes itself after an install (the same process).
+pub struct LoggedDaemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    socket: PathBuf,
+    watchdog: Duration,
+}
+
+impl LoggedDaemon {
+    /// Runs `command` (a `dermascope run ...`), its control socket at
+    /// `socket`; every wait gives up after `watchdog`.
+    pub fn start(command: &mut Command, socket: &Path, watchdog: Duration) -> LoggedDaemon {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        LoggedDaemon {
+            child,
+            log,
+            socket: socket.to_path_buf(),
+            watchdog,
+        }
+    }
+
+    /// Lines logged so far that hold `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until `needle` was logged `times` times.
+    pub fn wait_for(&mut self, needle: &str, times: usize) {
+        let started = Instant::now();
+        while self.count(needle) < times {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the daemon exited ({status}) before logging {needle:?}:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                started.elapsed() < self.watchdog,
+                "watchdog: {needle:?} never logged {times} times:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "{needle:?} x{times} after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// One press of the control socket's button; its one-line reply.
+    pub fn press(&self, command: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_dermascope"))
+            .args(["--log", "warn", "press", "--socket"])
+            .arg(&self.socket)
+            .args(command)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Presses until the daemon takes it (it may be starting again).
+    pub fn press_until_ok(&self, command: &[&str]) {
+        let started = Instant::now();
+        while self.press(command) != "ok" {
+            assert!(
+                started.elapsed() < self.watchdog,
+                "watchdog: {command:?} never taken"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Asks for a shutdown and waits for a clean exit; the whole log.
+    pub fn stop(mut self) -> String {
+        let _ = self.press(&["shutdown"]);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > self.watchdog {
+                let _ = self.child.kill();
+                panic!("watchdog: the daemon did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = self.log.lock().unwrap().join("\n");
+        assert!(status.success(), "the daemon failed:\n{log}");
+        log
+    }
 }
