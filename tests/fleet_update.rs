@@ -16,22 +16,13 @@ use std::time::{Duration, Instant};
 use dermascope_cloud::config::ServiceConfig;
 use dermascope_cloud::fleet::{self, BundleFacts, Mode, NewRollout, StageSpec};
 use dermascope_cloud::{db, operator, server};
-use support::{daemon_config, encoder_part, pki, synthetic_library, LoggedDaemon};
+use support::{
+    daemon_config, dermascope_once as dermascope, encoder_part, pki, s, synthetic_library,
+    LoggedDaemon,
+};
 
 /// Generous: each start loads the encoder; an install copies ~100 MB.
 const WATCHDOG: Duration = Duration::from_secs(240);
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn dermascope(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dermascope"))
-        .args(["--log", "warn"])
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// Signs `bundle` as `version` and packs it, as `dermascope-fleet bundle
 /// build` does; returns the archive and the facts the service stores.

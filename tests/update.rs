@@ -9,19 +9,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::encoder_part;
+use support::{dermascope_once as dermascope, encoder_part};
 
 use dermascope_store::{CaseStore, StoreIdentity};
 
 const MODEL_ID: &str = "sklesion-xception-gap2048-v1";
-
-fn dermascope(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dermascope"))
-        .args(["--log", "warn"])
-        .args(args)
-        .output()
-        .expect("run dermascope")
-}
 
 fn ok(args: &[&str]) -> serde_json::Value {
     let out = dermascope(args);

@@ -11,23 +11,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{daemon_config, encoder_part, synthetic_library, LoggedDaemon};
+use support::{
+    daemon_config, dermascope_once as dermascope, encoder_part, s, synthetic_library, LoggedDaemon,
+};
 
 /// Generous: each start loads the encoder, each install copies ~100 MB
 /// and the result stays on the panel for 3 s.
 const WATCHDOG: Duration = Duration::from_secs(180);
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn dermascope(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dermascope"))
-        .args(["--log", "warn"])
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn ok_json(args: &[&str]) -> serde_json::Value {
     let out = dermascope(args);

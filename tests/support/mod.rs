@@ -22,6 +22,21 @@ pub fn dermascope() -> Command {
     command
 }
 
+/// `dermascope ARGS` at warn level without the test bundle's environment,
+/// run to its end: the one-shot commands (`update`, `press`, `cases`).
+pub fn dermascope_once(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dermascope"))
+        .args(["--log", "warn"])
+        .args(args)
+        .output()
+        .expect("run dermascope")
+}
+
+/// A test path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
 /// A process whose output is read while it runs: at debug level it writes
 /// more than a pipe holds, and would block on a full one.
 pub struct Running {
@@ -264,13 +279,11 @@ impl LoggedDaemon {
 
     /// One press of the control socket's button; its one-line reply.
     pub fn press(&self, command: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_dermascope"))
-            .args(["--log", "warn", "press", "--socket"])
-            .arg(&self.socket)
-            .args(command)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        let mut args = vec!["press", "--socket", s(&self.socket)];
+        args.extend_from_slice(command);
+        String::from_utf8_lossy(&dermascope_once(&args).stdout)
+            .trim()
+            .to_owned()
     }
 
     /// Presses until the daemon takes it (it may be starting again).
