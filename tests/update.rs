@@ -7,7 +7,7 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use support::{dermascope_once as dermascope, encoder_part};
 

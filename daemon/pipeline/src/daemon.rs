@@ -21,8 +21,9 @@ use crate::fleet::FleetLink;
 use crate::updates::{DeviceUpdates, FleetAction, FoundBundle, Origin, UsbFinding};
 use dermascope_update::UpdateError;
 
-/// What the daemon tells its supervisor (systemd on the device).
-pub trait Supervisor {
+/// What the daemon tells its supervisor (systemd on the device). `Sync`:
+/// an install keeps the watchdog fed from a thread of its own.
+pub trait Supervisor: Sync {
     /// Start-up finished; `status` is one human-readable line.
     fn ready(&self, status: &str);
     /// Still alive (called at least every `LOOP_TICK`).
@@ -348,14 +349,23 @@ impl Daemon {
         }
         match outcome? {
             Stop::Done => {}
+            // An install outlasts the watchdog (WatchdogSec=10 on the
+            // device; re-embedding takes minutes): it is fed meanwhile, or
+            // systemd would kill the install it is waiting for.
             Stop::Install(bundle) => {
-                summary.restart = Some(self.install_closed(&bundle, &status, &mut summary));
+                let restart = keeping_alive(supervisor, || {
+                    self.install_closed(&bundle, &status, &mut summary)
+                });
+                summary.restart = Some(restart);
             }
             Stop::Rollback {
                 rollout_id,
                 version,
             } => {
-                summary.restart = Some(self.roll_back_closed(&rollout_id, version, &status));
+                let restart = keeping_alive(supervisor, || {
+                    self.roll_back_closed(&rollout_id, version, &status)
+                });
+                summary.restart = Some(restart);
             }
         }
         Ok(summary)
@@ -982,6 +992,23 @@ impl Daemon {
             Err(e) => Err(DaemonError::Display(e.to_string())),
         }
     }
+}
+
+/// Runs `work` while a thread tells `supervisor` every second that the
+/// daemon is alive.
+fn keeping_alive<T>(supervisor: &dyn Supervisor, work: impl FnOnce() -> T) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                supervisor.alive();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        let result = work();
+        done.store(true, Ordering::Relaxed);
+        result
+    })
 }
 
 /// Draws `screen` with a fixed status bar, for when the daemon's parts
