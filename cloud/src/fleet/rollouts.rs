@@ -427,7 +427,9 @@ async fn stage_counts(
 /// Whether `part / whole` reaches `threshold`. In f32, where both the
 /// threshold the operator wrote and the ratio of two small integers are
 /// the nearest f32 to their exact value, so 1 of 5 reaches 0.2 exactly.
-fn reaches(part: i64, whole: i64, threshold: f32) -> bool {
+/// The one threshold rule: the rollout logic decides with it and the
+/// status page counts with it.
+pub(crate) fn reaches(part: i64, whole: i64, threshold: f32) -> bool {
     whole > 0 && (part as f32) / (whole as f32) >= threshold
 }
 

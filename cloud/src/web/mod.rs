@@ -365,13 +365,12 @@ async fn rollouts_page(State(state): State<AppState>, Operator(operator): Operat
     }
 }
 
-/// The least count `k` of `assigned` devices with
-/// `k / assigned >= threshold` in `f32`, exactly the comparison the
-/// rollout logic makes (`fleet::rollouts`), so the page never promises an
-/// advance or a pause one device off.
+/// The least count `k` of `assigned` devices that reaches `threshold`, by
+/// the rollout logic's own rule (`fleet::rollouts::reaches`), so the page
+/// never promises an advance or a pause one device off.
 pub fn needed(threshold: f32, assigned: i64) -> i64 {
     (0..=assigned)
-        .find(|&k| assigned > 0 && (k as f32) / (assigned as f32) >= threshold)
+        .find(|&k| crate::fleet::rollouts::reaches(k, assigned, threshold))
         .unwrap_or(0)
 }
 
