@@ -208,6 +208,14 @@ fn a_usb_stick_bundle_is_refused_installed_or_taken_back_and_the_device_keeps_ca
         1,
         "a failed bundle was installed again"
     );
+    // The restart after the failed bundle runs version 2 again without
+    // parsing its snapshot a second time.
+    assert_eq!(
+        log.matches("reference library of the installed update added")
+            .count(),
+        1,
+        "the snapshot was added at every start"
+    );
 
     // Every case is still there: the references, the snapshot's and the
     // four confirmed captures.

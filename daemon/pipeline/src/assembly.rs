@@ -211,18 +211,23 @@ impl Daemon {
             report.references_added = added;
             report.references_refused = refused;
         }
-        if let Some(path) = &options.library_snapshot {
+        if let (Some(path), Some(update)) = (&options.library_snapshot, &config.update) {
             // Checked by the install's health check; a snapshot damaged since
             // costs its cases, not the start.
             let identity = StoreIdentity {
                 model_id: encoder.model_id().to_owned(),
                 embedding_dim: encoder.dim(),
             };
-            let added = crate::updates::read_library(path, &identity).and_then(|cases| {
-                crate::updates::add_library(&store, &cases).map_err(|e| e.to_string())
-            });
+            let added = crate::updates::add_library_once(
+                &update.root,
+                path,
+                &store,
+                &config.store.dir,
+                &identity,
+            );
             match added {
-                Ok(added) => {
+                Ok(None) => {}
+                Ok(Some(added)) => {
                     info!(added, "reference library of the installed update added");
                     report.references_added += added;
                 }

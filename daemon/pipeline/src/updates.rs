@@ -202,6 +202,34 @@ pub fn read_library(path: &Path, identity: &StoreIdentity) -> Result<Vec<Case>, 
     Ok(cases)
 }
 
+/// Records which snapshot was added to which store, so the starts after
+/// the first do not parse a snapshot (megabytes of JSON) to add nothing.
+const LIBRARY_ADDED: &str = "library-added";
+
+/// Adds the cases of the snapshot at `snapshot` that the store at
+/// `store_dir` lacks, once per snapshot and store (recorded under `root`);
+/// `None` when it was added before.
+pub fn add_library_once(
+    root: &Path,
+    snapshot: &Path,
+    store: &CaseStore,
+    store_dir: &Path,
+    identity: &StoreIdentity,
+) -> Result<Option<usize>, String> {
+    let marker = root.join(LIBRARY_ADDED);
+    let key = format!("{}\n{}\n", snapshot.display(), store_dir.display());
+    if std::fs::read_to_string(&marker).is_ok_and(|done| done == key) {
+        return Ok(None);
+    }
+    let cases = read_library(snapshot, identity)?;
+    let added = add_library(store, &cases).map_err(|e| e.to_string())?;
+    if let Err(e) = dermascope_durable::replace_durably(&marker, key.as_bytes()) {
+        // The next start parses the snapshot again and adds nothing.
+        warn!(error = %e, "the added reference library was not recorded");
+    }
+    Ok(Some(added))
+}
+
 /// Adds the snapshot's cases the store lacks (a start after the first adds
 /// nothing); returns how many were added.
 pub fn add_library(store: &CaseStore, cases: &[Case]) -> Result<usize, StoreError> {
