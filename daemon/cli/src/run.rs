@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use dermascope_pipeline::{
-    hardware, start_from_installed, Config, Daemon, DeviceUpdates, ReferenceCases, StartOptions,
-    Supervisor,
+    boot, hardware, start_from_installed, Config, Daemon, DeviceUpdates, ReferenceCases,
+    StartOptions, Supervisor,
 };
 
 use crate::ingest::IngestBar;
@@ -101,6 +101,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         }),
         library_snapshot: started.library.clone(),
     };
+    // On an A/B image, before the store opens: the check this start's
+    // parts must pass before the booted slot is marked good.
+    let boot_health =
+        boot::check_before_start(&config, &options.bundle, started.library.as_deref());
     let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
     let mut bar = IngestBar::new();
     let (mut daemon, report) = Daemon::from_config(&config, drivers, &options, |p| {
@@ -132,6 +136,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
                 "Updates are off: the trusted keys did not load (see the log).",
             ));
         }
+    }
+    if let boot::BootHealth::Failed(problem) = &boot_health {
+        eprintln!("boot: the health check failed, the system slot stays unconfirmed: {problem}");
+    }
+    if let Some(words) = boot::mark_if_healthy(&boot_health, boot::boot_slot(&config).as_mut()) {
+        daemon.notice = Some(append_notice(daemon.notice.take(), &words));
     }
     if let Some(problem) = started.problem.as_ref().or(started.recovery.as_ref()) {
         tracing::info!(%problem, "update notice shown on the ready screen");

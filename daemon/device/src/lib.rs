@@ -13,6 +13,9 @@
 //! | [`Light`] | `GpioLight`: the LED ring on an output pin | [`LoggingLight`]: logs its state |
 //! | [`Display`] | `FramebufferDisplay` (`/dev/fb0`) or `SpiPanelDisplay` (ST7789/ILI9341) | [`PngSnapshotDisplay`]: PNG files; [`InMemoryDisplay`]: the last screen in memory |
 //!
+//! [`BootSlot`] is the A/B root filesystem the system booted from:
+//! [`RaucSlot`] on the image (RAUC), [`NoSlots`] on a PC.
+//!
 //! [`Drivers`] opens the real devices from plain settings ([`CameraConfig`],
 //! [`ButtonConfig`], [`SpiPanelConfig`]); [`NoHardware`] is the host's
 //! stand-in for it, refusing every device with what to use instead.
@@ -56,6 +59,7 @@
 //! * **Bug in the caller**: [`DisplayError::BadScreen`] (buffer size does
 //!   not match the stated size).
 
+mod boot_slot;
 mod capture;
 mod clock;
 #[cfg(unix)]
@@ -68,6 +72,7 @@ mod replay;
 mod settings;
 mod trigger;
 
+pub use boot_slot::{BootSlot, BootSlotError, Marked, NoSlots, RaucSlot};
 pub use capture::{CaptureError, Frame, FrameSource};
 pub use clock::{monotonic, Clock, ManualClock, MonotonicClock};
 #[cfg(unix)]

@@ -46,6 +46,36 @@ pub struct Config {
     /// Signed updates; absent means the daemon runs what `[encoder]`,
     /// `[adapter]` and this file name, and installs nothing.
     pub update: Option<UpdateSection>,
+    pub boot: BootSection,
+}
+
+/// `[boot]`: the A/B root filesystem slots of the image, if any.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootSection {
+    pub slots: SlotKind,
+    /// The `rauc` client, a path or a name looked up in PATH.
+    pub rauc: PathBuf,
+}
+
+impl Default for BootSection {
+    fn default() -> Self {
+        Self {
+            slots: SlotKind::None,
+            rauc: PathBuf::from("rauc"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotKind {
+    /// No A/B slots (a PC, Raspberry Pi OS): nothing to mark.
+    None,
+    /// The Yocto image's RAUC slots: the booted slot is marked good once
+    /// the start-up health check passed, so a slot whose daemon fails it
+    /// is given up by the bootloader after its boot attempts.
+    Rauc,
 }
 
 /// `[update]`: where installed versions live and where bundles arrive.

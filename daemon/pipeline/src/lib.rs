@@ -19,6 +19,7 @@
 
 pub mod analysis;
 pub mod assembly;
+pub mod boot;
 pub mod config;
 mod daemon;
 mod feed;

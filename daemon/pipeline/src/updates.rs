@@ -813,7 +813,48 @@ impl HealthCheck for DeviceCheck {
         } else {
             self.factory_encoder.clone()
         };
-        let encoder = Encoder::load(&encoder_dir, &self.encoder)
+        let part = |part: Part, file: Option<&str>| {
+            version.record.part(part).map(|_| {
+                let dir = version.part_dir(part);
+                file.map_or(dir.clone(), |file| dir.join(file))
+            })
+        };
+        self.check_parts(&CheckedParts {
+            encoder_dir: &encoder_dir,
+            adapter_dir: part(Part::Adapter, None).as_deref(),
+            config_file: part(Part::Config, Some(CONFIG_FILE)).as_deref(),
+            library: part(Part::Library, Some(LIBRARY_FILE)).as_deref(),
+            store: StoreAt::ForEncoder(&self.store_base),
+        })
+    }
+}
+
+/// The parts one health check looks at.
+pub struct CheckedParts<'a> {
+    pub encoder_dir: &'a Path,
+    /// Checked when given: the adapter must load for that encoder and
+    /// predict.
+    pub adapter_dir: Option<&'a Path>,
+    pub config_file: Option<&'a Path>,
+    pub library: Option<&'a Path>,
+    pub store: StoreAt<'a>,
+}
+
+/// Which case store the check searches.
+pub enum StoreAt<'a> {
+    /// The store of the encoder under this base (an install's check: the
+    /// new encoder's store, carried or not yet made).
+    ForEncoder(&'a Path),
+    /// This store, which the running configuration already chose.
+    Exactly(&'a Path),
+}
+
+impl DeviceCheck {
+    /// The check itself, for an installed version or for the parts a
+    /// start is about to run (`boot_check`). A store that does not exist
+    /// yet passes: the daemon makes it.
+    pub fn check_parts(&self, parts: &CheckedParts) -> Result<(), String> {
+        let encoder = Encoder::load(parts.encoder_dir, &self.encoder)
             .map_err(|e| format!("the encoder does not load: {e}"))?;
         let embedding = encoder
             .embed_rgb(&known_image())
@@ -821,29 +862,31 @@ impl HealthCheck for DeviceCheck {
         if !embedding.values().iter().all(|v| v.is_finite()) {
             return Err("the encoder's embedding of the test image is not finite".into());
         }
-        if version.record.part(Part::Adapter).is_some() {
-            let adapter =
-                dermascope_library::load_installed(&version.part_dir(Part::Adapter), &encoder)
-                    .map_err(|e| format!("the adapter does not load: {e}"))?;
+        if let Some(dir) = parts.adapter_dir {
+            let adapter = dermascope_library::load_installed(dir, &encoder)
+                .map_err(|e| format!("the adapter does not load: {e}"))?;
             adapter
                 .predict(embedding.values())
                 .map_err(|e| format!("the adapter does not predict: {e}"))?;
         }
-        if version.record.part(Part::Config).is_some() {
-            let path = version.part_dir(Part::Config).join(CONFIG_FILE);
-            Config::load(&path).map_err(|e| format!("the configuration is not valid: {e}"))?;
+        if let Some(path) = parts.config_file {
+            Config::load(path).map_err(|e| format!("the configuration is not valid: {e}"))?;
         }
         let identity = StoreIdentity {
             model_id: encoder.model_id().to_owned(),
             embedding_dim: encoder.dim(),
         };
-        if version.record.part(Part::Library).is_some() {
-            let path = version.part_dir(Part::Library).join(LIBRARY_FILE);
-            read_library(&path, &identity)
+        if let Some(path) = parts.library {
+            read_library(path, &identity)
                 .map_err(|e| format!("the reference library is not usable: {e}"))?;
         }
-        let store_dir = dermascope_library::store_for_encoder(&self.store_base, encoder.model_id())
-            .map_err(|e| format!("the case store for this encoder: {e}"))?;
+        let store_dir = match parts.store {
+            StoreAt::ForEncoder(base) => {
+                dermascope_library::store_for_encoder(base, encoder.model_id())
+                    .map_err(|e| format!("the case store for this encoder: {e}"))?
+            }
+            StoreAt::Exactly(dir) => dir.to_path_buf(),
+        };
         if store_dir.exists() {
             let store = CaseStore::open_with(
                 &store_dir,
