@@ -20,6 +20,12 @@ IMAGE_INSTALL += "\
     v4l-utils \
 "
 
+# OS updates: RAUC and what it needs, on the A/B SD card layout. The bundle
+# (dermascope-bundle) takes the ext4 root filesystem.
+IMAGE_INSTALL += "packagegroup-dermascope-update"
+IMAGE_FSTYPES:append = " ext4"
+WKS_FILE = "dermascope-ab.wks.in"
+
 # The board side (SPI bus for the display, I2C, camera sensor overlay, module
 # autoload) is set in yocto/kas/dermascope-rpi4.yml, not here: those variables
 # are read by meta-raspberrypi's rpi-config and by the kernel recipe, and a
