@@ -21,6 +21,10 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/MIT;md5=0835ade698e0bcf8506ecda
 # runs offline and the crates are in DL_DIR and the mirrors like any source.
 inherit cargo_bin systemd useradd features_check
 
+# The v4l crate generates its V4L2 bindings at build time with bindgen, which
+# needs libclang: clang-native, from meta-clang (scarthgap's core has no clang).
+DEPENDS += "clang-native"
+
 REQUIRED_DISTRO_FEATURES = "systemd"
 
 # Source: commit DERMASCOPE_SRCREV of the repository this layer lives in
@@ -34,6 +38,7 @@ SRC_URI = "git://${DERMASCOPE_REPO_DIR};protocol=file;nobranch=1 \
            file://dermascope.toml \
            file://60-dermascope.rules \
            file://cargo-config.toml \
+           file://simsimd-posix.h \
            "
 # All zeros means "not set": a well-formed hash keeps the fetcher quiet at
 # parse time so the check below can say what is missing.
@@ -61,6 +66,19 @@ python () {
 # Only the daemon's binary, exactly against the committed Cargo.lock and
 # without network (--frozen = --locked --offline).
 EXTRA_CARGO_FLAGS = "--frozen --package dermascope --bin dermascope"
+
+# bindgen (for v4l, see DEPENDS) loads libclang from clang-native and parses
+# <linux/videodev2.h> from the target's sysroot, as scripts/test-vm does with
+# Debian's cross headers; bindgen adds --target itself.
+export LIBCLANG_PATH = "${STAGING_LIBDIR_NATIVE}"
+export BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu = "--sysroot=${RECIPE_SYSROOT}"
+
+# simsimd 6.5 compiles its C with -std=c99, which hides unistd.h's
+# _POSIX_VERSION and glibc's sigaction: its run-time CPU detection then falls
+# back to a fixed NEON-only guess (no i8 dot product for the int8 index on a
+# Pi 5). The flags scripts/test-aarch64 uses, through a header that skips
+# itself for tract's assembly files. cc-rs adds CFLAGS_<target> to CFLAGS.
+export CFLAGS_aarch64_unknown_linux_gnu = "-D_GNU_SOURCE -include ${WORKDIR}/simsimd-posix.h"
 
 # Where bitbake's crate fetcher (bitbake/lib/bb/fetch2/crate.py) unpacks each
 # crate:// entry: ${WORKDIR}/cargo_home/bitbake/NAME-VERSION, with the
