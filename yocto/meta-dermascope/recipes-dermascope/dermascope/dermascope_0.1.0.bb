@@ -39,6 +39,7 @@ SRC_URI = "git://${DERMASCOPE_REPO_DIR};protocol=file;nobranch=1 \
            file://60-dermascope.rules \
            file://cargo-config.toml \
            file://simsimd-posix.h \
+           file://sync.toml.in \
            "
 # All zeros means "not set": a well-formed hash keeps the fetcher quiet at
 # parse time so the check below can say what is missing.
@@ -52,10 +53,30 @@ SRCREV = "${DERMASCOPE_SRCREV}"
 require dermascope-crates.inc
 S = "${WORKDIR}/git"
 
+# The fleet service every device of this image syncs with (yocto/README.md,
+# "Enrolling a device"): its https:// URL and the PEM file of the CA that
+# signed its certificate, a path on the build host. Both empty (the default):
+# no [sync] section, the devices stay offline.
+DERMASCOPE_FLEET_URL ??= ""
+DERMASCOPE_FLEET_CA ??= ""
+# Each device's own credential, written there before its first boot.
+DERMASCOPE_FLEET_CREDENTIAL = "${localstatedir}/lib/dermascope/fleet.credential"
+
 # Skips the recipe, with the command to run, instead of failing the whole
-# parse on an unset source revision.
+# parse on an unset source revision or a fleet URL without its CA; makes
+# do_install rerun when the CA file changes.
 # nooelint: oelint.task.noanonpython
 python () {
+    import os
+    url = d.getVar("DERMASCOPE_FLEET_URL")
+    if url:
+        ca = d.getVar("DERMASCOPE_FLEET_CA")
+        if not url.startswith("https://"):
+            raise bb.parse.SkipRecipe("DERMASCOPE_FLEET_URL must be an https:// URL")
+        if not ca or not os.path.isfile(ca):
+            raise bb.parse.SkipRecipe("DERMASCOPE_FLEET_URL is set but DERMASCOPE_FLEET_CA (%s) is "
+                "not a file: point it at the fleet service's CA certificate (PEM)" % ca)
+        d.appendVarFlag("do_install", "file-checksums", " %s:True" % ca)
     if d.getVar("EXTERNALSRC"):
         return
     if d.getVar("DERMASCOPE_SRCREV").strip("0") == "":
@@ -98,6 +119,14 @@ do_configure:append() {
 do_install:append() {
     install -d ${D}${sysconfdir}/dermascope
     install -m 0644 ${WORKDIR}/dermascope.toml ${D}${sysconfdir}/dermascope/
+    if [ -n "${DERMASCOPE_FLEET_URL}" ]; then
+        install -m 0644 ${DERMASCOPE_FLEET_CA} ${D}${sysconfdir}/dermascope/fleet-ca.pem
+        # scripts/check-yocto runs the same sed and `dermascope run --check`.
+        sed -e 's|@URL@|${DERMASCOPE_FLEET_URL}|' \
+            -e 's|@CA@|${sysconfdir}/dermascope/fleet-ca.pem|' \
+            -e 's|@CREDENTIAL@|${DERMASCOPE_FLEET_CREDENTIAL}|' \
+            ${WORKDIR}/sync.toml.in >> ${D}${sysconfdir}/dermascope/dermascope.toml
+    fi
 
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${WORKDIR}/dermascope.service ${D}${systemd_system_unitdir}/
