@@ -20,6 +20,15 @@ IMAGE_INSTALL += "\
     v4l-utils \
 "
 
+# The kernel's modules: spidev and videodev (KERNEL_MODULE_AUTOLOAD in the kas
+# file only writes their modules-load.d entries), uvcvideo, the camera sensor
+# and receiver drivers. meta-raspberrypi recommends kernel-modules through
+# MACHINE_EXTRA_RRECOMMENDS, which only packagegroup-base pulls in, and
+# core-image-minimal has no packagegroup-base. All of them rather than a list:
+# which are modules and which built in depends on the kernel's defconfig, and
+# a listed package that does not exist fails the image.
+IMAGE_INSTALL += "kernel-modules"
+
 # OS updates: RAUC and what it needs, on the A/B SD card layout. The bundle
 # (dermascope-bundle) takes the ext4 root filesystem.
 IMAGE_INSTALL += "packagegroup-dermascope-update"
