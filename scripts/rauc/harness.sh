@@ -17,13 +17,25 @@
 #   rauc_harness_slot "$dir" B boot_status  # "good"/"bad", from rauc status
 #   rauc_harness_stop "$dir"; rauc_harness_bus_stop
 #
-# What is emulated, and why: there is no Raspberry Pi (nor U-Boot) here. The
-# bootloader is scripts/rauc/bootloader on a state file ($dir/bootenv), with
-# the semantics of boot.scr and of RAUC's uboot backend; a "boot" is that
-# script choosing a slot and `rauc service --override-boot-slot=<it>` being
-# started, in place of the kernel's rauc.slot= argument. Everything else is
-# the real rauc: bundle checks, signature verification, the pre-install
-# handler, writing the image into the slot, the slot status, mark-good.
+# Two bootloaders (rauc_harness_init's fifth argument):
+#   emulated (default): scripts/rauc/bootloader on a state file
+#     ($dir/bootenv), with the semantics of boot.scr and of RAUC's uboot
+#     backend, which RAUC drives as its custom backend. Needs nothing else.
+#   uboot: the real thing but the board. RAUC's own uboot backend, through
+#     libubootenv's fw_printenv/fw_setenv, on a U-Boot environment in a
+#     (virtual) flash image; a boot runs Debian's U-Boot for qemu_arm64 under
+#     qemu-system-aarch64, which executes the device's boot script
+#     (recipes-bsp/rpi-u-boot-scr/files/boot.cmd.in, built with mkimage) on
+#     a disk of boot partition + slot A + slot B, loads the "kernel" from the
+#     chosen slot and fails at booti (a placeholder, not a kernel). Emulated
+#     there: saveenv (QEMU 7.2's flash fails U-Boot's buffered writes, so
+#     U-Boot works on a copy of the flash, and the variables boot.scr sets
+#     are read from the console and stored with fw_setenv, which is what
+#     saveenv does) and the Linux boot.
+# Either way a "boot" ends with `rauc service --override-boot-slot=<slot>`
+# (the kernel's rauc.slot= argument). Everything else is the real rauc:
+# bundle checks, signature verification, the pre-install handler, writing
+# the image into the slot, the slot status, mark-good.
 #
 # RAUC's client and service use the session bus when DBUS_STARTER_BUS_TYPE is
 # "session" (src/main.c and src/service.c, RAUC 1.8); dbus-run-session does
@@ -32,19 +44,30 @@
 rauc_harness_lib=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export DBUS_STARTER_BUS_TYPE=session
 
-# rauc_harness_init DIR KEYRING [COMPATIBLE] [SLOT_SIZE]
-# Creates DIR (absolute or relative; made absolute) with system.conf, empty
-# slot files slot-A.img and slot-B.img (default 32M), the bootloader state
-# (BOOT_ORDER "A B", 3 attempts each) and RAUC's data directory.
+# rauc_harness_init DIR KEYRING [COMPATIBLE] [SLOT_MIB] [BOOTLOADER]
+# Creates DIR (made absolute) with system.conf, empty slot files slot-A.img
+# and slot-B.img (default 32 MiB), RAUC's data directory and the bootloader
+# (emulated or uboot, see above), whose environment is as on a freshly
+# flashed card: BOOT_ORDER "A B", 3 attempts each (uboot: unset until the
+# first boot, whose boot.scr sets them so).
 rauc_harness_init() {
-    local dir=$1 keyring=$2 compatible=${3:-dermascope-test} size=${4:-32M}
-    mkdir -p "$dir/data" "$dir/mnt"
+    local dir=$1 keyring=$2 compatible=${3:-dermascope-test} mib=${4:-32} bootloader=${5:-emulated}
+    mkdir -p "$dir/data" "$dir/mnt" "$dir/bin"
     dir=$(cd "$dir" && pwd)
-    truncate -s "$size" "$dir/slot-A.img" "$dir/slot-B.img"
-    # RAUC runs the backend with only its arguments: a wrapper names the state.
-    printf '#!/bin/sh\nexec %q %q "$@"\n' "$rauc_harness_lib/bootloader" "$dir/bootenv" > "$dir/bootloader"
-    chmod +x "$dir/bootloader"
-    "$dir/bootloader" init
+    truncate -s "${mib}M" "$dir/slot-A.img" "$dir/slot-B.img"
+    echo "$bootloader" > "$dir/bootloader-kind"
+    local backend
+    if [ "$bootloader" = uboot ]; then
+        rauc_harness_uboot_init "$dir" "$mib"
+        backend="bootloader=uboot"
+    else
+        # RAUC runs the backend with only its arguments: a wrapper names the
+        # state file.
+        printf '#!/bin/sh\nexec %q %q "$@"\n' "$rauc_harness_lib/bootloader" "$dir/bootenv" > "$dir/bootloader"
+        chmod +x "$dir/bootloader"
+        "$dir/bootloader" init
+        backend="bootloader=custom"
+    fi
     cp "$keyring" "$dir/keyring.pem"
     # The device's system.conf (files/system.conf of rauc-conf) with files
     # for block devices, the emulated bootloader for uboot, and the version
@@ -54,12 +77,12 @@ rauc_harness_init() {
     cat > "$dir/system.conf" <<CONF
 [system]
 compatible=$compatible
-bootloader=custom
+$backend
 mountprefix=$dir/mnt
 data-directory=$dir/data
 
 [handlers]
-bootloader-custom-backend=$dir/bootloader
+$([ "$bootloader" = uboot ] || echo "bootloader-custom-backend=$dir/bootloader")
 pre-install=$rauc_harness_lib/version-floor
 
 [keyring]
@@ -116,11 +139,17 @@ rauc_harness_slot_version() {
 # device's system.conf has min-bundle-version = its own image's version.
 rauc_harness_boot() {
     local dir=$1 slot i
-    slot=$("$dir/bootloader" boot)
+    if [ "$(cat "$dir/bootloader-kind")" = uboot ]; then
+        slot=$(rauc_harness_uboot_boot "$dir") || return 1
+    else
+        slot=$("$dir/bootloader" boot)
+    fi
     echo "$slot" > "$dir/booted"
     rauc_harness_slot_version "$dir" "$slot" > "$dir/min-bundle-version"
-    echo "--- boot: slot $slot ($(tr '\n' ' ' < "$dir/bootenv"))" >> "$dir/service.log"
-    rauc service --conf="$dir/system.conf" --override-boot-slot="$slot" >> "$dir/service.log" 2>&1 &
+    echo "--- boot: slot $slot (BOOT_ORDER=$(rauc_harness_env "$dir" BOOT_ORDER)" \
+        "A=$(rauc_harness_env "$dir" BOOT_A_LEFT) B=$(rauc_harness_env "$dir" BOOT_B_LEFT))" >> "$dir/service.log"
+    # $dir/bin first: uboot's fw_printenv/fw_setenv on this environment.
+    PATH="$dir/bin:$PATH" rauc service --conf="$dir/system.conf" --override-boot-slot="$slot" >> "$dir/service.log" 2>&1 &
     echo $! > "$dir/service.pid"
     for ((i = 0; i < 200; i++)); do
         if rauc status --output-format=json > /dev/null 2>&1; then
@@ -183,4 +212,131 @@ if field == "bundle_version":
 else:
     print(info.get(field) or "")
 ' "$2" "$3"
+}
+
+# rauc_harness_env DIR NAME: a bootloader variable (BOOT_ORDER, BOOT_A_LEFT,
+# BOOT_B_LEFT) as the bootloader's environment holds it now.
+rauc_harness_env() {
+    if [ "$(cat "$1/bootloader-kind")" = uboot ]; then
+        "$1/bin/fw_printenv" -n "$2" 2> /dev/null || true
+    else
+        (
+            # shellcheck disable=SC1091 # the state file is written at run time
+            . "$1/bootenv"
+            eval "echo \"\${$2:-}\""
+        )
+    fi
+}
+
+# --- uboot: Debian's U-Boot for qemu_arm64 runs the device's boot script ----
+rauc_harness_uboot_bin=/usr/lib/u-boot/qemu_arm64/u-boot.bin
+# The disk's layout, in MiB: as wic/dermascope-ab.wks.in numbers them,
+# 1 boot, 2 rootfs A, 3 rootfs B (no data partition: nothing here uses it).
+rauc_harness_uboot_init() {
+    local dir=$1 mib=$2 tool
+    for tool in qemu-system-aarch64 mkimage mkenvimage fw_printenv fw_setenv; do
+        command -v "$tool" > /dev/null || { echo "rauc harness (uboot): $tool is missing" >&2; return 1; }
+    done
+    [ -f "$rauc_harness_uboot_bin" ] || { echo "rauc harness (uboot): $rauc_harness_uboot_bin is missing (u-boot-qemu)" >&2; return 1; }
+    echo "$mib" > "$dir/slot-mib"
+    # boot.scr as rpi-u-boot-scr builds it (meta-raspberrypi's sed, then the
+    # bbappend's), with virtio for the Pi's mmc.
+    mkdir -p "$dir/bootfs"
+    sed -e 's/@@KERNEL_IMAGETYPE@@/Image/' -e 's/@@KERNEL_BOOTCMD@@/booti/' \
+        -e 's/@@BOOT_MEDIA@@/virtio/' -e 's|@@DERMASCOPE_RAUC_DISK@@|/dev/mmcblk0|g' \
+        "$rauc_harness_lib/../../yocto/meta-dermascope/recipes-bsp/rpi-u-boot-scr/files/boot.cmd.in" > "$dir/boot.cmd"
+    mkimage -A arm64 -T script -C none -n "Boot script" -d "$dir/boot.cmd" "$dir/bootfs/boot.scr" > /dev/null
+    mkfs.ext4 -q -F -d "$dir/bootfs" "$dir/boot.img" 4M > /dev/null 2>&1
+    # U-Boot's own flash bank 0 and its environment in bank 1 (64 MiB each;
+    # qemu_arm64's environment: the first 256 KiB of bank 1). The board's
+    # defaults U-Boot needs, and a bootcmd that runs boot.scr as the Pi's
+    # firmware does, then reports what saveenv would have stored.
+    cp "$rauc_harness_uboot_bin" "$dir/flash0.img"
+    truncate -s 64M "$dir/flash0.img"
+    cat > "$dir/uboot-env.txt" <<'ENV'
+bootdelay=0
+baudrate=115200
+fdt_addr=0x40000000
+scriptaddr=0x40200000
+kernel_addr_r=0x40400000
+bootcmd=virtio scan; load virtio 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}; setexpr.s kernel_id *${kernel_addr_r}; echo "KERNEL=${kernel_id}"; echo "BOOTARGS=${bootargs}"; printenv BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; poweroff
+ENV
+    mkenvimage -s 0x40000 -o "$dir/flash1.img" "$dir/uboot-env.txt"
+    truncate -s 64M "$dir/flash1.img"
+    echo "$dir/flash1.img 0x0 0x40000" > "$dir/fw_env.config"
+    local name
+    for name in fw_printenv fw_setenv; do
+        printf '#!/bin/sh\nexec %q -c %q "$@"\n' "$(command -v "$name")" "$dir/fw_env.config" > "$dir/bin/$name"
+        chmod +x "$dir/bin/$name"
+    done
+    echo 0 > "$dir/uboot-boots"
+}
+
+# Prints the slot U-Boot booted; the console is in DIR/uboot-<n>.log.
+rauc_harness_uboot_boot() {
+    local dir=$1 mib n log slot
+    mib=$(cat "$dir/slot-mib")
+    for _ in 1 2; do
+        n=$(($(cat "$dir/uboot-boots") + 1))
+        echo "$n" > "$dir/uboot-boots"
+        log=$dir/uboot-$n.log
+        # The SD card: MBR, boot at 1 MiB, A and B after it.
+        truncate -s 0 "$dir/disk.img"
+        truncate -s "$((1 + 4 + 2 * mib))M" "$dir/disk.img"
+        python3 - "$dir/disk.img" "$mib" <<'PY'
+import struct, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+sectors = 2048  # 1 MiB
+parts = [(sectors, 4 * sectors), (5 * sectors, mib * sectors), ((5 + mib) * sectors, mib * sectors)]
+mbr = bytearray(512)
+for i, (start, size) in enumerate(parts):
+    mbr[446 + 16 * i:462 + 16 * i] = struct.pack("<B3sB3sII", 0x80 if i == 0 else 0, b"\xff" * 3, 0x83, b"\xff" * 3, start, size)
+mbr[510:512] = b"\x55\xaa"
+with open(path, "r+b") as disk:
+    disk.write(mbr)
+PY
+        dd if="$dir/boot.img" of="$dir/disk.img" bs=1M seek=1 conv=notrunc status=none
+        dd if="$dir/slot-A.img" of="$dir/disk.img" bs=1M seek=5 conv=notrunc status=none
+        dd if="$dir/slot-B.img" of="$dir/disk.img" bs=1M seek=$((5 + mib)) conv=notrunc status=none
+        # U-Boot gets a copy of the environment's flash: its saveenv erases
+        # the sector and then fails to write it (QEMU 7.2), which would lose
+        # the environment. -no-reboot: boot.scr's `reset` (no slot left) ends
+        # qemu. 30 s is a hang watchdog; a boot takes about a second.
+        cp --sparse=always "$dir/flash1.img" "$dir/flash1-boot.img"
+        timeout 30 qemu-system-aarch64 -M virt -cpu cortex-a72 -m 256 -nographic -nic none -no-reboot \
+            -drive if=pflash,format=raw,index=0,file="$dir/flash0.img",readonly=on \
+            -drive if=pflash,format=raw,index=1,file="$dir/flash1-boot.img" \
+            -drive if=none,file="$dir/disk.img",format=raw,id=disk \
+            -device virtio-blk-device,drive=disk \
+            -monitor none -serial stdio < /dev/null > "$log" 2>&1 || true
+        tr -d '\r' < "$log" > "$log.txt"
+        if grep -q "RAUC: no slot has attempts left" "$log.txt"; then
+            # What boot.scr saved before its reset.
+            "$dir/bin/fw_setenv" BOOT_A_LEFT 3
+            "$dir/bin/fw_setenv" BOOT_B_LEFT 3
+            continue
+        fi
+        slot=$(sed -n 's/^RAUC: booting slot \([AB]\),.*/\1/p' "$log.txt")
+        if [ -z "$slot" ] || ! grep -q '^BOOT_ORDER=' "$log.txt"; then
+            echo "rauc harness (uboot): boot $n chose no slot; see $log" >&2
+            return 1
+        fi
+        # What saveenv would have stored.
+        local var value
+        for var in BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; do
+            value=$(sed -n "s/^$var=//p" "$log.txt")
+            "$dir/bin/fw_setenv" "$var" "$value"
+        done
+        echo "$slot"
+        return 0
+    done
+    echo "rauc harness (uboot): boot.scr reset twice in a row; see $log" >&2
+    return 1
+}
+
+# rauc_harness_uboot_last DIR KEY: KERNEL (the string the "kernel" loaded
+# from the slot holds) or BOOTARGS (the command line boot.scr made) of the
+# last U-Boot boot.
+rauc_harness_uboot_last() {
+    sed -n "s/^$2=//p" "$1/uboot-$(cat "$1/uboot-boots").log.txt"
 }
