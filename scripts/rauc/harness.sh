@@ -26,12 +26,16 @@
 #     (virtual) flash image; a boot runs Debian's U-Boot for qemu_arm64 under
 #     qemu-system-aarch64, which executes the device's boot script
 #     (recipes-bsp/rpi-u-boot-scr/files/boot.cmd.in, built with mkimage) on
-#     a disk of boot partition + slot A + slot B, loads the "kernel" from the
-#     chosen slot and fails at booti (a placeholder, not a kernel). Emulated
-#     there: saveenv (QEMU 7.2's flash fails U-Boot's buffered writes, so
-#     U-Boot works on a copy of the flash, and the variables boot.scr sets
-#     are read from the console and stored with fw_setenv, which is what
-#     saveenv does) and the Linux boot.
+#     a disk of boot partition + slot A + slot B: it loads the kernel from
+#     the chosen slot (Debian's arm64 kernel from scripts/vm-vivid's cache,
+#     which the caller puts in the images' /boot/Image) and boots it; the
+#     guest reports rauc.slot= and the OS version of the root it mounted.
+#     Emulated there: the board (QEMU's virt machine, virtio for the SD card,
+#     an initramfs for Debian's modular virtio-blk) and saveenv: QEMU 7.2's
+#     flash fails U-Boot's writes, so U-Boot works on a copy and a dry run of
+#     the same script and environment (kernel load address outside RAM, so
+#     it stops at the load) prints the variables boot.scr saves, which
+#     fw_setenv then stores, as saveenv would.
 # Either way a "boot" ends with `rauc service --override-boot-slot=<slot>`
 # (the kernel's rauc.slot= argument). Everything else is the real rauc:
 # bundle checks, signature verification, the pre-install handler, writing
@@ -230,27 +234,71 @@ rauc_harness_env() {
 
 # --- uboot: Debian's U-Boot for qemu_arm64 runs the device's boot script ----
 rauc_harness_uboot_bin=/usr/lib/u-boot/qemu_arm64/u-boot.bin
+# The guest's kernel modules and busybox: the cache scripts/vm-vivid builds
+# (Debian's arm64 kernel; the slots' /boot/Image is that kernel).
+rauc_harness_guest=${RAUC_HARNESS_GUEST:-$rauc_harness_lib/../../.cache/vm/guest}
 # The disk's layout, in MiB: as wic/dermascope-ab.wks.in numbers them,
-# 1 boot, 2 rootfs A, 3 rootfs B (no data partition: nothing here uses it).
+# 1 boot (8 MiB), 2 rootfs A, 3 rootfs B (no data partition: nothing here
+# uses it).
 rauc_harness_uboot_init() {
     local dir=$1 mib=$2 tool
-    for tool in qemu-system-aarch64 mkimage mkenvimage fw_printenv fw_setenv; do
+    for tool in qemu-system-aarch64 mkimage mkenvimage fw_printenv fw_setenv cpio gzip; do
         command -v "$tool" > /dev/null || { echo "rauc harness (uboot): $tool is missing" >&2; return 1; }
     done
     [ -f "$rauc_harness_uboot_bin" ] || { echo "rauc harness (uboot): $rauc_harness_uboot_bin is missing (u-boot-qemu)" >&2; return 1; }
+    [ -f "$rauc_harness_guest/base.cpio.gz" ] || { echo "rauc harness (uboot): no $rauc_harness_guest/base.cpio.gz (run scripts/vm-vivid once)" >&2; return 1; }
     echo "$mib" > "$dir/slot-mib"
     # boot.scr as rpi-u-boot-scr builds it (meta-raspberrypi's sed, then the
     # bbappend's), with virtio for the Pi's mmc.
-    mkdir -p "$dir/bootfs"
+    mkdir -p "$dir/bootfs" "$dir/initramfs"
     sed -e 's/@@KERNEL_IMAGETYPE@@/Image/' -e 's/@@KERNEL_BOOTCMD@@/booti/' \
         -e 's/@@BOOT_MEDIA@@/virtio/' -e 's|@@DERMASCOPE_RAUC_DISK@@|/dev/mmcblk0|g' \
         "$rauc_harness_lib/../../yocto/meta-dermascope/recipes-bsp/rpi-u-boot-scr/files/boot.cmd.in" > "$dir/boot.cmd"
     mkimage -A arm64 -T script -C none -n "Boot script" -d "$dir/boot.cmd" "$dir/bootfs/boot.scr" > /dev/null
-    mkfs.ext4 -q -F -d "$dir/bootfs" "$dir/boot.img" 4M > /dev/null 2>&1
+    # The guest's PID 1 reports which slot the kernel was told (rauc.slot=,
+    # what RAUC reads from /proc/cmdline) and what it mounted as root (the
+    # Pi's mmcblk0pN is virtio's vdaN here), then powers off. An initramfs
+    # only because Debian's kernel has virtio-blk and ext4 as modules; the
+    # Pi's kernel mounts root itself.
+    cat > "$dir/initramfs/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /mnt
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for module in virtio_mmio virtio_blk crc32c_generic ext4; do modprobe "$module"; done
+slot=
+root=
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+        rauc.slot=*) slot=${arg#rauc.slot=} ;;
+        root=*) root=${arg#root=} ;;
+    esac
+done
+part=${root##*p}
+tries=0
+while [ ! -e "/dev/vda$part" ] && [ "$tries" -lt 100 ]; do sleep 0.1; tries=$((tries + 1)); done
+version=
+if mount -t ext4 -o ro "/dev/vda$part" /mnt; then
+    version=$(cat /mnt/etc/dermascope-os-version)
+fi
+echo "dermascope-boot: slot=$slot root=$root version=$version"
+poweroff -f
+INIT
+    chmod 755 "$dir/initramfs/init"
+    {
+        cat "$rauc_harness_guest/base.cpio.gz"
+        (cd "$dir/initramfs" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -1)
+    } > "$dir/bootfs/initrd.gz"
+    mkfs.ext4 -q -F -d "$dir/bootfs" "$dir/boot.img" 8M > /dev/null 2>&1
     # U-Boot's own flash bank 0 and its environment in bank 1 (64 MiB each;
-    # qemu_arm64's environment: the first 256 KiB of bank 1). The board's
-    # defaults U-Boot needs, and a bootcmd that runs boot.scr as the Pi's
-    # firmware does, then reports what saveenv would have stored.
+    # qemu_arm64's environment: the first 256 KiB of bank 1): the board's
+    # defaults U-Boot needs, and a bootcmd that does what the Pi's firmware
+    # does (a command line, the device tree, then boot.scr), here also the
+    # initramfs in the device tree's /chosen. With dermascope_dry_run set,
+    # the kernel's load address is outside RAM: boot.scr then runs up to its
+    # failing load and the bootcmd reports what saveenv would have stored.
     cp "$rauc_harness_uboot_bin" "$dir/flash0.img"
     truncate -s 64M "$dir/flash0.img"
     cat > "$dir/uboot-env.txt" <<'ENV'
@@ -259,11 +307,13 @@ baudrate=115200
 fdt_addr=0x40000000
 scriptaddr=0x40200000
 kernel_addr_r=0x40400000
-bootcmd=virtio scan; load virtio 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}; setexpr.s kernel_id *${kernel_addr_r}; echo "KERNEL=${kernel_id}"; echo "BOOTARGS=${bootargs}"; printenv BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; poweroff
+ramdisk_addr_r=0x44000000
+bootcmd=virtio scan; load virtio 0:1 ${ramdisk_addr_r} initrd.gz; setexpr initrd_end ${ramdisk_addr_r} + ${filesize}; fdt addr ${fdt_addr}; fdt resize 1024; fdt set /chosen linux,initrd-start <0x0 ${ramdisk_addr_r}>; fdt set /chosen linux,initrd-end <0x0 0x${initrd_end}>; setenv bootargs "console=ttyAMA0 panic=-1"; if test -n "${dermascope_dry_run}"; then setenv kernel_addr_r 0x10000000; fi; load virtio 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}; printenv BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; poweroff
 ENV
     mkenvimage -s 0x40000 -o "$dir/flash1.img" "$dir/uboot-env.txt"
     truncate -s 64M "$dir/flash1.img"
     echo "$dir/flash1.img 0x0 0x40000" > "$dir/fw_env.config"
+    echo "$dir/flash1-boot.img 0x0 0x40000" > "$dir/fw_env-boot.config"
     local name
     for name in fw_printenv fw_setenv; do
         printf '#!/bin/sh\nexec %q -c %q "$@"\n' "$(command -v "$name")" "$dir/fw_env.config" > "$dir/bin/$name"
@@ -272,7 +322,21 @@ ENV
     echo 0 > "$dir/uboot-boots"
 }
 
-# Prints the slot U-Boot booted; the console is in DIR/uboot-<n>.log.
+# One run of the machine; its console, without CRs, in $2.
+rauc_harness_uboot_run() {
+    local dir=$1 log=$2
+    # 120 s is a hang watchdog; a run takes a few seconds. -no-reboot:
+    # boot.scr's `reset` and the guest's poweroff end qemu.
+    timeout 120 qemu-system-aarch64 -M virt -cpu cortex-a72 -m 512 -nographic -nic none -no-reboot \
+        -drive if=pflash,format=raw,index=0,file="$dir/flash0.img",readonly=on \
+        -drive if=pflash,format=raw,index=1,file="$dir/flash1-boot.img" \
+        -drive if=none,file="$dir/disk.img",format=raw,id=disk \
+        -device virtio-blk-device,drive=disk \
+        -monitor none -serial stdio < /dev/null 2>&1 | tr -d '\r' > "$log" || true
+}
+
+# Prints the slot the guest's kernel was booted as (rauc.slot=); the
+# consoles are in DIR/uboot-<n>-dry.log and DIR/uboot-<n>.log.
 rauc_harness_uboot_boot() {
     local dir=$1 mib n log slot
     mib=$(cat "$dir/slot-mib")
@@ -282,12 +346,12 @@ rauc_harness_uboot_boot() {
         log=$dir/uboot-$n.log
         # The SD card: MBR, boot at 1 MiB, A and B after it.
         truncate -s 0 "$dir/disk.img"
-        truncate -s "$((1 + 4 + 2 * mib))M" "$dir/disk.img"
+        truncate -s "$((1 + 8 + 2 * mib))M" "$dir/disk.img"
         python3 - "$dir/disk.img" "$mib" <<'PY'
 import struct, sys
 path, mib = sys.argv[1], int(sys.argv[2])
 sectors = 2048  # 1 MiB
-parts = [(sectors, 4 * sectors), (5 * sectors, mib * sectors), ((5 + mib) * sectors, mib * sectors)]
+parts = [(sectors, 8 * sectors), (9 * sectors, mib * sectors), ((9 + mib) * sectors, mib * sectors)]
 mbr = bytearray(512)
 for i, (start, size) in enumerate(parts):
     mbr[446 + 16 * i:462 + 16 * i] = struct.pack("<B3sB3sII", 0x80 if i == 0 else 0, b"\xff" * 3, 0x83, b"\xff" * 3, start, size)
@@ -296,47 +360,52 @@ with open(path, "r+b") as disk:
     disk.write(mbr)
 PY
         dd if="$dir/boot.img" of="$dir/disk.img" bs=1M seek=1 conv=notrunc status=none
-        dd if="$dir/slot-A.img" of="$dir/disk.img" bs=1M seek=5 conv=notrunc status=none
-        dd if="$dir/slot-B.img" of="$dir/disk.img" bs=1M seek=$((5 + mib)) conv=notrunc status=none
-        # U-Boot gets a copy of the environment's flash: its saveenv erases
-        # the sector and then fails to write it (QEMU 7.2), which would lose
-        # the environment. -no-reboot: boot.scr's `reset` (no slot left) ends
-        # qemu. 30 s is a hang watchdog; a boot takes about a second.
+        dd if="$dir/slot-A.img" of="$dir/disk.img" bs=1M seek=9 conv=notrunc status=none
+        dd if="$dir/slot-B.img" of="$dir/disk.img" bs=1M seek=$((9 + mib)) conv=notrunc status=none
+        # U-Boot works on a copy of the environment's flash: its saveenv
+        # erases the sector and then fails to write it (QEMU 7.2), which
+        # would lose the environment. The dry run first, for the values
+        # boot.scr saves; then the same environment boots Linux.
         cp --sparse=always "$dir/flash1.img" "$dir/flash1-boot.img"
-        timeout 30 qemu-system-aarch64 -M virt -cpu cortex-a72 -m 256 -nographic -nic none -no-reboot \
-            -drive if=pflash,format=raw,index=0,file="$dir/flash0.img",readonly=on \
-            -drive if=pflash,format=raw,index=1,file="$dir/flash1-boot.img" \
-            -drive if=none,file="$dir/disk.img",format=raw,id=disk \
-            -device virtio-blk-device,drive=disk \
-            -monitor none -serial stdio < /dev/null > "$log" 2>&1 || true
-        tr -d '\r' < "$log" > "$log.txt"
-        if grep -q "RAUC: no slot has attempts left" "$log.txt"; then
+        fw_setenv -c "$dir/fw_env-boot.config" dermascope_dry_run 1
+        rauc_harness_uboot_run "$dir" "$log-dry"
+        if grep -q "RAUC: no slot has attempts left" "$log-dry"; then
             # What boot.scr saved before its reset.
             "$dir/bin/fw_setenv" BOOT_A_LEFT 3
             "$dir/bin/fw_setenv" BOOT_B_LEFT 3
             continue
         fi
-        slot=$(sed -n 's/^RAUC: booting slot \([AB]\),.*/\1/p' "$log.txt")
-        if [ -z "$slot" ] || ! grep -q '^BOOT_ORDER=' "$log.txt"; then
-            echo "rauc harness (uboot): boot $n chose no slot; see $log" >&2
+        if ! grep -q '^BOOT_ORDER=' "$log-dry"; then
+            echo "rauc harness (uboot): boot $n: boot.scr printed no environment; see $log-dry" >&2
+            return 1
+        fi
+        cp --sparse=always "$dir/flash1.img" "$dir/flash1-boot.img"
+        rauc_harness_uboot_run "$dir" "$log"
+        slot=$(sed -n 's/^dermascope-boot: slot=\([AB]\) .*/\1/p' "$log")
+        if [ -z "$slot" ]; then
+            echo "rauc harness (uboot): boot $n: Linux did not report its slot; see $log" >&2
+            return 1
+        fi
+        if ! grep -q "^RAUC: booting slot $slot," "$log-dry"; then
+            echo "rauc harness (uboot): boot $n: the dry run chose another slot than $slot; see $log-dry" >&2
             return 1
         fi
         # What saveenv would have stored.
         local var value
         for var in BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; do
-            value=$(sed -n "s/^$var=//p" "$log.txt")
+            value=$(sed -n "s/^$var=//p" "$log-dry")
             "$dir/bin/fw_setenv" "$var" "$value"
         done
         echo "$slot"
         return 0
     done
-    echo "rauc harness (uboot): boot.scr reset twice in a row; see $log" >&2
+    echo "rauc harness (uboot): boot.scr reset twice in a row; see $log-dry" >&2
     return 1
 }
 
-# rauc_harness_uboot_last DIR KEY: KERNEL (the string the "kernel" loaded
-# from the slot holds) or BOOTARGS (the command line boot.scr made) of the
-# last U-Boot boot.
+# rauc_harness_uboot_last DIR: the guest's report of the last boot,
+# "slot=B root=/dev/mmcblk0p3 version=1.1.0" (rauc.slot= and root= from the
+# kernel's command line, the version from the root filesystem it mounted).
 rauc_harness_uboot_last() {
-    sed -n "s/^$2=//p" "$1/uboot-$(cat "$1/uboot-boots").log.txt"
+    sed -n 's/^dermascope-boot: //p' "$1/uboot-$(cat "$1/uboot-boots").log"
 }
