@@ -5,7 +5,9 @@
 //! real `dermascope run` with `[boot] slots = "rauc"` calling the real
 //! `rauc status mark-good`. A boot spends one of the slot's three attempts;
 //! only a mark gives them back, so the attempts left say whether the daemon
-//! marked it.
+//! marked it: not when it cannot start, yes when only the clinic's adapter
+//! is damaged, and yes when a signed version's configuration (which knows
+//! nothing of the image's slots) is the one running.
 
 mod support;
 
@@ -152,40 +154,105 @@ fn the_daemon_marks_its_slot_good_only_after_its_health_check() {
     );
 
     let host = daemon_config(dir.path(), &dir.path().join("cases"));
-    let mut config = std::fs::read_to_string(&host.config).unwrap();
-    config.push_str(&format!(
-        "[encoder]\nbundle = {:?}\n[boot]\nslots = \"rauc\"\n",
+    // The configuration a fleet's update would carry (no [boot]: that is
+    // the image's), and the image's own, which adds [boot] and [update].
+    let fleet_config = format!(
+        "{}[encoder]\nbundle = {:?}\n",
+        std::fs::read_to_string(&host.config).unwrap(),
         bundle_dir()
-    ));
-    std::fs::write(&host.config, &config).unwrap();
+    );
+    let root = dir.path().join("update");
+    std::fs::create_dir_all(root.join("keys")).unwrap();
+    let image_config = |encoder: &Path| {
+        let text = fleet_config.replace(&format!("{:?}", bundle_dir()), &format!("{encoder:?}"));
+        std::fs::write(
+            &host.config,
+            format!("{text}[boot]\nslots = \"rauc\"\n[update]\nroot = {root:?}\n"),
+        )
+        .unwrap();
+    };
 
-    // A damaged adapter: the daemon still starts (it runs without one and
-    // says so), but its health check fails, so the slot is not confirmed.
+    // A daemon that cannot start (its encoder bundle is missing) leaves
+    // the slot unconfirmed: the boot's attempt stays spent.
+    image_config(&dir.path().join("no-encoder"));
+    let out = rauc.daemon(&host.config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started without an encoder: {stderr}"
+    );
+    assert!(stderr.contains("encoder"), "{stderr}");
+    assert_eq!(
+        rauc.attempts_left("A"),
+        "2",
+        "marked without starting: {stderr}"
+    );
+
+    // A damaged adapter is the clinic's data on the shared partition, not
+    // the slot's: the daemon runs without it, says so, and confirms the slot.
+    image_config(&bundle_dir());
     let adapter = dir.path().join("no-adapter");
     std::fs::create_dir_all(&adapter).unwrap();
     std::fs::write(adapter.join("manifest.toml"), "not an adapter manifest [").unwrap();
     let out = rauc.daemon(&host.config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("health check failed") && stderr.contains("adapter does not load"),
-        "{stderr}"
-    );
-    assert_eq!(
-        rauc.attempts_left("A"),
-        "2",
-        "not marked after a failed check: {stderr}"
-    );
-
-    // Repaired: the check passes and the daemon marks the slot through RAUC.
-    std::fs::remove_dir_all(&adapter).unwrap();
-    let out = rauc.daemon(&host.config);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("running without the adapter"), "{stderr}");
     assert!(stderr.contains("boot slot marked good"), "{stderr}");
-    assert_eq!(rauc.attempts_left("A"), "3", "marked good: {stderr}");
+    assert_eq!(rauc.attempts_left("A"), "3", "not marked: {stderr}");
     assert_eq!(
         rauc.run("rauc_harness_slot \"$RAUC_DIR\" A boot_status"),
         "good"
+    );
+    std::fs::remove_dir_all(&adapter).unwrap();
+
+    // Next boot, now running a signed version whose configuration (written
+    // for any image) has no [boot]: the image's own [boot] still holds.
+    rauc.run("rauc_harness_reboot \"$RAUC_DIR\"");
+    assert_eq!(rauc.attempts_left("A"), "2");
+    let secret = dir.path().join("operator/a.key");
+    // From the checkout, where the factory encoder the install's health
+    // check falls back to (models/dist/...) is found.
+    let ran = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dermascope"))
+            .args(["--log", "warn"])
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .expect("run dermascope");
+        assert!(out.status.success(), "dermascope {args:?}: {out:?}");
+    };
+    ran(&["update", "keygen", "--secret", s(&secret)]);
+    std::fs::copy(dir.path().join("operator/a.pub"), root.join("keys/a.pub")).unwrap();
+    let version = dir.path().join("version-1");
+    std::fs::create_dir_all(version.join("config")).unwrap();
+    std::fs::write(version.join("config/dermascope.toml"), &fleet_config).unwrap();
+    ran(&[
+        "update",
+        "sign",
+        s(&version),
+        "--key",
+        s(&secret),
+        "--version",
+        "1",
+    ]);
+    let store = dir.path().join("cases");
+    ran(&[
+        "update",
+        "install",
+        s(&version),
+        "--root",
+        s(&root),
+        "--store",
+        s(&store),
+    ]);
+    let out = rauc.daemon(&host.config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("running the installed version"), "{stderr}");
+    assert_eq!(
+        rauc.attempts_left("A"),
+        "3",
+        "the installed config switched marking off: {stderr}"
     );
 }

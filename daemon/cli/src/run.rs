@@ -103,8 +103,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     // On an A/B image, before the store opens: the check this start's
     // parts must pass before the booted slot is marked good.
-    let boot_health =
-        boot::check_before_start(&config, &options.bundle, started.library.as_deref());
+    let boot_health = boot::check_before_start(&config, &options.bundle);
     let drivers: Arc<dyn hardware::Drivers> = Arc::new(dermascope_device_linux::LinuxDrivers);
     let mut bar = IngestBar::new();
     let (mut daemon, report) = Daemon::from_config(&config, drivers, &options, |p| {

@@ -4,9 +4,15 @@
 //! marked good; each boot before that spends one of its attempts. The
 //! daemon is what the device is for, so it marks the slot, and only after
 //! its own health check — the one an update's install runs (`DeviceCheck`:
-//! the encoder embeds a known image, the adapter predicts, the library
-//! snapshot reads, the store searches, a screen renders) — passed on the
-//! parts this start is about to run, and the daemon itself started.
+//! the encoder embeds a known image, the store searches, a screen renders)
+//! — passed on the parts this start is about to run, and the daemon itself
+//! started.
+//!
+//! The adapter and a version's library snapshot are left out of this
+//! check: they are the clinic's data on the partition both slots share, the
+//! daemon runs without an adapter (and says so), and a fault in them would
+//! fail the check on every slot alike, turning a damaged file into an OS
+//! rollback every few boots. An install's own check covers them.
 //!
 //! The check runs before the daemon opens its store (the store admits one
 //! process), so the start is split: [`check_before_start`], then
@@ -35,13 +41,8 @@ pub enum BootHealth {
 }
 
 /// Runs the health check on what this start will run, when the system has
-/// slots to confirm. `encoder_dir` is the bundle the daemon will load;
-/// `library` the installed version's library snapshot, if any.
-pub fn check_before_start(
-    config: &Config,
-    encoder_dir: &Path,
-    library: Option<&Path>,
-) -> BootHealth {
+/// slots to confirm. `encoder_dir` is the bundle the daemon will load.
+pub fn check_before_start(config: &Config, encoder_dir: &Path) -> BootHealth {
     if config.boot.slots == SlotKind::None {
         return BootHealth::NoSlots;
     }
@@ -51,12 +52,11 @@ pub fn check_before_start(
         encoder: encoder_options(config),
         screen_size: (config.display.width, config.display.height),
     };
-    let adapter = config.adapter.dir.join(dermascope_adapter::MANIFEST_FILE);
     let parts = CheckedParts {
         encoder_dir,
-        adapter_dir: adapter.is_file().then_some(config.adapter.dir.as_path()),
+        adapter_dir: None,
         config_file: None,
-        library,
+        library: None,
         store: StoreAt::Exactly(&config.store.dir),
     };
     match check.check_parts(&parts) {
@@ -132,14 +132,11 @@ mod tests {
     fn without_slots_nothing_is_checked() {
         let config = Config::default();
         let absent = Path::new("/nonexistent/encoder");
-        assert_eq!(
-            check_before_start(&config, absent, None),
-            BootHealth::NoSlots
-        );
+        assert_eq!(check_before_start(&config, absent), BootHealth::NoSlots);
         let mut rauc = config.clone();
         rauc.boot.slots = SlotKind::Rauc;
         assert!(matches!(
-            check_before_start(&rauc, absent, None),
+            check_before_start(&rauc, absent),
             BootHealth::Failed(problem) if problem.contains("encoder does not load")
         ));
     }

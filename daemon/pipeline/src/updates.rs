@@ -149,6 +149,10 @@ fn installed_config(
         let path = version.part_dir(Part::Config).join(CONFIG_FILE);
         let mut config = Config::load(&path).map_err(|e| e.to_string())?;
         config.update = Some(section.clone());
+        // The A/B slots are the image's, not the fleet's: a version's
+        // configuration (written for any image) must not switch off the
+        // confirmation the image's own OS update depends on.
+        config.boot = base.boot.clone();
         config
     } else {
         base.clone()
