@@ -46,6 +46,7 @@
 # not set it, so this file exports it.
 
 rauc_harness_lib=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+rauc_harness_version_floor=$rauc_harness_lib/../../yocto/meta-dermascope/recipes-core/rauc/files/dermascope-version-floor
 export DBUS_STARTER_BUS_TYPE=session
 
 # rauc_harness_init DIR KEYRING [COMPATIBLE] [SLOT_MIB] [BOOTLOADER]
@@ -74,8 +75,10 @@ rauc_harness_init() {
     fi
     cp "$keyring" "$dir/keyring.pem"
     # The device's system.conf (files/system.conf of rauc-conf) with files
-    # for block devices, the emulated bootloader for uboot, and the version
-    # floor as a pre-install handler for min-bundle-version (RAUC < 1.12).
+    # for block devices, the emulated bootloader for uboot, and the device's
+    # own pre-install handler, the file the image ships (rauc-conf.bbappend),
+    # which refuses a bundle below the running OS's version: RAUC 1.8 has no
+    # min-bundle-version.
     # Plain bundles are allowed: installing a verity bundle needs
     # device-mapper (dm-verity), which CI machines may lack.
     cat > "$dir/system.conf" <<CONF
@@ -87,7 +90,7 @@ data-directory=$dir/data
 
 [handlers]
 $([ "$bootloader" = uboot ] || echo "bootloader-custom-backend=$dir/bootloader")
-pre-install=$rauc_harness_lib/version-floor
+pre-install=$rauc_harness_version_floor
 
 [keyring]
 path=$dir/keyring.pem
@@ -139,8 +142,9 @@ rauc_harness_slot_version() {
 # from the first bootable slot of BOOT_ORDER; rauc service starts as the
 # system booted from it (its log: DIR/service.log, appended), and this waits
 # until it answers on the bus (a hang watchdog of 20 s, not a timing check).
-# The booted slot's OS version becomes the floor for the next bundle, as the
-# device's system.conf has min-bundle-version = its own image's version.
+# The booted slot's /etc/dermascope-os-version becomes DIR/os-version, the
+# running OS's version file that the device's pre-install handler reads
+# (DERMASCOPE_OS_VERSION_FILE: RAUC runs on this machine, not in the slot).
 rauc_harness_boot() {
     local dir=$1 slot i
     if [ "$(cat "$dir/bootloader-kind")" = uboot ]; then
@@ -149,11 +153,11 @@ rauc_harness_boot() {
         slot=$("$dir/bootloader" boot)
     fi
     echo "$slot" > "$dir/booted"
-    rauc_harness_slot_version "$dir" "$slot" > "$dir/min-bundle-version"
+    rauc_harness_slot_version "$dir" "$slot" > "$dir/os-version"
     echo "--- boot: slot $slot (BOOT_ORDER=$(rauc_harness_env "$dir" BOOT_ORDER)" \
         "A=$(rauc_harness_env "$dir" BOOT_A_LEFT) B=$(rauc_harness_env "$dir" BOOT_B_LEFT))" >> "$dir/service.log"
     # $dir/bin first: uboot's fw_printenv/fw_setenv on this environment.
-    PATH="$dir/bin:$PATH" rauc service --conf="$dir/system.conf" --override-boot-slot="$slot" >> "$dir/service.log" 2>&1 &
+    PATH="$dir/bin:$PATH" DERMASCOPE_OS_VERSION_FILE="$dir/os-version" rauc service --conf="$dir/system.conf" --override-boot-slot="$slot" >> "$dir/service.log" 2>&1 &
     echo $! > "$dir/service.pid"
     for ((i = 0; i < 200; i++)); do
         if rauc status --output-format=json > /dev/null 2>&1; then
@@ -255,6 +259,11 @@ rauc_harness_uboot_init() {
         -e 's/@@BOOT_MEDIA@@/virtio/' -e 's|@@DERMASCOPE_RAUC_DISK@@|/dev/mmcblk0|g' \
         "$rauc_harness_lib/../../yocto/meta-dermascope/recipes-bsp/rpi-u-boot-scr/files/boot.cmd.in" > "$dir/boot.cmd"
     mkimage -A arm64 -T script -C none -n "Boot script" -d "$dir/boot.cmd" "$dir/bootfs/boot.scr" > /dev/null
+    # The dry run's copy prints what each saveenv stores, right after it:
+    # boot.scr resets when the kernel does not load (as in the dry run), so
+    # the bootcmd never gets to print it afterwards. Only the dry run uses it.
+    sed 's/^\([[:space:]]*\)saveenv$/&\n\1printenv BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT/' "$dir/boot.cmd" > "$dir/boot-dry.cmd"
+    mkimage -A arm64 -T script -C none -n "Boot script (dry run)" -d "$dir/boot-dry.cmd" "$dir/bootfs/boot-dry.scr" > /dev/null
     # The guest's PID 1 reports which slot the kernel was told (rauc.slot=,
     # what RAUC reads from /proc/cmdline) and what it mounted as root (the
     # Pi's mmcblk0pN is virtio's vdaN here), then powers off. An initramfs
@@ -283,6 +292,7 @@ version=
 if mount -t ext4 -o ro "/dev/vda$part" /mnt; then
     version=$(cat /mnt/etc/dermascope-os-version)
 fi
+echo "dermascope-cmdline: $(cat /proc/cmdline)"
 echo "dermascope-boot: slot=$slot root=$root version=$version"
 poweroff -f
 INIT
@@ -297,8 +307,9 @@ INIT
     # defaults U-Boot needs, and a bootcmd that does what the Pi's firmware
     # does (a command line, the device tree, then boot.scr), here also the
     # initramfs in the device tree's /chosen. With dermascope_dry_run set,
-    # the kernel's load address is outside RAM: boot.scr then runs up to its
-    # failing load and the bootcmd reports what saveenv would have stored.
+    # the kernel's load address is outside RAM: boot-dry.scr (boot.scr that
+    # prints the variables after each saveenv) runs up to its failing load,
+    # printing what saveenv would have stored, and resets.
     cp "$rauc_harness_uboot_bin" "$dir/flash0.img"
     truncate -s 64M "$dir/flash0.img"
     cat > "$dir/uboot-env.txt" <<'ENV'
@@ -308,7 +319,7 @@ fdt_addr=0x40000000
 scriptaddr=0x40200000
 kernel_addr_r=0x40400000
 ramdisk_addr_r=0x44000000
-bootcmd=virtio scan; load virtio 0:1 ${ramdisk_addr_r} initrd.gz; setexpr initrd_end ${ramdisk_addr_r} + ${filesize}; fdt addr ${fdt_addr}; fdt resize 1024; fdt set /chosen linux,initrd-start <0x0 ${ramdisk_addr_r}>; fdt set /chosen linux,initrd-end <0x0 0x${initrd_end}>; setenv bootargs "console=ttyAMA0 panic=-1"; if test -n "${dermascope_dry_run}"; then setenv kernel_addr_r 0x10000000; fi; load virtio 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}; printenv BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; poweroff
+bootcmd=virtio scan; load virtio 0:1 ${ramdisk_addr_r} initrd.gz; setexpr initrd_end ${ramdisk_addr_r} + ${filesize}; fdt addr ${fdt_addr}; fdt resize 1024; fdt set /chosen linux,initrd-start <0x0 ${ramdisk_addr_r}>; fdt set /chosen linux,initrd-end <0x0 0x${initrd_end}>; setenv bootargs "console=ttyAMA0 panic=-1"; setenv script boot.scr; if test -n "${dermascope_dry_run}"; then setenv kernel_addr_r 0x10000000; setenv script boot-dry.scr; fi; load virtio 0:1 ${scriptaddr} ${script}; source ${scriptaddr}; poweroff
 ENV
     mkenvimage -s 0x40000 -o "$dir/flash1.img" "$dir/uboot-env.txt"
     truncate -s 64M "$dir/flash1.img"
@@ -336,11 +347,14 @@ rauc_harness_uboot_run() {
 }
 
 # Prints the slot the guest's kernel was booted as (rauc.slot=); the
-# consoles are in DIR/uboot-<n>-dry.log and DIR/uboot-<n>.log.
+# consoles are in DIR/uboot-<n>.log-dry and DIR/uboot-<n>.log. A U-Boot run
+# that resets (no slot with attempts left, or a kernel that did not load or
+# start) is followed by the next one, as on the board; eight in a row (both
+# slots' 3 attempts, the reset to 3, and one more) fail the boot.
 rauc_harness_uboot_boot() {
     local dir=$1 mib n log slot
     mib=$(cat "$dir/slot-mib")
-    for _ in 1 2; do
+    for _ in 1 2 3 4 5 6 7 8; do
         n=$(($(cat "$dir/uboot-boots") + 1))
         echo "$n" > "$dir/uboot-boots"
         log=$dir/uboot-$n.log
@@ -381,8 +395,21 @@ PY
         fi
         cp --sparse=always "$dir/flash1.img" "$dir/flash1-boot.img"
         rauc_harness_uboot_run "$dir" "$log"
+        # What saveenv would have stored (the last values the dry run printed):
+        # the attempt is spent whether or not Linux comes up.
+        local var value
+        for var in BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; do
+            value=$(sed -n "s/^$var=//p" "$log-dry" | tail -n 1)
+            "$dir/bin/fw_setenv" "$var" "$value"
+        done
         slot=$(sed -n 's/^dermascope-boot: slot=\([AB]\) .*/\1/p' "$log")
         if [ -z "$slot" ]; then
+            if grep -A1 "^RAUC: the kernel of slot [AB] did not start; resetting" "$log" | grep -q "^resetting \.\.\."; then
+                # boot.scr reset (U-Boot's own "resetting ...") after a
+                # kernel that would not start: U-Boot runs again, as the
+                # board's reset does.
+                continue
+            fi
             echo "rauc harness (uboot): boot $n: Linux did not report its slot; see $log" >&2
             return 1
         fi
@@ -390,16 +417,10 @@ PY
             echo "rauc harness (uboot): boot $n: the dry run chose another slot than $slot; see $log-dry" >&2
             return 1
         fi
-        # What saveenv would have stored.
-        local var value
-        for var in BOOT_ORDER BOOT_A_LEFT BOOT_B_LEFT; do
-            value=$(sed -n "s/^$var=//p" "$log-dry")
-            "$dir/bin/fw_setenv" "$var" "$value"
-        done
         echo "$slot"
         return 0
     done
-    echo "rauc harness (uboot): boot.scr reset twice in a row; see $log-dry" >&2
+    echo "rauc harness (uboot): boot.scr reset eight times in a row; see $log-dry" >&2
     return 1
 }
 
@@ -408,4 +429,10 @@ PY
 # kernel's command line, the version from the root filesystem it mounted).
 rauc_harness_uboot_last() {
     sed -n 's/^dermascope-boot: //p' "$1/uboot-$(cat "$1/uboot-boots").log"
+}
+
+# rauc_harness_uboot_cmdline DIR: the kernel command line of the last boot,
+# as the guest read it from /proc/cmdline.
+rauc_harness_uboot_cmdline() {
+    sed -n 's/^dermascope-cmdline: //p' "$1/uboot-$(cat "$1/uboot-boots").log"
 }

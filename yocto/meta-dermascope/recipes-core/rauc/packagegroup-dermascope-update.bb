@@ -16,9 +16,14 @@ inherit packagegroup
 # keyring set) must fail the image rather than ship one that trusts nothing.
 # u-boot-env: meta-raspberrypi's /etc/fw_env.config (/boot/uboot.env);
 # u-boot-fw-utils: fw_printenv/fw_setenv, through which RAUC's uboot backend
-# reads and writes BOOT_ORDER and BOOT_x_LEFT.
+# reads and writes BOOT_ORDER and BOOT_x_LEFT. dermascope-watchdog: a hung
+# kernel or PID 1 resets the board, so the attempt counts without a human.
+# dermascope-os-version: /etc/dermascope-os-version, the floor that rauc-conf's
+# pre-install handler refuses lower bundles by.
 RDEPENDS:${PN} = "\
     dermascope-data-mounts \
+    dermascope-os-version \
+    dermascope-watchdog \
     kernel-image \
     rauc \
     rauc-conf \

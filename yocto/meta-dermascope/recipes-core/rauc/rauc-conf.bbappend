@@ -6,6 +6,11 @@
 # settings come from yocto/kas/dermascope-rpi4.yml (its "rauc" block and env).
 
 FILESEXTRAPATHS:prepend:rpi := "${THISDIR}/files:"
+# The pre-install handler system.conf names: refuses a bundle below the
+# running OS's version (/etc/dermascope-os-version), behind RAUC's own
+# min-bundle-version; scripts/test-rauc runs this same file under rauc.
+SRC_URI:append:rpi = " file://dermascope-version-floor"
+DERMASCOPE_RAUC_HANDLER:rpi = "${libexecdir}/rauc/dermascope-version-floor"
 # The keyring's directory, known only once local.conf is read: hence "=".
 # nooelint: oelint.vars.fileextrapathsop
 FILESEXTRAPATHS:prepend:rpi = "${@os.path.dirname(d.getVar('DERMASCOPE_RAUC_KEYRING')) + ':' if d.getVar('DERMASCOPE_RAUC_KEYRING') else ''}"
@@ -17,6 +22,10 @@ RAUC_KEYRING_FILE:rpi = "${@os.path.basename(d.getVar('DERMASCOPE_RAUC_KEYRING')
 # system.conf names the machine (compatible) and this image's version.
 PACKAGE_ARCH:rpi = "${MACHINE_ARCH}"
 
+FILES:${PN}:append:rpi = " ${DERMASCOPE_RAUC_HANDLER}"
+# The handler is a bash script (arrays, [[ ]]); busybox's sh is not bash.
+RDEPENDS:${PN}:append:rpi = " bash"
+
 # rpi: meta-raspberrypi's machine override, unknown to oelint's data.
 # nooelint: oelint.func.specific
 do_install:append:rpi() {
@@ -27,8 +36,11 @@ do_install:append:rpi() {
     if ! grep -q "BEGIN CERTIFICATE" "$keyring"; then
         bbfatal "DERMASCOPE_RAUC_KEYRING ($keyring) holds no PEM certificate"
     fi
+    install -d ${D}${libexecdir}/rauc
+    install -m 0755 ${WORKDIR}/dermascope-version-floor ${D}${DERMASCOPE_RAUC_HANDLER}
     sed -i \
         -e 's|@COMPATIBLE@|${DERMASCOPE_RAUC_COMPATIBLE}|' \
+        -e 's|@HANDLER@|${DERMASCOPE_RAUC_HANDLER}|' \
         -e 's|@VERSION@|${DERMASCOPE_OS_VERSION}|' \
         -e 's|@KEYRING@|${RAUC_KEYRING_FILE}|' \
         -e 's|@DISK@|${DERMASCOPE_RAUC_DISK}|' \
