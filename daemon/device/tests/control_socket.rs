@@ -13,7 +13,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dermascope_device::{ControlSocketOptions, ControlSocketTrigger, Trigger, TriggerEvent};
@@ -535,7 +534,7 @@ fn client_as(
     line: &str,
 ) -> Result<String, String> {
     let groups: Vec<libc::gid_t> = groups.to_vec();
-    let mut command = Command::new(exe);
+    let mut command = dermascope_testkit::command(exe);
     command.env(CLIENT, socket).env(LINE, line);
     // SAFETY: between fork and exec only async-signal-safe calls are made
     // (setgroups, setgid, setuid), on memory allocated before the fork.

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use dermascope_encoder::{Encoder, EncoderOptions};
 use dermascope_library::original_from_rgb;
@@ -135,7 +135,7 @@ fn reembed_survives_sigkill_at_random_batches() {
         } else {
             u64::MAX
         };
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut child = dermascope_testkit::command(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "reembed_survives_sigkill_at_random_batches",

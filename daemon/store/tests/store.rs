@@ -834,7 +834,7 @@ fn a_store_in_use_by_another_process_is_refused_clearly() {
     }
     let dir = tempfile::tempdir().unwrap();
     drop(CaseStore::open(dir.path(), identity(DIM)).unwrap());
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = dermascope_testkit::command(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "a_store_in_use_by_another_process_is_refused_clearly",

@@ -113,6 +113,25 @@ pub fn skip(test: &str, need: Need, reason: &str) {
     }
 }
 
+/// A [`std::process::Command`] for a program this build made (the test's
+/// own executable, a `CARGO_BIN_EXE_*`), started through
+/// `$DERMASCOPE_TEST_RUNNER` when that is set: whitespace-separated words
+/// put before the program, like cargo's `target.<triple>.runner`.
+/// `scripts/test-aarch64` sets it to `qemu-aarch64`, since without
+/// binfmt_misc the kernel cannot exec an aarch64 program on an x86 host.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let runner = std::env::var("DERMASCOPE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(first) => {
+            let mut command = std::process::Command::new(first);
+            command.args(words).arg(program);
+            command
+        }
+        None => std::process::Command::new(program),
+    }
+}
+
 /// The workspace root (the folder holding `Cargo.lock`), found from the
 /// running test's package: cargo sets `CARGO_MANIFEST_DIR` when it runs a
 /// test, which stays right even when this crate was compiled from another
@@ -197,6 +216,24 @@ mod tests {
     pub(crate) fn environment() -> std::sync::MutexGuard<'static, ()> {
         static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
         LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    #[test]
+    fn a_named_runner_comes_before_the_program() {
+        let _environment = environment();
+        let before = std::env::var_os("DERMASCOPE_TEST_RUNNER");
+        std::env::set_var("DERMASCOPE_TEST_RUNNER", " echo  runner-word ");
+        let through = command("the-program").arg("an-argument").output();
+        std::env::remove_var("DERMASCOPE_TEST_RUNNER");
+        let direct = command("echo").arg("plain").output();
+        if let Some(value) = before {
+            std::env::set_var("DERMASCOPE_TEST_RUNNER", value);
+        }
+        let text = |out: std::io::Result<std::process::Output>| {
+            String::from_utf8(out.expect("running echo").stdout).expect("utf-8")
+        };
+        assert_eq!(text(through), "runner-word the-program an-argument\n");
+        assert_eq!(text(direct), "plain\n");
     }
 
     // Environment variables are process-wide: one test holds every case

@@ -16,7 +16,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -199,7 +199,7 @@ fn device(s: &Setup, name: &str) -> PathBuf {
 }
 
 fn spawn(role: &str, root: &Path, s: &Setup) -> Result<std::process::Child, String> {
-    Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+    dermascope_testkit::command(std::env::current_exe().map_err(|e| e.to_string())?)
         .env(ROLE, role)
         .env(ROOT, root)
         .env(KEYS, &s.keys)
