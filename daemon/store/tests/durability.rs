@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,9 @@ const RUN: &str = "DERMASCOPE_STORE_RUN";
 /// cases, says `paused` and waits to be killed.
 const STOP_AFTER_ACKS: &str = "DERMASCOPE_STORE_STOP_AFTER_ACKS";
 const CRASH_RUNS: u64 = 27;
+/// Fewer crash runs (at least 3: one per kind of kill point), for
+/// scripts/test-aarch64, where each run is seconds under qemu.
+const CRASH_RUNS_VARIABLE: &str = "DERMASCOPE_STORE_CRASH_RUNS";
 /// The writer checkpoints the index cache every this many steps.
 const CHECKPOINT_EVERY: u64 = 40;
 /// The writer applies a page pulled from the fleet, with its cursor, every
@@ -488,7 +491,7 @@ fn kill_writer_at(
     run: u64,
     point: KillPoint,
 ) -> Result<Vec<String>, String> {
-    let mut command = Command::new(exe);
+    let mut command = dermascope_testkit::command(exe);
     command
         .env(ROLE, "ingest")
         .env(DIR, dir)
@@ -567,7 +570,14 @@ fn crash_test() -> Result<(), String> {
     let mut rng = Rng(20_240_611);
     let mut ledger = Ledger::default();
     let (mut inside_kills, mut landed_inside) = (0, 0);
-    for run in 0..CRASH_RUNS {
+    let runs = match std::env::var(CRASH_RUNS_VARIABLE) {
+        Ok(n) => n
+            .parse::<u64>()
+            .map_err(|e| format!("{CRASH_RUNS_VARIABLE}={n:?}: {e}"))?
+            .clamp(3, CRASH_RUNS),
+        Err(_) => CRASH_RUNS,
+    };
+    for run in 0..runs {
         let point = KillPoint::pick(run, &mut rng);
         let out =
             kill_writer_at(&exe, dir.path(), run, point).map_err(|e| format!("run {run}: {e}"))?;
@@ -718,7 +728,7 @@ fn full_disk_test() -> Result<(), String> {
             .extend(before.iter().map(|c| c.id.to_string()));
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(&exe)
+    let mut child = dermascope_testkit::command(&exe)
         .env(ROLE, "fsize")
         .env(DIR, dir.path())
         .stdout(Stdio::piped())
