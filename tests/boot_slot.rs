@@ -138,7 +138,7 @@ fn the_daemon_marks_its_slot_good_only_after_its_health_check() {
         if !have(tool) {
             skip(
                 TEST,
-                Need::Hardware,
+                Need::Rauc,
                 &format!("{tool} is not installed (scripts/setup installs it)"),
             );
             return;

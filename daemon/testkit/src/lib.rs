@@ -54,6 +54,9 @@ pub enum Need {
     /// Debian's `chromium`, run headless by the fleet status page's
     /// browser test (`scripts/setup` installs it).
     Chromium,
+    /// Debian's `rauc` with D-Bus, debugfs and openssl, for the boot-slot
+    /// test's real RAUC service (`scripts/setup` installs them).
+    Rauc,
 }
 
 impl Need {
@@ -64,6 +67,7 @@ impl Need {
             Need::Hardware => "hardware",
             Need::Postgres => "postgres",
             Need::Chromium => "chromium",
+            Need::Rauc => "rauc",
         }
     }
 }
