@@ -85,6 +85,18 @@ impl BootSlot for RaucSlot {
                 program: self.program.clone(),
                 source,
             })?;
+        // 127 is "command not found" from a shell wrapper, and what a
+        // missing program looks like where spawning is a plain fork (qemu
+        // user-mode): the same answer as a failed spawn.
+        if output.status.code() == Some(127) {
+            return Err(BootSlotError::Spawn {
+                program: self.program.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    first_chars(&output.stderr),
+                ),
+            });
+        }
         if !output.status.success() {
             return Err(BootSlotError::Refused {
                 program: self.program.clone(),
