@@ -167,6 +167,24 @@ pub fn bundle_dir() -> PathBuf {
     dir
 }
 
+/// The MedImageInsight bundle CI builds (`models/medimageinsight/build
+/// --random ci`: random weights in the published topology at CI size), or
+/// `$DERMASCOPE_MII_DIR`. Like [`bundle_dir`], absence fails: the test
+/// command builds it first. Its int8 variant exists only where the
+/// dermoscopy data was there to calibrate it.
+pub fn medimageinsight_bundle_dir() -> PathBuf {
+    let dir = std::env::var_os("DERMASCOPE_MII_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models/dist/medimageinsight-ci"));
+    assert!(
+        dir.join("manifest.toml").is_file(),
+        "no MedImageInsight bundle at {}: run `models/medimageinsight/build --random ci` \
+         (scripts/test does) first",
+        dir.display()
+    );
+    dir
+}
+
 fn data_dir(variable: &str, default: &str) -> PathBuf {
     std::env::var_os(variable)
         .map(PathBuf::from)
