@@ -49,6 +49,10 @@ pub struct InputSpec {
     pub width: u32,
     pub channel_order: ChannelOrder,
     pub resize: ResizeFilter,
+    /// How an image of another aspect ratio meets the input's; absent in
+    /// bundles written before MedImageInsight, which all stretch.
+    #[serde(default)]
+    pub crop: CropMode,
     /// Raw 0..255 pixel values are multiplied by this before normalisation.
     pub pixel_scale: f32,
     pub mean: [f32; 3],
@@ -81,6 +85,21 @@ pub enum ResizeFilter {
     Nearest,
 }
 
+/// What happens to an image whose aspect ratio is not the input's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CropMode {
+    /// Stretch the whole image to the input size: what the default encoder's
+    /// build does, and MedImageInsight's published `TEST.CENTER_CROP: false`.
+    #[default]
+    None,
+    /// Cut the largest centred region of the input's aspect ratio, then resize.
+    Center,
+    /// Resize the whole image to fit inside the input, centred, and fill the
+    /// rest with the mean colour: values that normalise to exactly 0.
+    Pad,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
@@ -104,6 +123,10 @@ pub struct VariantSpec {
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     Fp32,
+    /// Half-precision weights (Azure's MedImageInsight export): run on tract's
+    /// f16 kernels where the CPU has FP16 arithmetic, translated to f32 at
+    /// load elsewhere.
+    Fp16,
     Int8,
 }
 

@@ -1,15 +1,16 @@
 //! From photograph bytes or a camera frame to the encoder's input tensor.
 //!
-//! The steps mirror `models/build_encoder.py` exactly (stretch to the input
-//! size with a triangle filter, scale, per-channel normalise), because the int8
-//! calibration ranges are only valid for inputs prepared the same way.
+//! The steps mirror the bundle's build exactly (stretch, centre-crop or pad to
+//! the input size as the manifest's `crop` says, resize with its filter,
+//! scale, per-channel normalise), because the int8 calibration ranges are
+//! only valid for inputs prepared the same way.
 
 use std::io::Cursor;
 
 use image::imageops::FilterType;
 use image::{ImageReader, Limits, RgbImage};
 
-use crate::manifest::{ChannelOrder, InputSpec, ResizeFilter, TensorLayout};
+use crate::manifest::{ChannelOrder, CropMode, InputSpec, ResizeFilter, TensorLayout};
 use crate::EncoderError;
 
 /// Smallest side we accept: anything smaller cannot show a lesion, and is far
@@ -121,18 +122,31 @@ pub fn image_to_tensor(image: &RgbImage, input: &InputSpec) -> Result<Vec<f32>, 
     check_size(image.width(), image.height())?;
     let filter = match input.resize {
         ResizeFilter::Bilinear => FilterType::Triangle,
+        // Keys' cubic with a = -0.5, Pillow's BICUBIC kernel (image calls it
+        // Catmull-Rom); both widen it by the scale factor when shrinking.
         ResizeFilter::Bicubic => FilterType::CatmullRom,
         ResizeFilter::Nearest => FilterType::Nearest,
     };
-    let resized;
-    let sized = if image.width() == input.width && image.height() == input.height {
+    let fit = Fit::of(image.width(), image.height(), input);
+    let region;
+    let source = if fit.crop == (0, 0, image.width(), image.height()) {
         image
     } else {
-        resized = image::imageops::resize(image, input.width, input.height, filter);
+        let (x, y, w, h) = fit.crop;
+        region = image::imageops::crop_imm(image, x, y, w, h).to_image();
+        &region
+    };
+    let resized;
+    let sized = if (source.width(), source.height()) == (fit.size.0, fit.size.1) {
+        source
+    } else {
+        resized = image::imageops::resize(source, fit.size.0, fit.size.1, filter);
         &resized
     };
 
-    let plane = (input.width * input.height) as usize;
+    let (width, height) = (input.width as usize, input.height as usize);
+    let plane = width * height;
+    // Padding stays 0.0: the mean colour, normalised.
     let mut tensor = vec![0f32; plane * 3];
     // Folding scale, mean and std into one multiply-add per value keeps this
     // off the capture path's profile.
@@ -146,7 +160,9 @@ pub fn image_to_tensor(image: &RgbImage, input: &InputSpec) -> Result<Vec<f32>, 
         ChannelOrder::Rgb => [0, 1, 2],
         ChannelOrder::Bgr => [2, 1, 0],
     };
-    for (i, pixel) in sized.pixels().enumerate() {
+    let (left, top) = (fit.offset.0 as usize, fit.offset.1 as usize);
+    for (x, y, pixel) in sized.enumerate_pixels() {
+        let i = (top + y as usize) * width + left + x as usize;
         for (slot, &source_channel) in order.iter().enumerate() {
             let value = f32::from(pixel.0[source_channel]) * gain[slot] + offset[slot];
             let index = match input.layout {
@@ -157,4 +173,63 @@ pub fn image_to_tensor(image: &RgbImage, input: &InputSpec) -> Result<Vec<f32>, 
         }
     }
     Ok(tensor)
+}
+
+/// Where an image goes in the input: which part of it is read (x, y, w, h),
+/// the size it is resized to, and where that lands in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fit {
+    crop: (u32, u32, u32, u32),
+    size: (u32, u32),
+    offset: (u32, u32),
+}
+
+impl Fit {
+    fn of(width: u32, height: u32, input: &InputSpec) -> Fit {
+        let (iw, ih) = (input.width, input.height);
+        let whole = (0, 0, width, height);
+        // Sides are at most 4096 (manifest) and 65535 (decoders): u64 holds
+        // every product exactly, so the rounding is the same on every CPU.
+        let (w, h, iw64, ih64) = (
+            u64::from(width),
+            u64::from(height),
+            u64::from(iw),
+            u64::from(ih),
+        );
+        let round_div = |a: u64, b: u64| ((2 * a + b) / (2 * b)) as u32;
+        match input.crop {
+            CropMode::None => Fit {
+                crop: whole,
+                size: (iw, ih),
+                offset: (0, 0),
+            },
+            CropMode::Center => {
+                // Wider than the input: keep the full height, cut the sides.
+                let crop = if w * ih64 > h * iw64 {
+                    let cw = round_div(h * iw64, ih64).clamp(1, width);
+                    ((width - cw) / 2, 0, cw, height)
+                } else {
+                    let ch = round_div(w * ih64, iw64).clamp(1, height);
+                    (0, (height - ch) / 2, width, ch)
+                };
+                Fit {
+                    crop,
+                    size: (iw, ih),
+                    offset: (0, 0),
+                }
+            }
+            CropMode::Pad => {
+                let size = if w * ih64 > h * iw64 {
+                    (iw, round_div(h * iw64, w).clamp(1, ih))
+                } else {
+                    (round_div(w * ih64, h).clamp(1, iw), ih)
+                };
+                Fit {
+                    crop: whole,
+                    size,
+                    offset: ((iw - size.0) / 2, (ih - size.1) / 2),
+                }
+            }
+        }
+    }
 }
