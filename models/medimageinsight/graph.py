@@ -162,22 +162,31 @@ class _Writer:
         return w, b
 
     def window_attention(self, x: str, key: str, name: str, hw, dim: int, heads: int, window: int) -> str:
+        """Multi-head attention inside each window of the zero-padded grid.
+
+        The published code pads the normed tokens, then runs qkv and proj on
+        every padded token. qkv of a zero token is its bias, and proj is
+        per token with the padding cropped afterwards, so here qkv's matmul
+        runs on the real tokens, the padding is added to its output before
+        the bias, and proj runs after the crop: the same numbers (the numpy
+        reference pads first, as published) without the padding's share of
+        the two largest matmuls (a third of stage 2's and 60% of stage 3's
+        qkv and proj at 480)."""
         h, w = hw
         head_dim = dim // heads
         pad_b, pad_r = window_padding(h, w, window)
         hp, wp = h + pad_b, w + pad_r
         rows, cols = hp // window, wp // window
         windows, area = rows * cols, window * window
-        grid = self.reshape(x, (h, w, dim), f"{name}.grid")
-        if pad_b or pad_r:
-            pads = self.shape((0, 0, 0, pad_b, pad_r, 0))
-            grid = self.node("Pad", [grid, pads], f"{name}.pad", mode="constant")
-        blocks = self.reshape(grid, (rows, window, cols, window, dim), f"{name}.blocks")
-        tokens = self.reshape(self.transpose(blocks, (0, 2, 1, 3, 4), f"{name}.partition"),
-                              (windows * area, dim), f"{name}.windows")
         qkv_w, qkv_b = self.qkv_scaled(f"{key}.qkv", dim, head_dim ** -0.5)
-        qkv = self.linear(tokens, f"{key}.qkv", f"{name}.qkv", qkv_w, qkv_b)
-        per_head = self.transpose(self.reshape(qkv, (windows, area, 3 * heads, head_dim), f"{name}.qkv_heads"),
+        qkv = self.node("MatMul", [x, self.const(f"{name}.qkv.weight", qkv_w.T)], f"{name}.qkv")
+        grid = self.reshape(qkv, (h, w, 3 * dim), f"{name}.qkv_grid")
+        if pad_b or pad_r:
+            grid = self.node("Pad", [grid, self.shape((0, 0, 0, pad_b, pad_r, 0))], f"{name}.pad", mode="constant")
+        grid = self.node("Add", [grid, self.const(f"{name}.qkv.bias_value", qkv_b)], f"{name}.qkv.bias")
+        blocks = self.reshape(grid, (rows, window, cols, window, 3 * dim), f"{name}.blocks")
+        partitioned = self.transpose(blocks, (0, 2, 1, 3, 4), f"{name}.partition")
+        per_head = self.transpose(self.reshape(partitioned, (windows, area, 3 * heads, head_dim), f"{name}.qkv_heads"),
                                   (0, 2, 1, 3), f"{name}.qkv_heads_first")
         q, k, v = (f"{name}.{part}" for part in ("q", "k", "v"))
         self.nodes.append(helper.make_node("Split", [per_head, self.shape((heads, heads, heads))], [q, k, v],
@@ -185,16 +194,15 @@ class _Writer:
         scores = self.node("MatMul", [q, self.transpose(k, (0, 1, 3, 2), f"{name}.k_t")], f"{name}.scores")
         attention = self.node("Softmax", [scores], f"{name}.softmax", axis=-1)
         mixed = self.node("MatMul", [attention, v], f"{name}.mixed")
-        merged = self.reshape(self.transpose(mixed, (0, 2, 1, 3), f"{name}.heads_last"),
-                              (windows * area, dim), f"{name}.merged")
-        out = self.linear(merged, f"{key}.proj", f"{name}.proj")
-        back = self.reshape(out, (rows, cols, window, window, dim), f"{name}.out_blocks")
+        back = self.reshape(self.transpose(mixed, (0, 2, 1, 3), f"{name}.heads_last"),
+                            (rows, cols, window, window, dim), f"{name}.out_blocks")
         grid_out = self.reshape(self.transpose(back, (0, 2, 1, 3, 4), f"{name}.reverse"), (hp, wp, dim),
                                 f"{name}.out_grid")
         if pad_b or pad_r:
             grid_out = self.node("Slice", [grid_out, self.shape((0, 0)), self.shape((h, w)), self.shape((0, 1))],
                                  f"{name}.crop")
-        return self.reshape(grid_out, (h * w, dim), f"{name}.out")
+        merged = self.reshape(grid_out, (h * w, dim), f"{name}.merged")
+        return self.linear(merged, f"{key}.proj", f"{name}.proj")
 
     def channel_attention(self, x: str, key: str, name: str, tokens: int, dim: int, groups: int) -> str:
         group_dim = dim // groups
