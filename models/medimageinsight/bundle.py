@@ -20,7 +20,6 @@ first 8 of those are check/.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 import time
@@ -67,9 +66,13 @@ def log(message: str) -> None:
 
 
 def preprocess(path: Path, cfg) -> np.ndarray:
-    """One image as the manifest says: [1, 3, S, S] float32."""
+    """One image file as the manifest says: [1, 3, S, S] float32."""
+    return preprocess_image(load_rgb8(path), cfg)
+
+
+def preprocess_image(rgb8: Image.Image, cfg) -> np.ndarray:
     size = cfg.image_size
-    resized = load_rgb8(path).resize((size, size), Image.BICUBIC)
+    resized = rgb8.resize((size, size), Image.BICUBIC)
     x = np.asarray(resized, dtype=np.float32) * np.float32(PIXEL_SCALE)
     x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
@@ -294,13 +297,18 @@ dim = {cfg.projection_dim}
     log("wrote manifest.toml")
 
 
-def to_fp16(model: onnx.ModelProto, input_name: str = graph.INPUT_NAME,
-            output_name: str = graph.OUTPUT_NAME) -> onnx.ModelProto:
-    """An fp16 copy with an fp16 interface: float16 input and output (renamed
-    to `input_name` / `output_name`) and float16 weights, each cast to float32
+def to_fp16(model: onnx.ModelProto, input_name: str | None = None,
+            output_name: str | None = None) -> onnx.ModelProto:
+    """An fp16 copy with an fp16 interface: float16 input and output (named
+    as azure.py documents the Azure export's, unless `input_name` /
+    `output_name` say otherwise) and float16 weights, each cast to float32
     where it is used, so the arithmetic stays the fp32 graph's and every
     runtime's float32 kernels run it. Stands in for Azure's fp16 export in
     tests of the fp16 path; half the file size, not half the arithmetic."""
+    import azure  # the documented Azure interface; imported here because azure.py imports this module
+
+    input_name = input_name or azure.INPUT_NAME
+    output_name = output_name or azure.OUTPUT_NAME
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     old_in, old_out = g.input[0].name, g.output[0].name
@@ -337,6 +345,3 @@ def to_fp16(model: onnx.ModelProto, input_name: str = graph.INPUT_NAME,
     del g.value_info[:]
     return graph.check(model)
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import onnxruntime as ort
 
-from helpers import TINY, images, random_weights
+from fixtures import TINY, images, random_weights
 
 import graph
 import reference
