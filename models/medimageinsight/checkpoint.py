@@ -122,7 +122,8 @@ class _Tensor:
         view = np.lib.stride_tricks.as_strided(
             self.storage[self.offset:], shape=self.size, strides=[s * item for s in self.stride], writeable=False
         )
-        return np.ascontiguousarray(view)
+        # np.array, not ascontiguousarray, which turns a 0-d tensor (logit_scale) into shape (1,).
+        return np.array(view, order="C", copy=True)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
