@@ -148,9 +148,9 @@ _ALLOWED = {
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+    def __init__(self, data: bytes, members: "_Members", prefix: str, byteorder: str):
         super().__init__(io.BytesIO(data))
-        self._archive = archive
+        self._members = members
         self._prefix = prefix
         self._byteorder = byteorder
         self._storages: dict[str, tuple] = {}
@@ -173,12 +173,7 @@ class _Unpickler(pickle.Unpickler):
         key = str(key)
         if key not in self._storages:
             member = f"{self._prefix}data/{key}"
-            try:
-                raw = self._archive.read(member)
-            except KeyError:
-                raise CheckpointError(f"storage {member} is missing: truncated or not a torch zip checkpoint")
-            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-                raise CheckpointError(f"{member}: {e}: truncated or not a torch zip checkpoint") from e
+            raw = self._members.read(member)
             dtype = stype.dtype
             size = _itemsize(dtype)
             if len(raw) != int(numel) * size:
@@ -201,12 +196,48 @@ class _Unpickler(pickle.Unpickler):
 _LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
+class _Members:
+    """Reads stored members straight from the file.
+
+    torch >= 2.7 can save without checksums (every CRC-32 written as 0), which
+    zipfile's reader rejects; a non-zero CRC is still verified.
+    """
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile, file):
+        self._path, self._archive, self._file = path, archive, file
+
+    def read(self, name: str) -> bytes:
+        try:
+            info = self._archive.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"{self._path}: {name} is missing: truncated or not a torch zip checkpoint")
+        try:
+            if info.compress_type != zipfile.ZIP_STORED:
+                return self._archive.read(name)
+            self._file.seek(info.header_offset)
+            header = self._file.read(30)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"bad local header for {name}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            self._file.seek(info.header_offset + 30 + name_len + extra_len)
+            data = self._file.read(info.compress_size)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error, NotImplementedError) as e:
+            raise CheckpointError(f"{self._path}: {name}: {e}: truncated or not a torch zip checkpoint") from e
+        if len(data) != info.compress_size:
+            raise CheckpointError(f"{self._path}: {name} ends early: truncated or not a torch zip checkpoint")
+        if info.CRC and zlib.crc32(data) != info.CRC:
+            raise CheckpointError(f"{self._path}: {name} fails its CRC-32: corrupt checkpoint")
+        return data
+
+
 def _read_torch_zip(path: Path) -> dict:
     try:
-        archive = zipfile.ZipFile(path)
+        file = open(path, "rb")
+        archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: {e}: truncated or not a torch zip checkpoint") from e
-    with archive:
+    with file, archive:
+        members = _Members(path, archive, file)
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
@@ -216,15 +247,12 @@ def _read_torch_zip(path: Path) -> dict:
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = "little"
         if f"{prefix}byteorder" in names:
-            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            byteorder = members.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
                 raise CheckpointError(f"{path}: byteorder {byteorder!r}, expected 'little' or 'big'")
+        data = members.read(pickles[0])
         try:
-            data = archive.read(pickles[0])
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-            raise CheckpointError(f"{path}: {e}: truncated or not a torch zip checkpoint") from e
-        try:
-            obj = _Unpickler(data, archive, prefix, byteorder).load()
+            obj = _Unpickler(data, members, prefix, byteorder).load()
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
@@ -292,11 +320,14 @@ def read_state_dict(path: str | Path) -> "OrderedDict[str, _Tensor]":
     return _state_dict_of(obj, path)
 
 
+NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
 def _state_dict_of(obj, path: Path) -> "OrderedDict[str, _Tensor]":
-    # Training scripts nest the weights: {"state_dict": ...} or {"model": ...}.
+    # Training scripts nest the weights: {"state_dict": ...}, {"model": ...}, ...
     for _ in range(3):
         if isinstance(obj, dict) and not any(isinstance(v, _Tensor) for v in obj.values()):
-            for key in ("state_dict", "model"):
+            for key in NESTING_KEYS:
                 if isinstance(obj.get(key), dict):
                     obj = obj[key]
                     break
@@ -309,7 +340,11 @@ def _state_dict_of(obj, path: Path) -> "OrderedDict[str, _Tensor]":
         if isinstance(value, _Tensor) and isinstance(key, str):
             out[key] = value
     if not out:
-        raise CheckpointError(f"{path}: no tensors in the checkpoint (expected a state dict)")
+        found = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(obj.items())[:12])
+        raise CheckpointError(
+            f"{path}: no tensors in the checkpoint: expected a state dict, bare or under one of "
+            f"{list(NESTING_KEYS)}; found {{{found}}}"
+        )
     # DistributedDataParallel saves every key under "module.".
     if all(k.startswith("module.") for k in out):
         out = OrderedDict((k[len("module."):], v) for k, v in out.items())
@@ -563,6 +598,12 @@ def write_torch_zip(path: str | Path, tensors: "Iterable[tuple[str, tuple, str, 
         writer.write_bytes(".data/serialization_id", serialization_id.encode("ascii"))
     finally:
         writer.close()
+
+
+# Names the bytes write_random_checkpoint produces for a given configuration
+# and seed; the build caches generated files under it. Bump it with any change
+# that alters those bytes (tests pin the CI file's sha256 and say so).
+RECIPE_VERSION = 1
 
 
 def init_kind(key: str, shape: tuple) -> str:
