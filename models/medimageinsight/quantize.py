@@ -66,17 +66,23 @@ def activation_ranges(model: onnx.ModelProto, batches, threads: int = 1) -> dict
     """Percentile (lowest, highest) of every quantized Linear's input over
     `batches` (an iterable of [1,3,H,W] float32 arrays)."""
     tensors = sorted({node.input[0] for node in linear_matmuls(model)})
-    augmented = onnx.ModelProto.FromString(model.SerializeToString())
-    value_infos = {vi.name: vi for vi in augmented.graph.value_info}
+    value_infos = {vi.name: vi for vi in model.graph.value_info}
     missing = [t for t in tensors if t not in value_infos]
     if missing:
         raise QuantizeError(f"no inferred shape for {missing[:3]}: run graph.check() first")
-    augmented.graph.output.extend(value_infos[t] for t in tensors)
+    # The Linear inputs become extra outputs only for the serialised copy the
+    # session is made from: no second ModelProto of a 1.4 GB graph.
+    original_outputs = len(model.graph.output)
+    model.graph.output.extend(value_infos[t] for t in tensors)
+    try:
+        serialised = model.SerializeToString()
+    finally:
+        del model.graph.output[original_outputs:]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(augmented.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del augmented
+    session = ort.InferenceSession(serialised, options, providers=["CPUExecutionProvider"])
+    del serialised
     collector = HistogramCollector(method="percentile", symmetric=True, num_bins=HISTOGRAM_BINS,
                                    num_quantized_bins=128, percentile=PERCENTILE, scenario="same")
     seen = 0
@@ -104,9 +110,11 @@ def activation_quantization(lowest: float, highest: float) -> tuple[float, int]:
     return scale, zero_point
 
 
-def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """A copy of the fp32 graph with every block Linear as MatMulInteger."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy: bool = True) -> onnx.ModelProto:
+    """The fp32 graph with every block Linear as MatMulInteger: a copy, or
+    (copy=False, for the 1.4 GB full graph) `model` itself rewritten."""
+    if copy:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     targets = {node.name for node in linear_matmuls(model)}
     if not targets:

@@ -88,8 +88,8 @@ class WrittenBundle(unittest.TestCase):
     def test_failed_floor_writes_nothing(self):
         real_to_int8 = quantize.to_int8
 
-        def broken(model, ranges):
-            int8 = real_to_int8(model, ranges)
+        def broken(model, ranges, copy=True):
+            int8 = real_to_int8(model, ranges, copy)
             for init in int8.graph.initializer:
                 if init.name.endswith(".rescale"):
                     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 0, init.name))
