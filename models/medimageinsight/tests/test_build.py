@@ -154,6 +154,14 @@ class BadInput(unittest.TestCase):
         err = self.refused("--config", str(other), "--checkpoint", str(self.ci_pt), "--out", str(self.tmp.path / "out"))
         self.assertIn("expected 'davit_v1'", err)
 
+    def test_int8_without_dermoscopy_images_says_how_to_proceed(self):
+        result = run_build("--random", "ci", "--out", str(self.tmp.path / "out"),
+                           env={"DERMASCOPE_DERM_DATA": str(self.tmp.path / "no-such-folder")})
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("no dermoscopy images at", result.stderr)
+        self.assertIn("--no-int8", result.stderr)
+        self.assertFalse((self.tmp.path / "out").exists())
+
     def test_missing_arguments_say_what_is_needed(self):
         result = run_build("--checkpoint", str(self.ci_pt), "--out", str(self.tmp.path / "out"))
         self.assertEqual(result.returncode, 2)
