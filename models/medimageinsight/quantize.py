@@ -49,6 +49,9 @@ QUANTIZED_SUFFIXES = (".qkv", ".proj", ".fc1", ".fc2")
 # quantized asymmetrically: a symmetric grid would waste most of its
 # negative half (GELU outputs).
 ASYMMETRIC_BELOW = 0.5
+# See to_int8: the LayerNorm-fed Linear inputs (qkv, fc1) are quantized by
+# the LayerNorm itself.
+FOLD_LAYER_NORM = True
 
 
 class QuantizeError(RuntimeError):
@@ -110,9 +113,18 @@ def activation_quantization(lowest: float, highest: float) -> tuple[float, int]:
     return scale, zero_point
 
 
-def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy: bool = True) -> onnx.ModelProto:
+def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy: bool = True,
+            fold_layer_norm: bool = FOLD_LAYER_NORM) -> onnx.ModelProto:
     """The fp32 graph with every block Linear as MatMulInteger: a copy, or
-    (copy=False, for the 1.4 GB full graph) `model` itself rewritten."""
+    (copy=False, for the 1.4 GB full graph) `model` itself rewritten.
+
+    fold_layer_norm: where a Linear's input is a LayerNorm that nothing else
+    reads (qkv and fc1), the quantization moves into the LayerNorm's scale
+    and shift (gamma / s, beta / s + zero point + 0.5) followed by Clip and a
+    Cast to u8, which truncates and so rounds half up, instead of a
+    QuantizeLinear, as integer_conv.py does inside depthwise convolutions
+    (tract's QuantizeLinear is a scalar loop). u8 with zero point z + 128
+    holds the same levels as s8 with zero point z."""
     if copy:
         model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
@@ -120,6 +132,11 @@ def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy
     if not targets:
         raise QuantizeError("no Linear MatMul to quantize")
     initializers = {init.name: init for init in g.initializer}
+    producers = {out: node for node in g.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     replaced: set[str] = set()
     added: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -138,14 +155,38 @@ def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy
         replaced.add(w_name)
         p = node.name
         added += [
-            numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}.x_scale"),
-            numpy_helper.from_array(np.array(x_zero_point, np.int8), f"{p}.x_zero_point"),
             numpy_helper.from_array(w_q, f"{p}.weight_q"),
             numpy_helper.from_array((x_scale * w_scale).astype(np.float32), f"{p}.rescale"),
         ]
+        norm = producers.get(x)
+        if fold_layer_norm and norm is not None and norm.op_type == "LayerNormalization" and readers[x] == 1:
+            gamma = numpy_helper.to_array(initializers[norm.input[1]]).astype(np.float64)
+            beta = numpy_helper.to_array(initializers[norm.input[2]]).astype(np.float64)
+            replaced.update(norm.input[1:3])
+            zero_point_u8 = x_zero_point + 128
+            added += [
+                numpy_helper.from_array((gamma / x_scale).astype(np.float32), f"{p}.norm_scale_q"),
+                numpy_helper.from_array((beta / x_scale + zero_point_u8 + 0.5).astype(np.float32), f"{p}.norm_bias_q"),
+                numpy_helper.from_array(np.array(0, np.float32), f"{p}.u8_low"),
+                numpy_helper.from_array(np.array(255, np.float32), f"{p}.u8_high"),
+                numpy_helper.from_array(np.array(zero_point_u8, np.uint8), f"{p}.x_zero_point"),
+            ]
+            norm.input[1], norm.input[2] = f"{p}.norm_scale_q", f"{p}.norm_bias_q"
+            norm.output[0] = f"{p}.x_levels"
+            nodes += [
+                helper.make_node("Clip", [f"{p}.x_levels", f"{p}.u8_low", f"{p}.u8_high"], [f"{p}.x_clipped"],
+                                 name=f"{p}.clip"),
+                helper.make_node("Cast", [f"{p}.x_clipped"], [f"{p}.x_q"], name=f"{p}.quantize",
+                                 to=TensorProto.UINT8),
+            ]
+        else:
+            added += [
+                numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}.x_scale"),
+                numpy_helper.from_array(np.array(x_zero_point, np.int8), f"{p}.x_zero_point"),
+            ]
+            nodes.append(helper.make_node("QuantizeLinear", [x, f"{p}.x_scale", f"{p}.x_zero_point"], [f"{p}.x_q"],
+                                          name=f"{p}.quantize"))
         nodes += [
-            helper.make_node("QuantizeLinear", [x, f"{p}.x_scale", f"{p}.x_zero_point"], [f"{p}.x_q"],
-                             name=f"{p}.quantize"),
             helper.make_node("MatMulInteger", [f"{p}.x_q", f"{p}.weight_q", f"{p}.x_zero_point"],
                              [f"{p}.accumulator"], name=f"{p}.matmul_integer"),
             helper.make_node("Cast", [f"{p}.accumulator"], [f"{p}.accumulator_f32"], name=f"{p}.cast",

@@ -47,17 +47,31 @@ class Int8Form(unittest.TestCase):
             integer = nodes[f"{name}.matmul_integer"]
             self.assertEqual(integer.op_type, "MatMulInteger")
             self.assertEqual(inits[integer.input[1]].data_type, TensorProto.INT8, name)
-            self.assertEqual(inits[integer.input[2]].data_type, TensorProto.INT8, name)
-            self.assertEqual(nodes[f"{name}.quantize"].op_type, "QuantizeLinear")
             self.assertNotIn(name, nodes)  # the float MatMul is gone
+            if name.endswith((".qkv", ".fc1")):
+                # Quantized by the LayerNorm before it: Clip + Cast to u8.
+                self.assertEqual(nodes[f"{name}.quantize"].op_type, "Cast")
+                self.assertEqual(inits[integer.input[2]].data_type, TensorProto.UINT8, name)
+            else:
+                self.assertEqual(nodes[f"{name}.quantize"].op_type, "QuantizeLinear")
+                self.assertEqual(inits[integer.input[2]].data_type, TensorProto.INT8, name)
         float_matmuls = [n.name for n in self.int8.graph.node
                          if n.op_type == "MatMul" and n.input[1] in inits]
         self.assertEqual(float_matmuls, [graph.OUTPUT_NAME])  # only the final projection stays float
 
+    def test_layer_norm_folding_matches_quantize_linear(self):
+        # The folded form rounds half up where QuantizeLinear rounds half to
+        # even: the two int8 graphs agree to rounding, and both track fp32.
+        x = synthetic_batch(["fold-0", "fold-1"], TINY)
+        unfolded = quantize.to_int8(self.fp32, self.ranges, fold_layer_norm=False)
+        a, b, f = embed(unfolded, x), embed(self.int8, x), embed(self.fp32, x)
+        self.assertGreater(cosines(a, b).min(), 0.9999)
+        self.assertGreater(cosines(b, f).min(), 0.999)
+
     def test_per_column_weights_round_trip(self):
         inits = {i.name: numpy_helper.to_array(i) for i in self.fp32.graph.initializer}
         q = {i.name: numpy_helper.to_array(i) for i in self.int8.graph.initializer}
-        name = "stage1.block0.spatial.ffn.fc1"
+        name = "stage1.block0.spatial.ffn.fc2"  # a QuantizeLinear-fed one: its x_scale is stored
         w = inits[f"{name}.weight"]
         x_scale = float(q[f"{name}.x_scale"])
         w_scale = q[f"{name}.rescale"] / x_scale
