@@ -250,9 +250,10 @@ def write_manifest(bundle: Path, cfg, source: dict, figures: dict, calibration_c
     if (bundle / "encoder-int8.onnx").exists():
         variants.append(
             '[[variant]]\nname = "int8"\nfile = "encoder-int8.onnx"\nprecision = "int8"\n'
-            'quantization = "MatMulInteger on the block Linear layers (qkv, proj, fc1, fc2: per-tensor s8 '
-            "activations, s8 per-column weights) with a float rescale; LayerNorm, softmax, attention products, "
-            f'convolutions and the projection in float, Percentile calibration on {calibration_count} images"\n'
+            'quantization = "MatMulInteger on the block Linear layers (qkv, proj, fc1, fc2: per-tensor 8-bit '
+            "activations, quantized inside the LayerNorm before qkv and fc1; s8 per-column weights) with a float "
+            "rescale; LayerNorm, softmax, attention products, convolutions and the projection in float, "
+            f'Percentile calibration on {calibration_count} images"\n'
             'calibration = "derm"\n'
             f'sha256 = "{sha256_file(bundle / "encoder-int8.onnx")}"\n'
         )
