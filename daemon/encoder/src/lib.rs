@@ -20,6 +20,8 @@
 
 pub mod manifest;
 pub mod preprocess;
+pub mod preprocess_spec;
+pub mod preprocess_steps;
 pub mod stages;
 
 use std::io::Cursor;
@@ -33,7 +35,19 @@ use tract_onnx::prelude::*;
 
 pub use manifest::{EncoderManifest, Precision, VariantSpec};
 pub use preprocess::{decode_rgb, image_to_tensor, DecodeBudget, MIN_IMAGE_SIDE};
+pub use preprocess_spec::{ColourConstancy, Framing, PreprocessSpec, PREPROCESS_ENV};
 pub use stages::StageFusion;
+
+/// How an fp16 variant runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfPrecisionPath {
+    /// On tract's f16 kernels: tract's probe found FP16 arithmetic
+    /// (aarch64 with FEAT_FP16, e.g. Cortex-A76/A55; not the Pi 4's A72).
+    Native,
+    /// Translated to f32 at load (tract's `FloatPrecisionTranslator`): the
+    /// weights keep their f16 values, the arithmetic is f32.
+    TranslatedToF32,
+}
 
 /// Lets tract use its wide (16x16, zmm) int8 matrix kernel on AMD CPUs with
 /// AVX-512 VNNI (Zen 4 and later), unless `TRACT_AVX512_FMA_UNITS` is set.
@@ -155,6 +169,8 @@ pub enum EncoderError {
     Inference { message: String },
     #[error("the encoder produced a degenerate embedding (zero or non-finite)")]
     DegenerateEmbedding,
+    #[error("{PREPROCESS_ENV}={value:?}: {message}")]
+    PreprocessOverride { value: String, message: String },
 }
 
 /// Which variant to run.
@@ -199,6 +215,10 @@ pub struct EncoderOptions {
     /// only effective before tract plans its first int8 product in the
     /// process. Off only to compare against stock tract.
     pub prefer_wide_int8_tile: bool,
+    /// Replaces the manifest's `[preprocess]` table (it enters the model id
+    /// like the table would). `None`: [`PREPROCESS_ENV`] if set, else the
+    /// manifest's.
+    pub preprocess: Option<PreprocessSpec>,
 }
 
 impl Default for EncoderOptions {
@@ -209,6 +229,7 @@ impl Default for EncoderOptions {
             decode_budget: DecodeBudget::default(),
             fuse_stages: true,
             prefer_wide_int8_tile: true,
+            preprocess: None,
         }
     }
 }
@@ -260,9 +281,15 @@ pub struct Encoder {
     variant: VariantSpec,
     plan: Arc<TypedRunnableModel>,
     input_shape: [usize; 4],
+    /// What the plan takes: f32, or f16 for an fp16 file run natively.
+    input_type: DatumType,
+    half_precision: Option<HalfPrecisionPath>,
     decode_budget: DecodeBudget,
     load_timings: LoadTimings,
     stage_fusion: StageFusion,
+    preprocess: PreprocessSpec,
+    /// The manifest's model id with the preprocessing's suffix.
+    model_id: String,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -285,6 +312,7 @@ impl Encoder {
             prefer_wide_int8_tile_on_amd();
         }
         let manifest = EncoderManifest::load(bundle_dir)?;
+        let preprocess = preprocess_steps::chosen_spec(&manifest, options.preprocess)?;
         let (variant, variant_reason) = select_variant(&manifest, &options.variant)?;
         let variant = variant.clone();
         let path = manifest.variant_path(bundle_dir, &variant);
@@ -328,29 +356,75 @@ impl Encoder {
             manifest::TensorLayout::Nchw => [1, 3, input.height as usize, input.width as usize],
             manifest::TensorLayout::Nhwc => [1, input.height as usize, input.width as usize, 3],
         };
+        let mismatch = |message: String| EncoderError::GraphMismatch {
+            path: path.clone(),
+            message,
+        };
         let input_index = named_outlet_index(&model, model.input_outlets(), &input.name)
-            .ok_or_else(|| EncoderError::GraphMismatch {
-                path: path.clone(),
-                message: format!("it has no input named {:?}", input.name),
+            .ok_or_else(|| {
+                mismatch(format!(
+                    "it has no input named {:?} (its inputs: {:?})",
+                    input.name,
+                    outlet_names(&model, model.input_outlets())
+                ))
             })?;
         let output_index =
             named_outlet_index(&model, model.output_outlets(), &manifest.output.name).ok_or_else(
-                || EncoderError::GraphMismatch {
-                    path: path.clone(),
-                    message: format!("it has no output named {:?}", manifest.output.name),
+                || {
+                    mismatch(format!(
+                        "it has no output named {:?} (its outputs: {:?})",
+                        manifest.output.name,
+                        outlet_names(&model, model.output_outlets())
+                    ))
                 },
             )?;
+        let file_input_type = check_declared(
+            model.input_fact(input_index).map_err(graph_error)?,
+            "input",
+            &input.name,
+            &variant,
+            Expected::Shape(&input_shape),
+        )
+        .map_err(mismatch)?;
+        check_declared(
+            model.output_fact(output_index).map_err(graph_error)?,
+            "output",
+            &manifest.output.name,
+            &variant,
+            Expected::Len(manifest.output.dim),
+        )
+        .map_err(mismatch)?;
         let output_outlet = model.output_outlets().map_err(graph_error)?[output_index];
         model
             .select_output_outlets(&[output_outlet])
             .map_err(graph_error)?;
         model
-            .set_input_fact(input_index, f32::fact(input_shape).into())
+            .set_input_fact(
+                input_index,
+                TypedFact::dt_shape(file_input_type, input_shape).into(),
+            )
             .map_err(graph_error)?;
-        let typed = model.into_typed().map_err(graph_error)?;
+        let mut typed = model.into_typed().map_err(graph_error)?;
         let parse = started.elapsed();
 
         let started = Instant::now();
+        let half_precision = (variant.precision == Precision::Fp16).then(|| {
+            if tract_linalg::has_fp16() {
+                HalfPrecisionPath::Native
+            } else {
+                HalfPrecisionPath::TranslatedToF32
+            }
+        });
+        if half_precision == Some(HalfPrecisionPath::TranslatedToF32) {
+            // Without FP16 arithmetic tract would run f16 through scalar
+            // fallbacks; f32 kernels on f16-rounded weights give the same
+            // embedding to f16's precision, much faster.
+            use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+            use tract_onnx::tract_core::transform::ModelTransform;
+            FloatPrecisionTranslator::new(f16::datum_type(), f32::datum_type())
+                .transform(&mut typed)
+                .map_err(graph_error)?;
+        }
         let mut typed = typed.into_decluttered().map_err(graph_error)?;
         let fusion = if options.fuse_stages {
             // A graph the stages mis-read must still load: stock tract runs
@@ -379,6 +453,7 @@ impl Encoder {
                 path: path.clone(),
                 message: "its output shape is not fixed by the input shape".into(),
             })?;
+        let input_type = optimized.input_fact(0).map_err(graph_error)?.datum_type;
         let output_len: usize = output_shape.iter().product();
         if output_len != manifest.output.dim {
             return Err(EncoderError::GraphMismatch {
@@ -409,6 +484,7 @@ impl Encoder {
             variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
+            half_precision = ?half_precision,
             fused_stages = fusion.depthwise + fusion.max_pool + fusion.subsample,
             verify_ms = read_and_verify.as_millis() as u64,
             parse_ms = parse.as_millis() as u64,
@@ -420,9 +496,13 @@ impl Encoder {
             variant,
             plan,
             input_shape,
+            input_type,
+            half_precision,
             decode_budget: options.decode_budget,
             load_timings,
             stage_fusion: fusion,
+            model_id: preprocess.model_id(&manifest.model_id),
+            preprocess,
         })
     }
 
@@ -430,8 +510,15 @@ impl Encoder {
         &self.manifest
     }
 
+    /// The manifest's model id, plus a suffix for any non-default
+    /// preprocessing ([`PreprocessSpec::model_id`]): what stores record.
     pub fn model_id(&self) -> &str {
-        &self.manifest.model_id
+        &self.model_id
+    }
+
+    /// The preprocessing this encoder applies before the resize.
+    pub fn preprocess_spec(&self) -> PreprocessSpec {
+        self.preprocess
     }
 
     pub fn variant(&self) -> &VariantSpec {
@@ -446,6 +533,11 @@ impl Encoder {
     /// [`EncoderOptions::fuse_stages`] is off).
     pub fn stage_fusion(&self) -> StageFusion {
         self.stage_fusion
+    }
+
+    /// How an fp16 variant runs here; `None` for fp32 and int8 variants.
+    pub fn half_precision(&self) -> Option<HalfPrecisionPath> {
+        self.half_precision
     }
 
     pub fn load_timings(&self) -> LoadTimings {
@@ -465,11 +557,18 @@ impl Encoder {
     /// Embeds an RGB frame (from the camera, or already decoded).
     pub fn embed_rgb(&self, image: &RgbImage) -> Result<Embedding, EncoderError> {
         let tensor = self.preprocess(image)?;
-        Embedding::from_raw(self.run_tensor(&tensor)?)
+        self.embed_tensor_with_tta(&tensor)
     }
 
+    /// The input tensor for `image`, after the colour constancy and framing
+    /// the bundle's `[preprocess]` names (test-time augmentation happens in
+    /// [`Encoder::embed_rgb`], on this tensor).
     pub fn preprocess(&self, image: &RgbImage) -> Result<Vec<f32>, EncoderError> {
-        image_to_tensor(image, &self.manifest.input)
+        preprocess::check_size(image.width(), image.height())?;
+        match preprocess_steps::prepare(image, &self.preprocess) {
+            Some((prepared, _)) => image_to_tensor(&prepared, &self.manifest.input),
+            None => image_to_tensor(image, &self.manifest.input),
+        }
     }
 
     /// Runs the graph on an already-normalised input tensor and returns the raw,
@@ -484,7 +583,13 @@ impl Encoder {
         let inference = |e: TractError| EncoderError::Inference {
             message: format!("{e:#}"),
         };
-        let input = Tensor::from_shape(&self.input_shape, tensor).map_err(inference)?;
+        let mut input = Tensor::from_shape(&self.input_shape, tensor).map_err(inference)?;
+        if self.input_type != f32::datum_type() {
+            input = input
+                .cast_to_dt(self.input_type)
+                .map_err(inference)?
+                .into_owned();
+        }
         let outputs = self
             .plan
             .run(tvec![input.into_tvalue()])
@@ -492,6 +597,7 @@ impl Encoder {
         let output = outputs.first().ok_or_else(|| EncoderError::Inference {
             message: "the graph returned no output".into(),
         })?;
+        let output = output.cast_to::<f32>().map_err(inference)?;
         let view = output.to_plain_array_view::<f32>().map_err(inference)?;
         Ok(view.iter().copied().collect())
     }
@@ -568,6 +674,90 @@ fn named_outlet_index(
                 .outlet_label(*outlet)
                 .is_some_and(|label| label == name)
     })
+}
+
+/// The names of a graph's inputs or outputs, for an error that says what
+/// the file has instead.
+fn outlet_names(model: &InferenceModel, outlets: TractResult<&[OutletId]>) -> Vec<String> {
+    outlets
+        .map(|outlets| {
+            outlets
+                .iter()
+                .map(|outlet| {
+                    model
+                        .outlet_label(*outlet)
+                        .unwrap_or(&model.nodes()[outlet.node].name)
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the manifest says of a tensor's shape.
+enum Expected<'a> {
+    /// Every dimension (the input's).
+    Shape(&'a [usize]),
+    /// The number of values (the output's `dim`).
+    Len(usize),
+}
+
+/// Checks what the file declares for its input or output against the
+/// manifest, where it declares anything (a symbolic batch is fine), and
+/// returns the declared element type (f32 where the file leaves it open).
+/// An fp16 variant may take and give f16 or f32 (Azure's export is f16
+/// throughout); the others f32.
+fn check_declared(
+    fact: &InferenceFact,
+    what: &str,
+    name: &str,
+    variant: &VariantSpec,
+    expected: Expected,
+) -> Result<DatumType, String> {
+    use tract_onnx::prelude::tract_itertools::Itertools;
+    use tract_onnx::tract_core::internal::DimLike;
+    use tract_onnx::tract_hir::infer::Factoid;
+    let allowed: &[DatumType] = match variant.precision {
+        Precision::Fp16 => &[DatumType::F16, DatumType::F32],
+        Precision::Fp32 | Precision::Int8 => &[DatumType::F32],
+    };
+    let declared_type = fact.datum_type.concretize();
+    let dims: Vec<Option<usize>> = fact
+        .shape
+        .dims()
+        .map(|d| d.concretize().and_then(|d| d.to_usize().ok()))
+        .collect();
+    let type_ok = declared_type.is_none_or(|t| allowed.contains(&t));
+    let shape_ok = fact.shape.is_open()
+        || match expected {
+            Expected::Shape(shape) => {
+                dims.len() == shape.len()
+                    && dims
+                        .iter()
+                        .zip(shape)
+                        .all(|(d, e)| d.is_none_or(|d| d == *e))
+            }
+            Expected::Len(len) => {
+                dims.iter().any(Option::is_none) || dims.iter().flatten().product::<usize>() == len
+            }
+        };
+    if type_ok && shape_ok {
+        return Ok(declared_type.unwrap_or(DatumType::F32));
+    }
+    let found_type = declared_type.map_or("?".to_string(), |t| format!("{t:?}"));
+    let found_shape = dims
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+        .join(", ");
+    let expected_type = allowed.iter().map(|t| format!("{t:?}")).join(" or ");
+    let expected_shape = match expected {
+        Expected::Shape(shape) => format!("[{}]", shape.iter().join(", ")),
+        Expected::Len(len) => format!("{len} values"),
+    };
+    Err(format!(
+        "{what} {name:?} is {found_type} [{found_shape}]; the manifest (variant {}, precision {:?}) expects {expected_type} {expected_shape}",
+        variant.name, variant.precision
+    ))
 }
 
 fn executor_for(threads: usize) -> Option<tract_linalg::multithread::Executor> {
