@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::preprocess_spec::PreprocessSpec;
 use crate::EncoderError;
 
 /// The manifest format this build understands.
@@ -30,6 +31,10 @@ pub struct EncoderManifest {
     pub variants: Vec<VariantSpec>,
     #[serde(default)]
     pub validation: Option<toml::Table>,
+    /// Colour constancy, framing and test-time augmentation before the
+    /// resize (issue 17); absent: none of them, as every earlier bundle.
+    #[serde(default)]
+    pub preprocess: PreprocessSpec,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +195,7 @@ impl EncoderManifest {
                 "input.mean must be finite and input.std positive".into(),
             ));
         }
+        self.preprocess.check(input).map_err(&invalid)?;
         if self.output.dim == 0 {
             return Err(invalid("output.dim is 0".into()));
         }
