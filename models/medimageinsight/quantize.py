@@ -1,30 +1,33 @@
 """int8 form of the MedImageInsight graph: MatMulInteger on the Linear layers.
 
-Every Linear inside a block (qkv, proj, fc1, fc2: over 90% of the
-multiply-adds at 480x480, see macs.py) becomes
+Every Linear inside a block (qkv, proj, fc1, fc2: 93% of the multiply-adds
+at 480x480, see macs.py) becomes
 
-    QuantizeLinear(x, x_scale, x_zero_point)          per-tensor s8, calibrated
-    MatMulInteger(x_q, w_q, x_zero_point) -> int32    s8 x s8, per-column w
-    Cast(float) * (x_scale * w_scale[col])            float rescale
-    + bias                                            (graph.py's bias Add, kept)
+    x / s + (z + 128.5), Clip 0..255, Cast u8        per-tensor, calibrated
+    MatMulInteger(x_q, w_q, z + 128) -> int32         u8 x s8, per-column w
+    Cast(float) * (s * w_scale[col])                  float rescale, [1, out]
+    (+ beta @ W where the LayerNorm's beta was folded) and graph.py's bias Add
 
 the MatMul counterpart of models/integer_conv.py's ConvInteger form, for the
 same reasons: tract 0.23.9 wires MatMulInteger as an integer EinSum (its
 onnx/ops/math/mat_mul_integer.rs: s8 or u8 inputs whose zero points have the
-input's type, i32 out), so the int8 arithmetic runs in its quantized matmul
-kernels, and the output is never rounded to int8, so the only roundings are
-of the weights and of each Linear's input. LayerNorm, softmax, the
-attention products (activation x activation), the depthwise convolutions,
-the stem and patch-embedding convolutions and the final projection
-(2 M multiply-adds, on one pooled vector) stay in float.
+input's type, i32 out), so the products run in its int8 kernels
+(avx512vnni_mmm_i32_16x16 here), and the output is never rounded to int8, so
+the only roundings are of the weights and of each Linear's input. u8 with
+zero point z + 128 holds exactly the levels of s8 with zero point z; to_int8
+says why the quantization is written as scalar float ops. LayerNorm,
+softmax, the attention products (activation x activation), the depthwise
+convolutions, the stem and patch-embedding convolutions and the final
+projection (2 M multiply-adds, on one pooled vector) stay in float.
 
 Activation ranges: onnxruntime's histogram collector with the default
 build's Percentile settings (99.999th percentile of |x|, 2048 bins,
-clipped to the observed min/max), collected only for the Linear inputs by an
-onnxruntime session whose extra outputs are exactly those tensors (the stock
-calibrator would also hold every attention product). A range that is not
-clearly two-sided (after a GELU: min about -0.17, max several units) gets an
-asymmetric zero point; the rest are symmetric (zero point 0).
+clipped to the observed min/max), collected only for the Linear inputs (and,
+for those that come from a LayerNorm, their values before its gamma and
+beta) by an onnxruntime session whose extra outputs are exactly those
+tensors (the stock calibrator would also hold every attention product). A
+range that is not clearly two-sided (after a GELU: min about -0.17, max
+several units) gets an asymmetric zero point; the rest are symmetric.
 """
 
 from __future__ import annotations
@@ -49,9 +52,6 @@ QUANTIZED_SUFFIXES = (".qkv", ".proj", ".fc1", ".fc2")
 # quantized asymmetrically: a symmetric grid would waste most of its
 # negative half (GELU outputs).
 ASYMMETRIC_BELOW = 0.5
-# See to_int8: the LayerNorm-fed Linear inputs (qkv, fc1) are quantized by
-# the LayerNorm itself.
-FOLD_LAYER_NORM = True
 
 
 class QuantizeError(RuntimeError):
@@ -63,6 +63,28 @@ def linear_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     initializers = {init.name for init in model.graph.initializer}
     return [node for node in model.graph.node
             if node.op_type == "MatMul" and node.input[1] in initializers and node.name.endswith(QUANTIZED_SUFFIXES)]
+
+
+def normalised_key(tensor: str) -> str:
+    """Where activation_ranges keeps the range of a LayerNorm's output before
+    its gamma and beta (what to_int8 quantizes once they are folded away)."""
+    return f"{tensor}#normalised"
+
+
+def folded_layer_norm(tensor: str, producers, readers, initializers):
+    """(node, gamma, beta) of the LayerNorm that writes `tensor` and that
+    nothing else reads, if its gamma has no zero (so its output can be
+    un-scaled back to the normalised values); else None."""
+    norm = producers.get(tensor)
+    if norm is None or norm.op_type != "LayerNormalization" or readers.get(tensor) != 1 or len(norm.input) < 3:
+        return None
+    if norm.input[1] not in initializers or norm.input[2] not in initializers:
+        return None
+    gamma = numpy_helper.to_array(initializers[norm.input[1]]).astype(np.float64)
+    beta = numpy_helper.to_array(initializers[norm.input[2]]).astype(np.float64)
+    if not np.all(gamma != 0):
+        return None
+    return norm, gamma, beta
 
 
 def activation_ranges(model: onnx.ModelProto, batches, threads: int = 1) -> dict[str, tuple[float, float]]:
@@ -88,11 +110,20 @@ def activation_ranges(model: onnx.ModelProto, batches, threads: int = 1) -> dict
     del serialised
     collector = HistogramCollector(method="percentile", symmetric=True, num_bins=HISTOGRAM_BINS,
                                    num_quantized_bins=128, percentile=PERCENTILE, scenario="same")
+    initializers = {init.name: init for init in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    norms = {t: f for t in tensors if (f := folded_layer_norm(t, producers, readers, initializers)) is not None}
     seen = 0
     for batch in batches:
-        outputs = session.run(tensors, {graph.INPUT_NAME: batch})
+        outputs = dict(zip(tensors, session.run(tensors, {graph.INPUT_NAME: batch})))
+        for tensor, (_, gamma, beta) in norms.items():
+            outputs[normalised_key(tensor)] = ((outputs[tensor] - beta) / gamma).astype(np.float32)
         with contextlib.redirect_stdout(io.StringIO()):  # the collector prints progress
-            collector.collect(dict(zip(tensors, outputs)))
+            collector.collect(outputs)
         seen += 1
     if not seen:
         raise QuantizeError("no calibration images")
@@ -113,18 +144,25 @@ def activation_quantization(lowest: float, highest: float) -> tuple[float, int]:
     return scale, zero_point
 
 
-def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy: bool = True,
-            fold_layer_norm: bool = FOLD_LAYER_NORM) -> onnx.ModelProto:
+def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy: bool = True) -> onnx.ModelProto:
     """The fp32 graph with every block Linear as MatMulInteger: a copy, or
     (copy=False, for the 1.4 GB full graph) `model` itself rewritten.
 
-    fold_layer_norm: where a Linear's input is a LayerNorm that nothing else
-    reads (qkv and fc1), the quantization moves into the LayerNorm's scale
-    and shift (gamma / s, beta / s + zero point + 0.5) followed by Clip and a
-    Cast to u8, which truncates and so rounds half up, instead of a
-    QuantizeLinear, as integer_conv.py does inside depthwise convolutions
-    (tract's QuantizeLinear is a scalar loop). u8 with zero point z + 128
-    holds the same levels as s8 with zero point z."""
+    The form is chosen from tract 0.23.9's profile of the CI graph
+    (bench_encoder --profile): its QuantizeLinear is a scalar loop and a
+    binary op with a rank-1 vector operand ([C] broadcast over [N, C]) takes
+    a slow generic path, 10 to 20 times slower than one whose operand is
+    [1, C] or a scalar. So:
+
+    - the input is quantized by scalar float ops, x / s + (z + 128.5), Clip
+      to 0..255 and a Cast to u8 (which truncates, so the +0.5 rounds half
+      up; u8 with zero point z + 128 holds the same levels as s8 with z);
+    - where that input is a LayerNorm read by nothing else (qkv, fc1), the
+      LayerNorm's gamma moves into the weight rows and beta into an added
+      [1, out] term (beta @ W, applied right after the rescale: before
+      window attention's padding, whose tokens must stay the plain bias),
+      and the LayerNorm keeps gamma 1 and beta 0, which tract drops;
+    - the per-column rescale is a [1, out] tensor."""
     if copy:
         model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
@@ -140,6 +178,11 @@ def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy
     replaced: set[str] = set()
     added: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        added.append(numpy_helper.from_array(array, name))
+        return name
+
     for node in g.node:
         if node.name not in targets:
             nodes.append(node)
@@ -147,52 +190,51 @@ def to_int8(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], copy
         x, w_name = node.input
         if x not in ranges:
             raise QuantizeError(f"no calibrated range for {x}, the input of {node.name}")
-        x_scale, x_zero_point = activation_quantization(*ranges[x])
+        p = node.name
         w = numpy_helper.to_array(initializers[w_name]).astype(np.float64)  # [in, out]
+        replaced.add(w_name)
+        x_range = ranges[x]
+        folded_shift = None
+        folded = folded_layer_norm(x, producers, readers, initializers)
+        if folded is not None and normalised_key(x) in ranges:
+            norm, gamma, beta = folded
+            replaced.update(norm.input[1:3])
+            folded_shift = beta @ w
+            w = gamma[:, None] * w
+            x_range = ranges[normalised_key(x)]
+            norm.input[1] = const(f"{p}.norm_ones", np.ones(gamma.size, np.float32))
+            norm.input[2] = const(f"{p}.norm_zeros", np.zeros(gamma.size, np.float32))
+        x_scale, x_zero_point = activation_quantization(*x_range)
         w_scale = np.abs(w).max(axis=0) / INT8_MAX
         w_scale[w_scale == 0] = 1.0  # a dead column: all-zero weights either way
         w_q = np.clip(np.round(w / w_scale), -INT8_MAX, INT8_MAX).astype(np.int8)
-        replaced.add(w_name)
-        p = node.name
-        added += [
-            numpy_helper.from_array(w_q, f"{p}.weight_q"),
-            numpy_helper.from_array((x_scale * w_scale).astype(np.float32), f"{p}.rescale"),
-        ]
-        norm = producers.get(x)
-        if fold_layer_norm and norm is not None and norm.op_type == "LayerNormalization" and readers[x] == 1:
-            gamma = numpy_helper.to_array(initializers[norm.input[1]]).astype(np.float64)
-            beta = numpy_helper.to_array(initializers[norm.input[2]]).astype(np.float64)
-            replaced.update(norm.input[1:3])
-            zero_point_u8 = x_zero_point + 128
-            added += [
-                numpy_helper.from_array((gamma / x_scale).astype(np.float32), f"{p}.norm_scale_q"),
-                numpy_helper.from_array((beta / x_scale + zero_point_u8 + 0.5).astype(np.float32), f"{p}.norm_bias_q"),
-                numpy_helper.from_array(np.array(0, np.float32), f"{p}.u8_low"),
-                numpy_helper.from_array(np.array(255, np.float32), f"{p}.u8_high"),
-                numpy_helper.from_array(np.array(zero_point_u8, np.uint8), f"{p}.x_zero_point"),
-            ]
-            norm.input[1], norm.input[2] = f"{p}.norm_scale_q", f"{p}.norm_bias_q"
-            norm.output[0] = f"{p}.x_levels"
-            nodes += [
-                helper.make_node("Clip", [f"{p}.x_levels", f"{p}.u8_low", f"{p}.u8_high"], [f"{p}.x_clipped"],
-                                 name=f"{p}.clip"),
-                helper.make_node("Cast", [f"{p}.x_clipped"], [f"{p}.x_q"], name=f"{p}.quantize",
-                                 to=TensorProto.UINT8),
-            ]
-        else:
-            added += [
-                numpy_helper.from_array(np.array(x_scale, np.float32), f"{p}.x_scale"),
-                numpy_helper.from_array(np.array(x_zero_point, np.int8), f"{p}.x_zero_point"),
-            ]
-            nodes.append(helper.make_node("QuantizeLinear", [x, f"{p}.x_scale", f"{p}.x_zero_point"], [f"{p}.x_q"],
-                                          name=f"{p}.quantize"))
+        zero_point_u8 = x_zero_point + 128
         nodes += [
-            helper.make_node("MatMulInteger", [f"{p}.x_q", f"{p}.weight_q", f"{p}.x_zero_point"],
+            helper.make_node("Mul", [x, const(f"{p}.x_inv_scale", np.array(1.0 / x_scale, np.float32))],
+                             [f"{p}.x_scaled"], name=f"{p}.x_scale"),
+            helper.make_node("Add", [f"{p}.x_scaled", const(f"{p}.x_offset", np.array(zero_point_u8 + 0.5, np.float32))],
+                             [f"{p}.x_levels"], name=f"{p}.x_offset"),
+            helper.make_node("Clip", [f"{p}.x_levels", const(f"{p}.u8_low", np.array(0, np.float32)),
+                                      const(f"{p}.u8_high", np.array(255, np.float32))],
+                             [f"{p}.x_clipped"], name=f"{p}.clip"),
+            helper.make_node("Cast", [f"{p}.x_clipped"], [f"{p}.x_q"], name=f"{p}.quantize", to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [f"{p}.x_q", const(f"{p}.weight_q", w_q),
+                                               const(f"{p}.x_zero_point", np.array(zero_point_u8, np.uint8))],
                              [f"{p}.accumulator"], name=f"{p}.matmul_integer"),
             helper.make_node("Cast", [f"{p}.accumulator"], [f"{p}.accumulator_f32"], name=f"{p}.cast",
                              to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}.accumulator_f32", f"{p}.rescale"], [node.output[0]], name=f"{p}.rescale"),
         ]
+        rescale = const(f"{p}.rescale", (x_scale * w_scale).reshape(1, -1).astype(np.float32))
+        if folded_shift is None:
+            nodes.append(helper.make_node("Mul", [f"{p}.accumulator_f32", rescale], [node.output[0]],
+                                          name=f"{p}.rescale"))
+        else:
+            nodes += [
+                helper.make_node("Mul", [f"{p}.accumulator_f32", rescale], [f"{p}.rescaled"], name=f"{p}.rescale"),
+                helper.make_node("Add", [f"{p}.rescaled", const(f"{p}.norm_shift",
+                                                                folded_shift.reshape(1, -1).astype(np.float32))],
+                                 [node.output[0]], name=f"{p}.norm_shift"),
+            ]
     kept = [init for init in g.initializer if init.name not in replaced]
     del g.initializer[:]
     g.initializer.extend(kept + added)
