@@ -1,4 +1,4 @@
-//! One capture, from a burst of frames to the screen that answers it:
+//! One capture, from the frames of a press to the screen that answers it:
 //! quality gate → encoder → adapter → top-k → thumbnails.
 
 use std::sync::Arc;
@@ -22,7 +22,8 @@ pub use dermascope_library::THUMBNAIL_SIDE;
 /// never mistakes "not run" for "took no time".
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct StageTimings {
-    /// Waiting for the burst's frames from the camera.
+    /// Taking the frames from the camera: a burst's wait, or taking the
+    /// ring's frames (plus the wait for the next ones when none passed).
     pub burst_ms: Option<f64>,
     pub quality_ms: Option<f64>,
     pub encoder_ms: Option<f64>,
@@ -36,6 +37,31 @@ pub struct StageTimings {
     pub present_ms: Option<f64>,
     /// Trigger to results drawn.
     pub total_ms: f64,
+    /// Which frame was answered, when one passed the gate.
+    pub frame: Option<ChosenFrame>,
+}
+
+/// Where the answered frame came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrameOrigin {
+    /// One of the frames taken after the press (burst mode).
+    Burst,
+    /// The ring: captured within the window before the press.
+    Ring,
+    /// Captured just after the press, because no frame of the ring passed.
+    FollowUp,
+}
+
+/// The frame a capture answered.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ChosenFrame {
+    pub origin: FrameOrigin,
+    /// The source's sequence number of the frame.
+    pub sequence: u64,
+    /// Press to capture of the frame: positive for a frame captured
+    /// before the press, negative after it.
+    pub age_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -98,19 +124,17 @@ impl Analyzer {
     /// similar cases. Never fails: trouble becomes a screen.
     pub fn analyse(&self, frames: &[Arc<Frame>], timings: &mut StageTimings) -> Analysis {
         let started = Instant::now();
-        let chosen = self.choose_frame(frames);
+        let chosen = self.judge(frames);
         timings.quality_ms = Some(ms(started.elapsed()));
-        let frame = match chosen {
-            Ok(frame) => frame,
-            Err(reason) => {
-                return Analysis {
-                    screen: Screen::rejected(reason),
-                    timings: *timings,
-                    capture: None,
-                    shown: Vec::new(),
-                }
-            }
-        };
+        match chosen {
+            Ok(best) => self.analyse_frame(&frames[best], timings),
+            Err(reason) => Self::refused(reason, timings),
+        }
+    }
+
+    /// The answer for a frame the gate accepted. Never fails: trouble
+    /// becomes a screen.
+    pub fn analyse_frame(&self, frame: &Arc<Frame>, timings: &mut StageTimings) -> Analysis {
         match self.answer(frame, timings) {
             Ok(analysis) => analysis,
             Err(problem) => {
@@ -128,20 +152,50 @@ impl Analyzer {
         }
     }
 
-    fn choose_frame<'f>(&self, frames: &'f [Arc<Frame>]) -> Result<&'f Arc<Frame>, RejectionView> {
+    /// The screen for a capture whose frames were all refused.
+    pub fn refused(reason: RejectionView, timings: &StageTimings) -> Analysis {
+        Analysis {
+            screen: Screen::rejected(reason),
+            timings: *timings,
+            capture: None,
+            shown: Vec::new(),
+        }
+    }
+
+    /// The index in `frames` of the sharpest frame the gate accepts, else
+    /// why they were refused. A malformed frame (its pixels do not match
+    /// its size) is skipped and costs only itself; only when every frame is
+    /// malformed is the camera blamed.
+    pub fn judge(&self, frames: &[Arc<Frame>]) -> Result<usize, RejectionView> {
         let mut views = Vec::with_capacity(frames.len());
-        for frame in frames {
+        let mut kept = Vec::with_capacity(frames.len());
+        for (index, frame) in frames.iter().enumerate() {
             match quality::Frame::new(frame.width, frame.height, &frame.rgb) {
-                Ok(view) => views.push(view),
+                Ok(view) => {
+                    views.push(view);
+                    kept.push(index);
+                }
                 Err(e) => {
-                    warn!(error = %e, "frame refused by the quality gate");
-                    return Err(RejectionView::CameraError);
+                    warn!(
+                        sequence = frame.sequence,
+                        error = %e,
+                        "malformed camera frame skipped; the other frames are judged"
+                    );
                 }
             }
         }
+        if views.is_empty() {
+            if !frames.is_empty() {
+                warn!(
+                    frames = frames.len(),
+                    "every frame of the capture was malformed"
+                );
+            }
+            return Err(RejectionView::CameraError);
+        }
         let reports = quality::assess_burst(&views, &self.thresholds);
         if let Some(best) = quality::sharpest_accepted(&reports) {
-            return Ok(&frames[best]);
+            return Ok(kept[best]);
         }
         // Every frame refused: tell the clinician the commonest reason (on
         // a tie the later one in this order, blur last: it is the usual one).

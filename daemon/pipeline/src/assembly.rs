@@ -28,8 +28,8 @@ use dermascope_ui::{Canvas, Screen, StatusView, SyncState};
 use tracing::{info, warn};
 
 use crate::analysis::Analyzer;
-use crate::config::{Config, KeepOriginals};
-use crate::daemon::{CaseSettings, Daemon};
+use crate::config::{CaptureKind, Config, KeepOriginals};
+use crate::daemon::{CaptureMode, CaseSettings, Daemon};
 use crate::fleet::FleetLink;
 use crate::hardware::{self, Drivers, HardwareError};
 use crate::identity::{device_id, DeviceIdError};
@@ -295,6 +295,13 @@ impl Daemon {
             trigger,
             light,
             display,
+            capture_mode: match config.pipeline.capture {
+                CaptureKind::Ring => CaptureMode::Ring {
+                    window: Duration::from_millis(config.pipeline.ring_window_ms),
+                    follow_up: Duration::from_millis(config.pipeline.follow_up_ms),
+                },
+                CaptureKind::Burst => CaptureMode::Burst,
+            },
             burst: config.pipeline.burst as usize,
             camera_timeout: Duration::from_millis(config.pipeline.camera_timeout_ms),
             live_view: Duration::from_millis(config.pipeline.live_view_ms),

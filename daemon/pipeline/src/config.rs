@@ -306,7 +306,10 @@ pub struct DeviceSection {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSection {
-    /// Frames taken per button press; the sharpest acceptable one is used.
+    /// Which frames a press chooses from.
+    pub capture: CaptureKind,
+    /// `capture = "burst"`: frames taken per button press; the sharpest
+    /// acceptable one is used.
     pub burst: u32,
     /// Similar cases shown.
     pub top_k: usize,
@@ -317,6 +320,15 @@ pub struct PipelineSection {
     /// PNG screens default to never, so a PC's disk does not fill).
     pub live_view_ms: u64,
 }
+    /// `capture = "ring"`: frames the camera thread keeps (memory: this
+    /// many frames at the camera's resolution).
+    pub ring_frames: u32,
+    /// `capture = "ring"`: how old a frame captured before the press may
+    /// be; an older one may show where the scope was, not where it is.
+    pub ring_window_ms: u64,
+    /// `capture = "ring"`: when no recent frame passes the gate, the
+    /// frames of this long after the press are judged (0: the next one).
+    pub follow_up_ms: u64,
 
 impl Default for PipelineSection {
     fn default() -> Self {
@@ -327,9 +339,26 @@ impl Default for PipelineSection {
             live_view_ms: 0,
         }
     }
+/// How a press gets its frames.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureKind {
+    /// The sharpest acceptable frame of those captured just before the
+    /// press (the light ring stays on while the device is ready), or of
+    /// the next ones when none passes.
+    #[default]
+    Ring,
+    /// `burst` new frames after the press (light on for the burst only).
+    Burst,
+}
+
 }
 
 impl Config {
+            capture: CaptureKind::Ring,
+            ring_frames: 8,
+            ring_window_ms: 150,
+            follow_up_ms: 100,
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -507,6 +536,27 @@ impl Config {
         let q = &self.quality;
         for (key, value) in [
             ("quality.max_clipped_highlights", q.max_clipped_highlights),
+        if !(2..=32).contains(&p.ring_frames) {
+            return Err(invalid(
+                "pipeline.ring_frames",
+                p.ring_frames.to_string(),
+                "must be 2..=32 frames",
+            ));
+        }
+        if !(10..=1000).contains(&p.ring_window_ms) {
+            return Err(invalid(
+                "pipeline.ring_window_ms",
+                p.ring_window_ms.to_string(),
+                "must be 10..=1000",
+            ));
+        }
+        if p.follow_up_ms > 1000 {
+            return Err(invalid(
+                "pipeline.follow_up_ms",
+                p.follow_up_ms.to_string(),
+                "must be 0..=1000",
+            ));
+        }
             ("quality.max_crushed_shadows", q.max_crushed_shadows),
             ("quality.min_lesion_contrast", q.min_lesion_contrast),
         ] {
@@ -674,6 +724,17 @@ mod tests {
         let ok = parse("[trigger]\nsocket_group = \"dermascope-press\"\n").unwrap();
         assert_eq!(ok.trigger.socket_group.as_deref(), Some("dermascope-press"));
         let err = parse("[quality]\nmax_clipped_highlights = 2.0\n")
+        let err = parse("[pipeline]\nring_frames = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pipeline.ring_frames") && err.contains("2..=32"),
+            "{err}"
+        );
+        let err = parse("[pipeline]\ncapture = \"stream\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ring") && err.contains("burst"), "{err}");
             .unwrap_err()
             .to_string();
         assert!(err.contains("quality.max_clipped_highlights"), "{err}");

@@ -15,7 +15,7 @@ use dermascope_store::{
 use dermascope_ui::{Canvas, RejectionView, Screen, StatusView, SyncState, Thumbnail};
 use tracing::{debug, error, info, warn};
 
-use crate::analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
+use crate::analysis::{Analysis, Analyzer, CapturedLesion, ChosenFrame, FrameOrigin, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 use crate::fleet::FleetLink;
 use crate::updates::{DeviceUpdates, FleetAction, FoundBundle, Origin, UsbFinding};
@@ -63,7 +63,11 @@ pub struct Daemon {
     pub trigger: Box<dyn Trigger>,
     pub light: Box<dyn Light>,
     pub display: Box<dyn Display>,
+    /// Which frames a press chooses from.
+    pub capture_mode: CaptureMode,
+    /// Frames of a burst (`CaptureMode::Burst`).
     pub burst: usize,
+    /// Longest wait for the camera's frames after a press.
     pub camera_timeout: Duration,
     /// 0: never refresh the live view.
     pub live_view: Duration,
@@ -79,6 +83,54 @@ pub struct Daemon {
     pub fleet: Option<FleetLink>,
     /// Signed updates, when `[update]` is configured.
     pub updates: Option<DeviceUpdates>,
+}
+
+/// Which frames a press chooses from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// `Daemon::burst` frames delivered after the press; the light ring is
+    /// on for the burst only. Kept to compare against the ring.
+    Burst,
+    /// The frames the camera thread captured within `window` before the
+    /// press (and after the light ring came on, as it stays on while the
+    /// loop serves), else those of `follow_up` after it.
+    Ring {
+        window: Duration,
+        follow_up: Duration,
+    },
+}
+
+fn ms_since(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// `later - earlier` in milliseconds, negative when `earlier` is later.
+fn signed_ms(later: Instant, earlier: Instant) -> f64 {
+    match later.checked_duration_since(earlier) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(earlier.duration_since(later).as_secs_f64() * 1000.0),
+    }
+}
+
+/// The screen for a press the camera gave no frames for.
+fn camera_failed(error: BurstError, mut timings: StageTimings, started: Instant) -> Analysis {
+    warn!(error = %error, "capture failed");
+    let what_to_do = match error {
+        BurstError::Failed(_) => {
+            "The camera cannot be used. Check the cable, then restart the device."
+        }
+        BurstError::Timeout { .. } => RejectionView::CameraError.default_advice(),
+    };
+    timings.total_ms = ms_since(started);
+    Analysis {
+        screen: Screen::Rejected {
+            reason: RejectionView::CameraError,
+            what_to_do: what_to_do.to_string(),
+        },
+        timings,
+        capture: None,
+        shown: Vec::new(),
+    }
 }
 
 /// How long an install's result stays on the panel before the daemon
@@ -324,12 +376,35 @@ impl Daemon {
         let mut summary = RunSummary::default();
         let screen = self.ready_screen(None);
         let first = self.show(&screen, &mut summary.screens);
+        // Frames captured before a press are chosen from only in the
+        // light of the ring, so it stays on while the loop serves.
+        let lit_since = match self.capture_mode {
+            CaptureMode::Burst => None,
+            CaptureMode::Ring { .. } => {
+                if let Err(e) = self.light.set(true) {
+                    warn!(error = %e, "light ring did not switch on");
+                }
+                Some(self.feed.now())
+            }
+        };
         // Every way out of the loop goes through the flush below, errors too:
         // a confirmed case must not be lost because the screen failed.
         let outcome = match first {
             Err(e) => Err(e),
-            Ok(()) => self.serve(shutdown, supervisor, max_captures, &writer, &mut summary),
+            Ok(()) => self.serve(
+                shutdown,
+                supervisor,
+                max_captures,
+                &writer,
+                &mut summary,
+                lit_since,
+            ),
         };
+        if lit_since.is_some() {
+            if let Err(e) = self.light.set(false) {
+                warn!(error = %e, "light ring did not switch off");
+            }
+        }
         let status = self.status();
         supervisor.stopping();
         for outcome in writer.finish() {
@@ -522,6 +597,7 @@ impl Daemon {
         max_captures: Option<u64>,
         writer: &CaseWriter,
         summary: &mut RunSummary,
+        lit_since: Option<Instant>,
     ) -> Result<Stop, DaemonError> {
         supervisor.ready(&format!(
             "ready: {} cases, camera {}",
@@ -616,7 +692,15 @@ impl Daemon {
                         timings,
                         capture,
                         shown,
-                    } = self.capture(&mut summary.screens);
+                    } = match self.capture_mode {
+                        CaptureMode::Burst => self.capture(&mut summary.screens),
+                        CaptureMode::Ring { window, follow_up } => self.capture_from_ring(
+                            window,
+                            follow_up,
+                            lit_since,
+                            &mut summary.screens,
+                        ),
+                    };
                     if matches!(screen, Screen::Results(_)) {
                         if summary.matches.len() == 1000 {
                             summary.matches.pop_front();
@@ -709,28 +793,85 @@ impl Daemon {
         timings.burst_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         let frames = match frames {
             Ok(frames) => frames,
-            Err(e) => {
-                warn!(error = %e, "capture failed");
-                let what_to_do = match e {
-                    BurstError::Failed(_) => {
-                        "The camera cannot be used. Check the cable, then restart the device."
-                    }
-                    BurstError::Timeout { .. } => RejectionView::CameraError.default_advice(),
-                };
-                timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
-                return Analysis {
-                    screen: Screen::Rejected {
-                        reason: RejectionView::CameraError,
-                        what_to_do: what_to_do.to_string(),
-                    },
-                    timings,
-                    capture: None,
-                    shown: Vec::new(),
-                };
-            }
+            Err(e) => return camera_failed(e, timings, started),
         };
         let mut analysis = self.analyzer.analyse(&frames, &mut timings);
         analysis.timings.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(capture) = &analysis.capture {
+            analysis.timings.frame = Some(ChosenFrame {
+                origin: FrameOrigin::Burst,
+                sequence: capture.frame.sequence,
+                age_ms: 0.0,
+            });
+        }
+        analysis
+    }
+
+    /// A press answered from the ring: the sharpest acceptable frame
+    /// captured within `window` before the press (and since the light came
+    /// on), else the sharpest of those captured within `follow_up` after it.
+    fn capture_from_ring(
+        &mut self,
+        window: Duration,
+        follow_up: Duration,
+        lit_since: Option<Instant>,
+        log: &mut VecDeque<String>,
+    ) -> Analysis {
+        let started = Instant::now();
+        let pressed = self.feed.now();
+        let mut timings = StageTimings::default();
+        let oldest = pressed.checked_sub(window).max(lit_since);
+        let recent = self.feed.recent(oldest, pressed);
+        timings.burst_ms = Some(ms_since(started));
+        let judged = Instant::now();
+        let verdict = self.analyzer.judge(&recent);
+        timings.quality_ms = Some(ms_since(judged));
+        let (frames, origin, best) = match verdict {
+            Ok(best) => (recent, FrameOrigin::Ring, best),
+            Err(reason) => {
+                debug!(
+                    frames = recent.len(),
+                    ?reason,
+                    "no recent frame passed; taking the next ones"
+                );
+                // Only now does the clinician have to hold still.
+                let _ = self.show(
+                    &Screen::Capturing {
+                        frames_taken: 0,
+                        burst_len: 1,
+                    },
+                    log,
+                );
+                let waited = Instant::now();
+                let next =
+                    self.feed
+                        .frames_after(pressed, pressed + follow_up, self.camera_timeout);
+                timings.burst_ms = timings.burst_ms.map(|b| b + ms_since(waited));
+                let next = match next {
+                    Ok(next) => next,
+                    Err(e) => return camera_failed(e, timings, started),
+                };
+                let judged = Instant::now();
+                let verdict = self.analyzer.judge(&next);
+                timings.quality_ms = timings.quality_ms.map(|q| q + ms_since(judged));
+                match verdict {
+                    Ok(best) => (next, FrameOrigin::FollowUp, best),
+                    Err(reason) => {
+                        let mut analysis = Analyzer::refused(reason, &timings);
+                        analysis.timings.total_ms = ms_since(started);
+                        return analysis;
+                    }
+                }
+            }
+        };
+        let frame = &frames[best];
+        timings.frame = Some(ChosenFrame {
+            origin,
+            sequence: frame.sequence,
+            age_ms: signed_ms(pressed, frame.captured_at),
+        });
+        let mut analysis = self.analyzer.analyse_frame(frame, &mut timings);
+        analysis.timings.total_ms = ms_since(started);
         analysis
     }
 

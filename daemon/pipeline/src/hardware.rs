@@ -16,8 +16,8 @@ use dermascope_device::{
 };
 pub use dermascope_device::{Drivers, NoHardware};
 
-use crate::config::{CameraKind, Config, DisplayKind, PanelKind, TriggerKind};
-use crate::feed::CameraFeed;
+use crate::config::{CameraKind, CaptureKind, Config, DisplayKind, PanelKind, TriggerKind};
+use crate::feed::{CameraFeed, FeedOptions};
 
 /// A driver that could not be opened, with what to change.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,15 @@ pub fn start_camera(
     drivers: &Arc<dyn Drivers>,
 ) -> Result<CameraFeed, HardwareError> {
     let camera = config.camera.clone();
+    // A burst takes only frames that arrive after the press: keeping more
+    // than the latest would only hold memory.
+    let options = FeedOptions {
+        ring_frames: match config.pipeline.capture {
+            CaptureKind::Ring => config.pipeline.ring_frames as usize,
+            CaptureKind::Burst => 1,
+        },
+        ..FeedOptions::default()
+    };
     let feed = match camera.source {
         CameraKind::V4l2 => {
             let mut v4l2 = CameraConfig::new(camera.device.clone());
@@ -58,16 +67,23 @@ pub fn start_camera(
             v4l2.height = camera.height;
             v4l2.fps = camera.fps;
             let drivers = Arc::clone(drivers);
-            CameraFeed::start_with(format!("V4L2 {}", camera.device.display()), move || {
-                drivers.open_camera(&v4l2)
-            })
+            CameraFeed::start_with_options(
+                format!("V4L2 {}", camera.device.display()),
+                move || drivers.open_camera(&v4l2),
+                options,
+            )
         }
         CameraKind::Replay => {
             let folder = camera.replay_dir.clone();
             let fps = camera.replay_fps;
-            CameraFeed::start_with(format!("replay of {}", folder.display()), move || {
-                ReplaySource::open(folder.clone(), fps).map(|s| Box::new(s) as Box<dyn FrameSource>)
-            })
+            CameraFeed::start_with_options(
+                format!("replay of {}", folder.display()),
+                move || {
+                    ReplaySource::open(folder.clone(), fps)
+                        .map(|s| Box::new(s) as Box<dyn FrameSource>)
+                },
+                options,
+            )
         }
     };
     feed.map_err(HardwareError::Thread)

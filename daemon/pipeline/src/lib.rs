@@ -1,5 +1,5 @@
-//! The capture pipeline of the handheld: button → best sharp frame of a
-//! burst → encoder → adapter → top-k similar cases → screen.
+//! The capture pipeline of the handheld: button → best sharp frame of
+//! those just captured → encoder → adapter → top-k similar cases → screen.
 //!
 //! It runs on the hardware traits of `dermascope-device` and never knows
 //! whether it drives a real camera, button and panel or the host stand-ins
@@ -8,7 +8,7 @@
 //! Threads and what they may wait on:
 //!
 //! * **camera** ([`CameraFeed`]): dequeues frames continuously and keeps the
-//!   latest; it never waits on anything else. An absent camera is retried
+//!   last few in a ring; it never waits on anything else. An absent camera is retried
 //!   every second while the screen says so.
 //! * **loop** ([`Daemon::run`]): waits on the trigger (at most
 //!   [`LOOP_TICK`], so the watchdog and the shutdown flag are served), the
@@ -28,14 +28,14 @@ pub mod hardware;
 pub mod identity;
 pub mod updates;
 
-pub use analysis::{Analysis, Analyzer, CapturedLesion, StageTimings};
+pub use analysis::{Analysis, Analyzer, CapturedLesion, ChosenFrame, FrameOrigin, StageTimings};
 pub use assembly::{encoder_options, ReferenceCases, StartError, StartOptions, StartReport};
-pub use config::{Config, ConfigError, KeepOriginals};
+pub use config::{CaptureKind, Config, ConfigError, KeepOriginals};
 pub use daemon::{
-    screen_label, CaseSettings, Daemon, DaemonError, NoSupervisor, RunSummary, Supervisor,
-    LOOP_TICK,
+    screen_label, CaptureMode, CaseSettings, Daemon, DaemonError, NoSupervisor, RunSummary,
+    Supervisor, LOOP_TICK,
 };
-pub use feed::{BurstError, CameraFeed, CameraHealth};
+pub use feed::{BurstError, CameraFeed, CameraHealth, FeedOptions, DEFAULT_RING_FRAMES};
 pub use fleet::{fleet_view, FleetLink};
 pub use updates::{start_from_installed, DeviceUpdates, StartedVersion};
 

@@ -54,6 +54,9 @@ const KEYS: &[&str] = &[
     "id",
     "keep_originals",
     "live_view_ms",
+    "ring_frames",
+    "ring_window_ms",
+    "follow_up_ms",
 ];
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -97,6 +100,15 @@ fn check_accepted(c: &Config) -> Result<(), String> {
         ),
         ("pipeline.burst", !(1..=16).contains(&c.pipeline.burst)),
         ("pipeline.top_k", !(1..=20).contains(&c.pipeline.top_k)),
+        (
+            "pipeline.ring_frames",
+            !(2..=32).contains(&c.pipeline.ring_frames),
+        ),
+        (
+            "pipeline.ring_window_ms",
+            !(10..=1000).contains(&c.pipeline.ring_window_ms),
+        ),
+        ("pipeline.follow_up_ms", c.pipeline.follow_up_ms > 1000),
         (
             "pipeline.camera_timeout_ms",
             !(100..=60_000).contains(&c.pipeline.camera_timeout_ms),

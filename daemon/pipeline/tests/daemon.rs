@@ -155,6 +155,7 @@ fn daemon(
             trigger: Box::new(ScriptedTrigger::new(events)),
             light: Box::new(LoggingLight::new()),
             display: Box::new(display) as Box<dyn Display>,
+            capture_mode: dermascope_pipeline::CaptureMode::Burst,
             burst: 3,
             camera_timeout: Duration::from_secs(3),
             live_view: Duration::ZERO,

@@ -117,6 +117,7 @@ pub fn host_daemon(
         trigger,
         light: Box::new(LoggingLight::new()),
         display: Box::new(display) as Box<dyn Display>,
+        capture_mode: dermascope_pipeline::CaptureMode::Burst,
         burst: 3,
         // Watchdog for the burst: 3 frames at 30 fps take 0.1 s.
         camera_timeout: Duration::from_secs(10),
