@@ -13,15 +13,22 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! magic "DSIDXC" 0x00 0x01 | kind u8 (1 f32, 2 int8) | 3 zero bytes
+//! magic "DSIDXC" 0x00 0x02 | kind u8 (1 f32, 2 int8) | 3 zero bytes
 //! dim u64 | count u64 | generation u64
 //! meta_len u64 | meta_crc u32 | rows_len u64 | rows_crc u32
 //! model_len u16 | model id bytes | header_crc u32 (of everything before it)
 //! meta: count x (id u16+bytes, code u8+bytes, source u8, flags u8,
 //!       [site u16+bytes]), then corrupt entries: u32 count x
-//!       (id u16+bytes, tree u8, reason u32+bytes)
-//! rows: f32 -> count*dim f32; int8 -> count*dim i8, then count f32 steps
+//!       (id u16+bytes, tree u8, reason u32+bytes), then the sign bits'
+//!       centre: dim f32 and the rows it is the mean of, u64
+//! rows: f32 -> count*dim f32; int8 -> count*dim i8, then count f32 steps;
+//!       then (both kinds) count*ceil(dim/8) bytes of sign bits
 //! ```
+//!
+//! Format 2 added the sign bits (the coarse search pass). The last two
+//! bytes of the magic are the format: a cache of any other format is not
+//! read (the index is rebuilt from sled and the cache rewritten), since
+//! its sections have other sizes.
 //!
 //! Written to a temporary file, fsynced, renamed over the old one and the
 //! directory fsynced, so a crash leaves either the old or the new cache.
@@ -31,10 +38,11 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::case::{CaseId, CaseSource};
-use crate::index::{CaseTags, FlatIndex};
+use crate::index::{CaseTags, FlatIndex, LoadedSigns};
 use crate::report::CorruptEntry;
 
-const MAGIC: [u8; 8] = *b"DSIDXC\x00\x01";
+const MAGIC: [u8; 8] = *b"DSIDXC\x00\x02";
+const FORMAT: u16 = 2;
 const FIXED_HEADER: usize = 8 + 4 + 8 * 3 + 8 + 4 + 8 + 4 + 2;
 /// Large enough that syscalls are not the cost, small enough to stay in L2.
 const CHUNK: usize = 1 << 20;
@@ -64,10 +72,11 @@ impl CacheKind {
     }
 
     fn row_bytes(self, dim: usize) -> usize {
+        let signs = crate::index::sign_bytes_per_row(dim);
         match self {
-            CacheKind::F32 => dim * 4,
+            CacheKind::F32 => dim * 4 + signs,
             // The row and its f32 step.
-            CacheKind::Int8 => dim + 4,
+            CacheKind::Int8 => dim + 4 + signs,
         }
     }
 }
@@ -122,6 +131,7 @@ pub(crate) struct Loaded {
     pub corrupt: Vec<CorruptEntry>,
     pub vectors: Vec<f32>,
     pub quantized: Option<(Vec<i8>, Vec<f32>)>,
+    pub signs: LoadedSigns,
 }
 
 fn read_header(
@@ -133,7 +143,15 @@ fn read_header(
     let mut fixed = [0u8; FIXED_HEADER];
     file.read_exact(&mut fixed).map_err(io_miss)?;
     let mut r = Reader(&fixed);
-    if r.take(8)? != MAGIC {
+    let magic = r.take(8)?;
+    if magic[..6] == MAGIC[..6] && magic != MAGIC {
+        let format = u16::from_be_bytes([magic[6], magic[7]]);
+        return Err(invalid(format!(
+            "written in cache format {format}; this build reads format {FORMAT} \
+             (rebuilding it from the database)"
+        )));
+    }
+    if magic != MAGIC {
         return Err(invalid("not a Dermascope index cache (bad magic)"));
     }
     let kind_byte = r.take(4)?[0];
@@ -221,7 +239,7 @@ pub(crate) fn load(
     if crc32fast::hash(&meta) != header.meta_crc {
         return Err(invalid("meta checksum mismatch"));
     }
-    let (ids, tags, corrupt) = decode_meta(&meta, header.count)?;
+    let (ids, tags, corrupt, (centre, centred_at)) = decode_meta(&meta, header.count, dim)?;
     drop(meta);
 
     let n = header.count * dim;
@@ -265,6 +283,11 @@ pub(crate) fn load(
             (Vec::new(), Some((quantized, steps)))
         }
     };
+    let mut bits = vec![0u8; header.count * crate::index::sign_bytes_per_row(dim)];
+    for out in bits.chunks_mut(CHUNK) {
+        file.read_exact(out).map_err(io_miss)?;
+        crc.update(out);
+    }
     if crc.finalize() != header.rows_crc {
         return Err(invalid("rows checksum mismatch"));
     }
@@ -278,6 +301,11 @@ pub(crate) fn load(
         corrupt,
         vectors,
         quantized,
+        signs: LoadedSigns {
+            centre,
+            centred_at,
+            bits,
+        },
     })
 }
 
@@ -314,9 +342,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-type Meta = (Vec<CaseId>, Vec<CaseTags>, Vec<CorruptEntry>);
+type Meta = (
+    Vec<CaseId>,
+    Vec<CaseTags>,
+    Vec<CorruptEntry>,
+    (Vec<f32>, usize),
+);
 
-fn decode_meta(bytes: &[u8], count: usize) -> Result<Meta, Miss> {
+fn decode_meta(bytes: &[u8], count: usize, dim: usize) -> Result<Meta, Miss> {
     let mut r = Reader(bytes);
     // Each row takes at least 6 bytes, which bounds a garbled count.
     if count > bytes.len() / 6 {
@@ -357,10 +390,25 @@ fn decode_meta(bytes: &[u8], count: usize) -> Result<Meta, Miss> {
         let reason = r.string(len)?;
         corrupt.push(CorruptEntry { id, tree, reason });
     }
+    // The dimension was checked against the store's before this point, and
+    // `take` bounds it by the section's length before anything is allocated.
+    let centre_bytes = dim
+        .checked_mul(4)
+        .ok_or_else(|| invalid("dimension too large"))?;
+    let centre: Vec<f32> = r
+        .take(centre_bytes)?
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if centre.iter().any(|c| !c.is_finite()) {
+        return Err(invalid("a sign-bit centre component is not finite"));
+    }
+    let centred_at =
+        usize::try_from(r.u64()?).map_err(|_| invalid("sign-bit centre count too large"))?;
     if !r.0.is_empty() {
         return Err(invalid("trailing bytes after the meta section"));
     }
-    Ok((ids, tags, corrupt))
+    Ok((ids, tags, corrupt, (centre, centred_at)))
 }
 
 fn tree_byte(tree: &str) -> u8 {
@@ -412,6 +460,9 @@ fn encode_meta(index: &FlatIndex, corrupt: &[CorruptEntry]) -> Vec<u8> {
         out.extend_from_slice(&(entry.reason.len() as u32).to_le_bytes());
         out.extend_from_slice(entry.reason.as_bytes());
     }
+    let (_, _, centre, centred_at) = index.sign_bits();
+    out.extend(centre.iter().flat_map(|c| c.to_le_bytes()));
+    out.extend_from_slice(&(centred_at as u64).to_le_bytes());
     out
 }
 
@@ -465,6 +516,10 @@ pub(crate) fn write(
                 buf.extend(steps.iter().flat_map(|x| x.to_le_bytes()));
                 emit(&buf, &mut out)?;
             }
+        }
+        let (bits, ..) = index.sign_bits();
+        for chunk in bits.chunks(CHUNK) {
+            emit(chunk, &mut out)?;
         }
         let mut header = Vec::with_capacity(header_len);
         header.extend_from_slice(&MAGIC);

@@ -426,7 +426,13 @@ fn fuzz_case_record() {
 // --------------------------------------------------------------- index-cache
 
 const CACHE: &str = "index-cache";
-const CACHE_TOKENS: &[&[u8]] = &[b"DSIDXC\x00\x01", &[1, 0, 0, 0], &[2, 0, 0, 0], &[0xff; 8]];
+const CACHE_TOKENS: &[&[u8]] = &[
+    b"DSIDXC\x00\x02",
+    b"DSIDXC\x00\x01",
+    &[1, 0, 0, 0],
+    &[2, 0, 0, 0],
+    &[0xff; 8],
+];
 
 /// The store a cache seed belongs to, from its file name.
 fn cache_params(name: &str) -> (CacheKind, usize, &'static str) {
@@ -459,8 +465,23 @@ fn corpus_index() -> (FlatIndex, Vec<CorruptEntry>) {
 }
 
 fn write_cache_corpus() {
+    // The fixture store's own caches are of cache format 1, which this
+    // build refuses (tests/store.rs checks that); its seeds are the caches
+    // this build writes for the same store.
+    let store_dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture_store()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), store_dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let identity = crate::StoreIdentity {
+        model_id: FIXTURE_MODEL.into(),
+        embedding_dim: FIXTURE_DIM,
+    };
+    drop(crate::CaseStore::open(store_dir.path(), identity).unwrap());
     for name in ["index-f32.cache", "index-int8.cache"] {
-        let bytes = std::fs::read(fixture_store().join(name)).unwrap();
+        let bytes = std::fs::read(store_dir.path().join(name)).unwrap();
         write_seed(CACHE, &format!("fixture-{name}"), &bytes);
     }
     let (index, corrupt) = corpus_index();
@@ -507,7 +528,13 @@ fn load_cache_bytes(dir: &Path, bytes: &[u8], seed: &str) -> Result<(), String> 
     .map_err(|e| e.to_string())?;
     let tags = loaded.tags.iter().map(|t| index.row_tags_for(t)).collect();
     // Duplicate ids are the one thing left to the index to refuse.
-    let _ = index.load_rows(loaded.ids, tags, loaded.vectors, loaded.quantized);
+    let _ = index.load_rows(
+        loaded.ids,
+        tags,
+        loaded.vectors,
+        loaded.quantized,
+        Some(loaded.signs),
+    );
     Ok(())
 }
 
@@ -594,9 +621,10 @@ fn reseal_cache(b: &mut [u8]) {
 
 fn apply_cache_edits(seed: &[u8], name: &str, edits: &[CacheEdit]) -> Vec<u8> {
     let (kind, dim, _) = cache_params(name);
+    let signs = crate::index::sign_bytes_per_row(dim) as u64;
     let row_bytes = match kind {
-        CacheKind::F32 => dim as u64 * 4,
-        CacheKind::Int8 => dim as u64 + 4,
+        CacheKind::F32 => dim as u64 * 4 + signs,
+        CacheKind::Int8 => dim as u64 + 4 + signs,
     };
     let mut b = seed.to_vec();
     for e in edits {
@@ -787,6 +815,11 @@ fn cache_round_trip(
         };
         if !same_rows {
             return Err(format!("load(write(index)) has other rows ({kind:?})"));
+        }
+        let (bits, _, centre, centred_at) = index.sign_bits();
+        let signs = &loaded.signs;
+        if signs.bits != bits || signs.centre != centre || signs.centred_at != centred_at {
+            return Err(format!("load(write(index)) has other sign bits ({kind:?})"));
         }
     }
     Ok(())

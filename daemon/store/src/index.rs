@@ -1,10 +1,15 @@
-//! Exact flat index over case embeddings (no sled here; usable on its own).
+//! Flat index over case embeddings (no sled here; usable on its own).
 //!
 //! The embeddings live in contiguous row-major buffers: a `Vec<f32>` and/or
 //! a `Vec<i8>` with one quantization step per row ([`Residency`] says which
-//! are kept). A query scans every row with simsimd's runtime-dispatched dot
-//! kernels and keeps the best `k` in a small heap. Deleting swap-removes the
-//! row so the buffers stay dense; `rows` maps each case id to its current row.
+//! are kept), plus one sign bit per dimension of every row (always kept:
+//! 1/8 of the int8 copy). An exact query scans every row with simsimd's
+//! runtime-dispatched dot kernels and keeps the best `k` in a small heap. A
+//! coarse query ([`SearchStrategy`]) first ranks every row by the Hamming
+//! distance of its bits to the query's (simsimd's binary kernels, 1/8 of the
+//! int8 bytes), then scores the nearest few thousand exactly. Deleting
+//! swap-removes the row so the buffers stay dense; `rows` maps each case id
+//! to its current row.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -14,6 +19,11 @@ use simsimd::SpatialSimilarity;
 use thiserror::Error;
 
 use crate::case::{CaseId, CaseSource};
+
+mod coarse;
+
+pub(crate) use coarse::bytes_per_row as sign_bytes_per_row;
+use coarse::SignBits;
 
 /// Below this many bytes scanned per query a second thread costs more to
 /// start than it saves.
@@ -90,6 +100,57 @@ pub enum ScoreKind {
     /// the row's and the query's quantization steps to approximate the f32
     /// inner product.
     Int8,
+}
+
+/// How a search finds its `k` best: scoring every row, or scoring the rows
+/// a coarse pass over the sign bits picked.
+///
+/// Guarantees: `Exact` returns the true top-k of the scored kind. `Coarse`
+/// returns the same type with the same (exact) scores, but may miss a true
+/// neighbour whose bits are far from the query's: its recall@10 against
+/// exact f32 is measured, not guaranteed (`docs/benchmarks.md`, Index). It
+/// never returns a case that is not indexed or that the filter refuses, and
+/// where at most `candidates` rows pass the filter it is exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SearchStrategy {
+    /// `Exact` while the index holds at most [`COARSE_ABOVE`] rows,
+    /// `Coarse` with [`DEFAULT_CANDIDATES`] beyond (decided at each search,
+    /// so a library that grows past the line switches without a reopen).
+    #[default]
+    Auto,
+    /// Score every row.
+    Exact,
+    /// Rank every row by sign-bit Hamming distance, then score the nearest
+    /// `candidates` rows exactly in the requested [`ScoreKind`].
+    Coarse { candidates: usize },
+}
+
+/// Where `SearchStrategy::Auto` switches to the coarse pass: about where one
+/// exact int8 scan outgrows 50 ms, a quarter of the daemon's 203 ms p95
+/// trigger-to-screen (2-core EPYC: 29-38 ms mean, 55 ms p95 at 100k; 340 ms
+/// at 1M; `scripts/bench index`, docs/benchmarks.md).
+pub const COARSE_ABOVE: usize = 100_000;
+
+/// Rows the coarse pass hands to the exact re-rank by default. Measured on
+/// lesion-like synthetic embeddings (docs/benchmarks.md): at 100k, 4,000
+/// gave recall@10 0.91 and 8,000 0.96 (exact int8: 0.98); at 1M every count
+/// from 1,000 matched exact int8 (0.96), and 8,000 costs about what 4,000
+/// does there (36 ms), since the pass over the bits dominates.
+pub const DEFAULT_CANDIDATES: usize = 8_000;
+
+impl SearchStrategy {
+    /// What this strategy does on an index of `rows` rows: `None` for an
+    /// exact scan, `Some(candidates)` for the coarse pass.
+    pub fn coarse_candidates(self, rows: usize) -> Option<usize> {
+        match self {
+            SearchStrategy::Exact => None,
+            SearchStrategy::Auto if rows <= COARSE_ABOVE => None,
+            SearchStrategy::Auto => Some(DEFAULT_CANDIDATES),
+            // A re-rank of every row is the exact scan, done more slowly.
+            SearchStrategy::Coarse { candidates } if candidates >= rows => None,
+            SearchStrategy::Coarse { candidates } => Some(candidates.max(1)),
+        }
+    }
 }
 
 /// One result: the case and its (approximate, for `Int8`) inner product with the query.
@@ -199,6 +260,13 @@ impl Vocab {
 }
 
 const NO_SITE: u32 = u32::MAX;
+
+/// The sign bits and their centre as read from the index cache.
+pub(crate) struct LoadedSigns {
+    pub centre: Vec<f32>,
+    pub centred_at: usize,
+    pub bits: Vec<u8>,
+}
 
 /// Interned tags of one row, built by [`FlatIndex::row_tags_for`].
 #[derive(Clone, Copy, Debug)]
@@ -315,6 +383,9 @@ pub struct FlatIndex {
     /// forces requantizing the whole index (which needs the f32 copy and
     /// stalls writers), and so each row uses the full int8 range.
     row_scales: Vec<f32>,
+    /// Sign bits of every row, whatever the residency.
+    signs: SignBits,
+    strategy: SearchStrategy,
     diagnoses: Vocab,
     sites: Vocab,
     scan_threads: usize,
@@ -339,6 +410,8 @@ impl FlatIndex {
             vectors: Vec::new(),
             quantized: Vec::new(),
             row_scales: Vec::new(),
+            signs: SignBits::new(dim),
+            strategy: SearchStrategy::default(),
             diagnoses: Vocab::default(),
             sites: Vocab::default(),
             scan_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -366,6 +439,7 @@ impl FlatIndex {
             self.quantized.reserve(additional * self.dim);
             self.row_scales.reserve(additional);
         }
+        self.signs.reserve(additional);
     }
 
     pub fn len(&self) -> usize {
@@ -384,6 +458,49 @@ impl FlatIndex {
     /// number of cores; small indexes are always scanned on one thread.
     pub fn set_scan_threads(&mut self, threads: usize) {
         self.scan_threads = threads.max(1);
+    }
+
+    /// How `search` and `search_batch` find their results (default
+    /// [`SearchStrategy::Auto`]).
+    pub fn set_search_strategy(&mut self, strategy: SearchStrategy) {
+        self.strategy = strategy;
+    }
+
+    pub fn search_strategy(&self) -> SearchStrategy {
+        self.strategy
+    }
+
+    /// The row-major sign bits the coarse pass reads (`bytes_per_row` each,
+    /// row `i` the `i`-th id), the centre they were taken against, and how
+    /// many rows that centre is the mean of.
+    pub fn sign_bits(&self) -> (&[u8], usize, &[f32], usize) {
+        (
+            self.signs.bits(),
+            self.signs.bytes_per_row(),
+            self.signs.centre(),
+            self.signs.centred_at(),
+        )
+    }
+
+    /// Recomputes the sign bits' centre as the mean of every row and
+    /// re-encodes every row (also done by itself as a small index grows).
+    pub fn recentre(&mut self) {
+        let dim = self.dim;
+        let n = self.ids.len();
+        if self.residency.has_f32() {
+            let vectors = &self.vectors;
+            self.signs.recentre(n, |i, out| {
+                out.copy_from_slice(&vectors[i * dim..(i + 1) * dim]);
+            });
+        } else {
+            let (quantized, steps) = (&self.quantized, &self.row_scales);
+            self.signs.recentre(n, |i, out| {
+                let step = steps[i];
+                for (o, &q) in out.iter_mut().zip(&quantized[i * dim..(i + 1) * dim]) {
+                    *o = q as f32 * step;
+                }
+            });
+        }
     }
 
     /// The int8 quantization step of a case's row: component `x` is stored
@@ -492,6 +609,7 @@ impl FlatIndex {
                     );
                     self.row_scales[row] = step;
                 }
+                self.signs.set(row, embedding);
                 self.tags[row] = row_tags;
             }
             None => {
@@ -504,9 +622,13 @@ impl FlatIndex {
                     quantize_into(embedding, &mut self.quantized[row * dim..], 1.0 / step);
                     self.row_scales.push(step);
                 }
+                self.signs.push(embedding);
                 self.tags.push(row_tags);
                 self.rows.insert(id.clone(), row);
                 self.ids.push(id);
+                if self.signs.wants_recentre(self.ids.len()) {
+                    self.recentre();
+                }
             }
         }
         Ok(())
@@ -538,6 +660,7 @@ impl FlatIndex {
             self.quantized.truncate(last * dim);
             self.row_scales.swap_remove(row);
         }
+        self.signs.swap_remove(row, last);
         self.ids.swap_remove(row);
         self.tags.swap_remove(row);
         true
@@ -574,13 +697,15 @@ impl FlatIndex {
 
     /// Replaces the whole content with rows loaded from the index cache.
     /// `vectors` must hold the f32 rows if they are resident; `quantized`
-    /// (int8 rows and steps) may be omitted, and is then derived from `vectors`.
+    /// (int8 rows and steps) may be omitted, and is then derived from
+    /// `vectors`; so may `signs`, then derived (with a new centre) from the rows.
     pub(crate) fn load_rows(
         &mut self,
         ids: Vec<CaseId>,
         tags: Vec<RowTagsHandle>,
         vectors: Vec<f32>,
         quantized: Option<(Vec<i8>, Vec<f32>)>,
+        signs: Option<LoadedSigns>,
     ) -> Result<(), String> {
         let n = ids.len();
         if tags.len() != n {
@@ -620,6 +745,13 @@ impl FlatIndex {
         };
         self.quantized = quantized;
         self.row_scales = row_scales;
+        match signs {
+            Some(s) => self.signs.load(n, s.centre, s.centred_at, s.bits)?,
+            None => {
+                self.signs.clear();
+                self.recentre();
+            }
+        }
         Ok(())
     }
 
@@ -649,7 +781,8 @@ impl FlatIndex {
         }
     }
 
-    /// The `k` best cases by inner product with `query`, best first (ties by id).
+    /// The `k` best cases by inner product with `query`, best first (ties by
+    /// id), found as the index's [`SearchStrategy`] says.
     pub fn search(
         &self,
         query: &[f32],
@@ -657,21 +790,46 @@ impl FlatIndex {
         filter: &CaseFilter,
         kind: ScoreKind,
     ) -> Result<Vec<SearchHit>, IndexError> {
+        self.search_with(query, k, filter, kind, self.strategy)
+    }
+
+    /// [`FlatIndex::search`] with a strategy for this query only.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &CaseFilter,
+        kind: ScoreKind,
+        strategy: SearchStrategy,
+    ) -> Result<Vec<SearchHit>, IndexError> {
         Ok(self
-            .search_batch(std::slice::from_ref(&query), k, filter, kind)?
+            .search_batch_with(std::slice::from_ref(&query), k, filter, kind, strategy)?
             .pop()
             .unwrap_or_default())
     }
 
     /// Several queries in one pass: each row is loaded once and scored
     /// against every query while it is in L1, so a batch of 32 costs far less
-    /// memory traffic than 32 single searches.
+    /// memory traffic than 32 single searches. (A coarse search takes the
+    /// queries one by one: its pass reads 1/8 of the int8 bytes anyway.)
     pub fn search_batch<Q: AsRef<[f32]>>(
         &self,
         queries: &[Q],
         k: usize,
         filter: &CaseFilter,
         kind: ScoreKind,
+    ) -> Result<Vec<Vec<SearchHit>>, IndexError> {
+        self.search_batch_with(queries, k, filter, kind, self.strategy)
+    }
+
+    /// [`FlatIndex::search_batch`] with a strategy for these queries only.
+    pub fn search_batch_with<Q: AsRef<[f32]>>(
+        &self,
+        queries: &[Q],
+        k: usize,
+        filter: &CaseFilter,
+        kind: ScoreKind,
+        strategy: SearchStrategy,
     ) -> Result<Vec<Vec<SearchHit>>, IndexError> {
         for q in queries {
             self.check(q.as_ref())?;
@@ -686,6 +844,12 @@ impl FlatIndex {
             return Ok(vec![Vec::new(); queries.len()]);
         }
         let filter = self.compile(filter);
+        if let Some(candidates) = strategy.coarse_candidates(self.len()) {
+            return queries
+                .iter()
+                .map(|q| self.search_coarse(q.as_ref(), k, &filter, kind, candidates))
+                .collect();
+        }
         let tops = match kind {
             ScoreKind::F32 => {
                 let qs: Vec<&[f32]> = queries.iter().map(AsRef::as_ref).collect();
@@ -696,13 +860,7 @@ impl FlatIndex {
                 let mut quantized = Vec::with_capacity(queries.len());
                 let mut factors = Vec::with_capacity(queries.len());
                 for q in queries {
-                    let q = q.as_ref();
-                    // Each query gets its own scale so it uses the full int8
-                    // range whatever its norm; the product rescales back.
-                    let q_max = max_abs_finite(q)?;
-                    let q_scale = if q_max > 0.0 { q_max / I8_LEVELS } else { 1.0 };
-                    let mut qi = vec![0i8; self.dim];
-                    quantize_into(q, &mut qi, 1.0 / q_scale);
+                    let (qi, q_scale) = self.quantize_query(q.as_ref())?;
                     quantized.push(qi);
                     factors.push(q_scale);
                 }
@@ -712,6 +870,68 @@ impl FlatIndex {
             }
         };
         Ok(tops.into_iter().map(|t| self.hits(t)).collect())
+    }
+
+    /// The query in int8 and its step. Each query gets its own step so it
+    /// uses the full int8 range whatever its norm; the product rescales back.
+    fn quantize_query(&self, q: &[f32]) -> Result<(Vec<i8>, f32), IndexError> {
+        let q_max = max_abs_finite(q)?;
+        let q_scale = if q_max > 0.0 { q_max / I8_LEVELS } else { 1.0 };
+        let mut qi = vec![0i8; self.dim];
+        quantize_into(q, &mut qi, 1.0 / q_scale);
+        Ok((qi, q_scale))
+    }
+
+    /// Sign-bit Hamming distances of every row to the query's bits, the
+    /// nearest `candidates` rows, then the exact `kind` score of those.
+    fn search_coarse(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: &RowFilter,
+        kind: ScoreKind,
+        candidates: usize,
+    ) -> Result<Vec<SearchHit>, IndexError> {
+        let n = self.ids.len();
+        let mut query_bits = vec![0u8; self.signs.bytes_per_row()];
+        self.signs.encode(query, &mut query_bits);
+        let mut dists = vec![0u16; n];
+        let pass = |row: usize| filter.pass(&self.tags[row]);
+        let threads = self.threads_for(n * self.signs.bytes_per_row());
+        if threads <= 1 {
+            self.signs.distances(&query_bits, 0..n, pass, &mut dists);
+        } else {
+            let per = n.div_ceil(threads);
+            std::thread::scope(|s| {
+                for (t, out) in dists.chunks_mut(per).enumerate() {
+                    let (bits, pass) = (&query_bits, &pass);
+                    let range = t * per..t * per + out.len();
+                    s.spawn(move || self.signs.distances(bits, range, pass, out));
+                }
+            });
+        }
+        let rows = coarse::nearest(&dists, candidates, self.dim);
+        drop(dists);
+        let dim = self.dim;
+        let mut top = TopK::new(k);
+        match kind {
+            ScoreKind::F32 => {
+                for row in rows {
+                    let v = &self.vectors[row * dim..(row + 1) * dim];
+                    let dot = f32::dot(v, query).unwrap_or(f64::NEG_INFINITY);
+                    top.offer(dot as f32, row);
+                }
+            }
+            ScoreKind::Int8 => {
+                let (qi, q_scale) = self.quantize_query(query)?;
+                for row in rows {
+                    let v = &self.quantized[row * dim..(row + 1) * dim];
+                    let dot = i8::dot(v, &qi).unwrap_or(f64::NEG_INFINITY);
+                    top.offer(dot as f32 * (q_scale * self.row_scales[row]), row);
+                }
+            }
+        }
+        Ok(self.hits(top))
     }
 
     fn hits(&self, top: TopK) -> Vec<SearchHit> {

@@ -100,6 +100,43 @@
 //! small heap; large scans are split across cores. [`CaseFilter`] restricts
 //! results by diagnosis codes, source, anatomical site and confirmed labels.
 //! `search_batch` scores several queries per pass over the buffer.
+//!
+//! # The coarse pass (large libraries)
+//!
+//! Beside the f32/int8 rows the index always keeps one sign bit per
+//! dimension of every row (256 bytes a row at dim 2048: 1/8 of the int8
+//! copy), taken against a centre vector: the mean of the rows, recomputed at
+//! each doubling of the index up to 65,536 rows and then kept (the
+//! encoder's embeddings are non-negative, so signs against zero would be
+//! nearly all ones). The bits are written with the rows into both index
+//! cache files (cache format 2) and follow every insert, update and removal
+//! exactly as the other copies do. A [`SearchStrategy::Coarse`] search ranks
+//! every row by the Hamming distance of its bits to the query's (simsimd's
+//! binary kernels), then scores its nearest `candidates` rows exactly, in the
+//! requested [`ScoreKind`], and returns the same [`SearchHit`]s an exact
+//! search returns.
+//!
+//! Guarantees and limits:
+//! * [`SearchStrategy::Auto`] (the default) is exact up to
+//!   [`COARSE_ABOVE`] cases and coarse with [`DEFAULT_CANDIDATES`] beyond,
+//!   decided at each search from the current size;
+//!   [`CaseStore::set_search_strategy`] (or `FlatIndex::search_with` per
+//!   query) overrides it either way.
+//! * Exact stays exact. Coarse scores are exact for the rows it returns,
+//!   it never returns a removed or filtered-out case, and it is exact
+//!   whenever at most `candidates` rows pass the filter; but it can miss a
+//!   true neighbour whose bits are far from the query's. Its recall@10
+//!   against exact f32 is measured (`scripts/bench index`,
+//!   `docs/benchmarks.md`) and held to a floor on synthetic clustered data
+//!   by the tests, not guaranteed for every query.
+//! * A filter is applied in the coarse pass, so a narrow filter leaves fewer
+//!   than `candidates` rows and costs nothing in recall; the scan of the
+//!   bits still reads every row.
+//! * The centre is not recomputed above 65,536 rows: a library whose
+//!   embeddings drift far from its first 65,536 (another encoder means
+//!   another store anyway) recalls less until `FlatIndex::recentre`.
+//! * A cache of format 1 (written before the bits) is refused by its format
+//!   and the index rebuilt from sled at open (one scan), then rewritten.
 
 mod cache;
 mod case;
@@ -116,7 +153,10 @@ pub use case::{
     MAX_CASE_ID_BYTES, MAX_DEVICE_ID_BYTES, MAX_DIAGNOSIS_CODE_BYTES, MAX_ORIGINAL_BYTES,
     MAX_ORIGINAL_PIXELS, MAX_SITE_BYTES,
 };
-pub use index::{CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit};
+pub use index::{
+    CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit, SearchStrategy,
+    COARSE_ABOVE, DEFAULT_CANDIDATES,
+};
 pub use report::{CorruptEntry, IndexSource, OpenReport};
 pub use store::{
     AdapterSpaceStatus, CaseCounts, CaseStore, CaseWrite, OpenOptions, PendingUpload,

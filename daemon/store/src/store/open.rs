@@ -254,7 +254,13 @@ fn load_cached(
     }
     let mut index = FlatIndex::with_residency(dim, residency)?;
     let tags = loaded.tags.iter().map(|t| index.row_tags_for(t)).collect();
-    if let Err(why) = index.load_rows(loaded.ids, tags, loaded.vectors, loaded.quantized) {
+    if let Err(why) = index.load_rows(
+        loaded.ids,
+        tags,
+        loaded.vectors,
+        loaded.quantized,
+        Some(loaded.signs),
+    ) {
         return Ok(Err(Miss::Invalid(why)));
     }
     let mut corrupt: BTreeMap<String, CorruptEntry> = loaded

@@ -7,7 +7,7 @@ use super::trees::Tree;
 use super::CaseStore;
 use crate::case::{Case, CaseId, CaseSource, OriginalPhoto};
 use crate::codec;
-use crate::index::{CaseFilter, Residency, ScoreKind, SearchHit};
+use crate::index::{CaseFilter, Residency, ScoreKind, SearchHit, SearchStrategy};
 use crate::report::CorruptEntry;
 
 /// Case counts for the library overview (searchable cases only).
@@ -183,6 +183,17 @@ impl CaseStore {
     /// Which embedding copies are in memory (chosen at open).
     pub fn residency(&self) -> Result<Residency, StoreError> {
         Ok(self.read_index()?.residency())
+    }
+
+    /// How searches find their results (default [`SearchStrategy::Auto`]:
+    /// exact up to [`crate::COARSE_ABOVE`] cases, the coarse pass beyond).
+    pub fn set_search_strategy(&self, strategy: SearchStrategy) -> Result<(), StoreError> {
+        self.write_index()?.set_search_strategy(strategy);
+        Ok(())
+    }
+
+    pub fn search_strategy(&self) -> Result<SearchStrategy, StoreError> {
+        Ok(self.read_index()?.search_strategy())
     }
 
     /// Threads a large index scan may use (default: all cores).
