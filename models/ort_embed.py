@@ -1,9 +1,13 @@
 """Benchmark helper: time onnxruntime on a bundle model, print one JSON line.
 
   models/.venv/bin/python models/ort_embed.py --model M --inputs F --threads N --runs R
+      [--warmup W] [--outputs OUT.f32]
 
 --inputs is raw little-endian f32 in the model's input shape, one or more
 images back to back (e.g. check/inputs.f32); runs cycle through them.
+--outputs writes the outputs of the timed runs, one per distinct input
+(raw little-endian f32), as bench_encoder does, so the bench script can
+compare both engines with the bundle's reference.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import numpy as np
 import onnxruntime as ort
 
 WARMUP_RUNS = 3
+# Below this a median says little; the full MedImageInsight takes up to a
+# minute a run (onnxruntime int8), so its benchmark asks for this many, the
+# default encoder for 20.
+MIN_RUNS = 3
 
 
 def main() -> None:
@@ -26,9 +34,11 @@ def main() -> None:
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=WARMUP_RUNS)
+    parser.add_argument("--outputs")
     args = parser.parse_args()
-    if args.runs < 20:
-        parser.error("--runs must be >= 20 for a stable median")
+    if args.runs < MIN_RUNS:
+        parser.error(f"--runs must be >= {MIN_RUNS} for a median worth printing")
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -43,13 +53,18 @@ def main() -> None:
     def run(i: int):
         return session.run(None, {model_input.name: images[i % len(images)][None]})
 
-    for i in range(WARMUP_RUNS):
+    for i in range(args.warmup):
         run(i)
     timings_ms = []
+    outputs = []
     for i in range(args.runs):
         start = time.perf_counter()
-        run(i)
+        (output, *_) = run(i)
         timings_ms.append((time.perf_counter() - start) * 1e3)
+        if i < len(images):
+            outputs.append(np.asarray(output, dtype="<f4").ravel())
+    if args.outputs:
+        np.concatenate(outputs).astype("<f4").tofile(args.outputs)
 
     print(json.dumps({
         "runtime": f"onnxruntime {ort.__version__}",
