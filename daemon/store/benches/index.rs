@@ -428,9 +428,9 @@ impl LesionModel {
             let class = &self.classes[self.group_class[g]];
             let group = &self.groups[g * dim..(g + 1) * dim];
             let start = out.len();
-            for d in 0..dim {
-                let noise = 0.8 * self.s[d] * unit * rng.symmetric();
-                out.push((self.mu[d] + class[d] + group[d] + noise).max(0.0));
+            for (((&mu, &s), &c), &g) in self.mu.iter().zip(&self.s).zip(class).zip(group) {
+                let noise = 0.8 * s * unit * rng.symmetric();
+                out.push((mu + c + g + noise).max(0.0));
             }
             let v = &mut out[start..];
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
