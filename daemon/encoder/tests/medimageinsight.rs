@@ -7,6 +7,8 @@
 //! Random weights say nothing of clinical quality; what these tests show is
 //! that the daemon's encoder runs this architecture faithfully.
 
+// The default bundle's path helper there is not this file's.
+#[allow(unused_imports)]
 mod common;
 
 use std::path::{Path, PathBuf};
