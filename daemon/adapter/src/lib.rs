@@ -34,8 +34,8 @@ pub use bundle::{
 pub use model::{AdapterShape, AdapterWeights};
 pub use onnx::{export as export_onnx, EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME};
 pub use train::{
-    prepare_classes, train, Balancing, EpochRecord, LabelledEmbedding, SmallClassPolicy,
-    TrainedAdapter, TrainingConfig,
+    prepare_classes, train, train_weighted, Balancing, EpochRecord, LabelledEmbedding,
+    SmallClassPolicy, TrainedAdapter, TrainingConfig,
 };
 
 /// Everything that can go wrong training, saving or loading an adapter.

@@ -75,6 +75,10 @@ pub struct TrainingConfig {
     pub min_cases_per_class: usize,
     #[serde(skip)]
     pub small_classes: SmallClassPolicy,
+    /// The sensitivity the clinic asks of the melanoma "flag for review":
+    /// its threshold is the highest whose sensitivity on the validation
+    /// split reaches this (`dermascope-library`'s `operating_point`).
+    pub melanoma_target_sensitivity: f64,
 }
 
 impl Default for TrainingConfig {
@@ -90,6 +94,7 @@ impl Default for TrainingConfig {
             balancing: Balancing::LossWeights,
             min_cases_per_class: 10,
             small_classes: SmallClassPolicy::Refuse,
+            melanoma_target_sensitivity: 0.95,
         }
     }
 }
@@ -251,7 +256,25 @@ pub fn train(
     validation: &[&LabelledEmbedding],
     config: &TrainingConfig,
 ) -> Result<TrainedAdapter, AdapterError> {
+    train_weighted(train, None, validation, None, config)
+}
+
+/// [`train()`] with a weight per example (the clinic's own cases count for
+/// more than the reference library's). The class weights balance the
+/// summed example weights of each class, so weighting one class's examples
+/// does not also tilt the classes against each other; the validation loss
+/// that picks the epoch uses `validation_weights` the same way. `None` is
+/// every weight 1, which gives exactly [`train()`]'s weights.
+pub fn train_weighted(
+    train: &[&LabelledEmbedding],
+    train_weights: Option<&[f32]>,
+    validation: &[&LabelledEmbedding],
+    validation_weights: Option<&[f32]>,
+    config: &TrainingConfig,
+) -> Result<TrainedAdapter, AdapterError> {
     let started = Instant::now();
+    let train_weights = example_weights(train_weights, train.len())?;
+    let validation_weights = example_weights(validation_weights, validation.len())?;
     let first = train.first().ok_or(AdapterError::NoExamples)?;
     if validation.is_empty() {
         return Err(AdapterError::NoValidation);
@@ -288,14 +311,15 @@ pub fn train(
     let train_set = to_batchable(train, &classes, dim)?;
     let validation_set = to_batchable(validation, &classes, dim)?;
 
-    let mut per_class = vec![0usize; classes.len()];
-    for &y in &train_set.y {
-        per_class[y] += 1;
+    let mut per_class = vec![0f32; classes.len()];
+    for (&y, &w) in train_set.y.iter().zip(&train_weights) {
+        per_class[y] += w;
     }
+    let total_weight: f32 = per_class.iter().sum();
     let class_weight: Vec<f32> = match config.balancing {
         Balancing::LossWeights => per_class
             .iter()
-            .map(|&n| train_set.y.len() as f32 / (classes.len() as f32 * n.max(1) as f32))
+            .map(|&n| total_weight / (classes.len() as f32 * n.max(f32::MIN_POSITIVE)))
             .collect(),
         Balancing::BalancedSampling => vec![1.0; classes.len()],
     };
@@ -332,8 +356,9 @@ pub fn train(
         for chunk in order.chunks(config.batch_size) {
             let x = train_set.x.select(ndarray::Axis(0), chunk);
             let y: Vec<usize> = chunk.iter().map(|&i| train_set.y[i]).collect();
+            let w: Vec<f32> = chunk.iter().map(|&i| train_weights[i]).collect();
             let act = weights.forward(x.view());
-            let (loss, d_logits) = weighted_cross_entropy(&act.logits, &y, &class_weight);
+            let (loss, d_logits) = weighted_cross_entropy(&act.logits, &y, &w, &class_weight);
             loss_sum += loss * chunk.len() as f64;
             let gradients = weights.backward(&act, &d_logits);
             optimiser.step(&mut weights, &gradients);
@@ -341,6 +366,7 @@ pub fn train(
         let (validation_loss, validation_balanced_accuracy) = evaluate(
             &weights,
             &validation_set,
+            &validation_weights,
             &class_weight,
             classes.len(),
             config.batch_size.max(256),
@@ -400,13 +426,18 @@ pub fn train(
 fn weighted_cross_entropy(
     logits: &Array2<f32>,
     labels: &[usize],
+    example_weight: &[f32],
     class_weight: &[f32],
 ) -> (f64, Array2<f32>) {
     let mut grad = softmax(logits);
-    let total: f32 = labels.iter().map(|&y| class_weight[y]).sum();
+    let total: f32 = labels
+        .iter()
+        .zip(example_weight)
+        .map(|(&y, &e)| class_weight[y] * e)
+        .sum();
     let mut loss = 0.0f64;
-    for (i, &y) in labels.iter().enumerate() {
-        let w = class_weight[y] / total;
+    for (i, (&y, &e)) in labels.iter().zip(example_weight).enumerate() {
+        let w = class_weight[y] * e / total;
         loss -= f64::from(w) * f64::from(grad[[i, y]].max(f32::MIN_POSITIVE)).ln();
         grad[[i, y]] -= 1.0;
         grad.row_mut(i).mapv_inplace(|g| g * w);
@@ -414,9 +445,30 @@ fn weighted_cross_entropy(
     (loss, grad)
 }
 
+/// The weights given, checked (one per example, finite, not negative, not
+/// all zero), or all 1.
+fn example_weights(weights: Option<&[f32]>, n: usize) -> Result<Vec<f32>, AdapterError> {
+    let Some(weights) = weights else {
+        return Ok(vec![1.0; n]);
+    };
+    if weights.len() != n {
+        return Err(AdapterError::BadConfig(format!(
+            "{} example weights for {n} examples",
+            weights.len()
+        )));
+    }
+    if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().all(|w| *w == 0.0) {
+        return Err(AdapterError::BadConfig(
+            "example weights must be finite, not negative and not all zero".into(),
+        ));
+    }
+    Ok(weights.to_vec())
+}
+
 fn evaluate(
     weights: &AdapterWeights,
     set: &Batchable,
+    example_weight: &[f32],
     class_weight: &[f32],
     classes: usize,
     batch: usize,
@@ -429,7 +481,8 @@ fn evaluate(
         let x: ArrayView2<f32> = set.x.slice(ndarray::s![start..end, ..]);
         let (logits, _) = weights.infer(x);
         let y = &set.y[start..end];
-        let (batch_loss, _) = weighted_cross_entropy(&logits, y, class_weight);
+        let (batch_loss, _) =
+            weighted_cross_entropy(&logits, y, &example_weight[start..end], class_weight);
         loss += batch_loss * y.len() as f64;
         for (row, &truth) in logits.rows().into_iter().zip(y) {
             support[truth] += 1;
@@ -456,4 +509,73 @@ pub(crate) fn argmax(values: impl Iterator<Item = f32>) -> usize {
         }
     }
     best.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(n: usize) -> Vec<LabelledEmbedding> {
+        (0..n)
+            .map(|i| {
+                let class = i % 2;
+                let mut v = vec![0.1 * (i % 7) as f32; 8];
+                v[class] += 1.0;
+                LabelledEmbedding {
+                    embedding: v,
+                    label: format!("c{class}"),
+                    model_id: "m".into(),
+                    lesion: format!("l{i}"),
+                }
+            })
+            .collect()
+    }
+
+    fn config() -> TrainingConfig {
+        TrainingConfig {
+            hidden: 4,
+            max_epochs: 3,
+            batch_size: 8,
+            ..TrainingConfig::default()
+        }
+    }
+
+    #[test]
+    fn weights_of_one_train_exactly_as_no_weights() {
+        let all = examples(40);
+        let (train_set, validation): (Vec<_>, Vec<_>) = all.iter().partition(|e| {
+            let i: usize = e.lesion[1..].parse().unwrap();
+            i % 5 != 0
+        });
+        let plain = train(&train_set, &validation, &config()).unwrap();
+        let ones = train_weighted(
+            &train_set,
+            Some(&vec![1.0; train_set.len()]),
+            &validation,
+            Some(&vec![1.0; validation.len()]),
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(plain.weights, ones.weights);
+        let mut heavier = vec![1.0; train_set.len()];
+        heavier[..8].iter_mut().for_each(|w| *w = 10.0);
+        let weighted =
+            train_weighted(&train_set, Some(&heavier), &validation, None, &config()).unwrap();
+        assert_ne!(plain.weights, weighted.weights);
+    }
+
+    #[test]
+    fn bad_example_weights_are_refused() {
+        let all = examples(20);
+        let refs: Vec<&LabelledEmbedding> = all.iter().collect();
+        for weights in [
+            vec![1.0; 3],
+            vec![-1.0; 20],
+            vec![0.0; 20],
+            vec![f32::NAN; 20],
+        ] {
+            let error = train_weighted(&refs, Some(&weights), &refs, None, &config()).unwrap_err();
+            assert!(matches!(error, AdapterError::BadConfig(_)), "{error}");
+        }
+    }
 }
