@@ -37,6 +37,7 @@ pub use reembed::{
     ReembedError, ReembedOptions, ReembedOutcome, ReembedProgress, ReembedReport,
 };
 pub use training::{
-    confirmed_cases, load_installed, prediction_report, train_and_install, ConfirmedCases,
-    LoadAdapterError, TrainingError, TrainingOptions, TrainingPlan, TrainingReport,
+    candidate_dir, confirmed_cases, load_installed, prediction_report, previous_dir, promote,
+    rollback, train_and_install, ConfirmedCases, LoadAdapterError, LocalOptions, SwitchError,
+    TrainingError, TrainingOptions, TrainingPlan, TrainingReport, ValidationFigures,
 };

@@ -9,16 +9,27 @@
 //!   weights in memory.
 //! - **The report lives with the adapter.** `report.json` and `report.txt`
 //!   are written into the adapter's directory.
+//! - **The clinic's own cases count and are checked.** With
+//!   [`TrainingPlan::with_local`], the clinic's confirmed captures weigh
+//!   [`LocalOptions::weight`] times a reference case in the loss, and a
+//!   share of their lesions, chosen by a hash of the lesion id (so a lesion
+//!   held out once is held out at every retraining, and an adapter is never
+//!   compared on a case it trained on), is held out; the report gives the
+//!   adapter's balanced accuracy and melanoma recall on them.
+//! - **Switched whole, the previous one kept.** [`promote`] installs an
+//!   adapter trained beside the installed one and keeps the installed one
+//!   for [`rollback`]; at every moment the installed folder's manifest
+//!   names a complete model file.
 
 use std::path::{Path, PathBuf};
 
 use dermascope_adapter::{
-    prepare_classes, save, train, Adapter, AdapterError, AdapterOutput, EpochRecord,
-    LabelledEmbedding, TrainingConfig,
+    prepare_classes, save, train_weighted, Adapter, AdapterError, AdapterManifest, AdapterOutput,
+    EpochRecord, LabelledEmbedding, TrainingConfig, MANIFEST_FILE,
 };
 use dermascope_encoder::Encoder;
 use dermascope_eval::{grouped_split, ClassificationReport};
-use dermascope_store::{CaseStore, StoreError};
+use dermascope_store::{CaseSource, CaseStore, StoreError};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -72,6 +83,105 @@ impl Default for TrainingOptions {
     }
 }
 
+/// How the clinic's own confirmed cases (source `captured` or `fleet`) are
+/// trained on.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LocalOptions {
+    /// A local case's weight in the loss; a reference case's is 1.
+    pub weight: f32,
+    /// Share of the local lesions held out for validation. Larger than the
+    /// reference split's, so that a few dozen local cases still give a
+    /// figure.
+    pub validation_fraction: f64,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            weight: DEFAULT_LOCAL_WEIGHT,
+            validation_fraction: 0.25,
+        }
+    }
+}
+
+/// See docs/evaluation.md, "Learning from the clinic's own cases", for the
+/// measurement that chose it.
+pub const DEFAULT_LOCAL_WEIGHT: f32 = 1.0;
+
+/// An adapter's figures on a set of validation cases: what decides whether
+/// a retrained adapter replaces the installed one.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ValidationFigures {
+    pub cases: usize,
+    /// Mean recall over the diagnoses present among the cases.
+    pub balanced_accuracy: f64,
+    /// Share of the melanomas predicted as melanoma; `None` without one.
+    pub melanoma_recall: Option<f64>,
+    pub melanoma_cases: usize,
+}
+
+impl ValidationFigures {
+    /// `predicted[i]` is the adapter's class for the case labelled `truth[i]`;
+    /// any other class than the truth is a miss.
+    pub fn new(truth: &[&str], predicted: &[&str]) -> Self {
+        let mut per_class: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for (t, p) in truth.iter().zip(predicted) {
+            let entry = per_class.entry(t).or_default();
+            entry.1 += 1;
+            if t == p {
+                entry.0 += 1;
+            }
+        }
+        let recalls: Vec<f64> = per_class
+            .values()
+            .map(|&(hit, n)| hit as f64 / n as f64)
+            .collect();
+        let melanoma = per_class.get(MELANOMA).copied();
+        Self {
+            cases: truth.len(),
+            balanced_accuracy: if recalls.is_empty() {
+                0.0
+            } else {
+                recalls.iter().sum::<f64>() / recalls.len() as f64
+            },
+            melanoma_recall: melanoma.map(|(hit, n)| hit as f64 / n as f64),
+            melanoma_cases: melanoma.map_or(0, |(_, n)| n),
+        }
+    }
+
+    /// `adapter`'s figures on `cases`.
+    pub fn of(adapter: &Adapter, cases: &[LabelledEmbedding]) -> Result<Self, AdapterError> {
+        let outputs = adapter.predict_many(
+            &cases
+                .iter()
+                .map(|e| e.embedding.as_slice())
+                .collect::<Vec<_>>(),
+        )?;
+        let classes = adapter.classes();
+        let predicted: Vec<&str> = outputs
+            .iter()
+            .map(|o| classes[o.predicted].as_str())
+            .collect();
+        let truth: Vec<&str> = cases.iter().map(|e| e.label.as_str()).collect();
+        Ok(Self::new(&truth, &predicted))
+    }
+
+    /// Neither balanced accuracy nor melanoma recall lower than `old`'s
+    /// (on the same cases): a retrained adapter must not trade the miss
+    /// that costs for the average.
+    pub fn no_worse_than(&self, old: &ValidationFigures) -> bool {
+        const SLACK: f64 = 1e-9;
+        let recall_ok = match (self.melanoma_recall, old.melanoma_recall) {
+            (Some(new), Some(old)) => new + SLACK >= old,
+            _ => true,
+        };
+        self.balanced_accuracy + SLACK >= old.balanced_accuracy && recall_ok
+    }
+}
+
+/// The diagnosis code whose recall is reported on its own.
+pub const MELANOMA: &str = "mel";
+
 /// The report `adapter train` prints and saves beside the adapter.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainingReport {
@@ -88,6 +198,12 @@ pub struct TrainingReport {
     pub history: Vec<EpochRecord>,
     /// On the validation split, with the installed ONNX run by tract.
     pub validation: ClassificationReport,
+    /// The clinic's own cases trained on (weighted) and held out.
+    pub local_train_cases: usize,
+    pub local_weight: f32,
+    /// "Validation on local cases": the installed adapter on the held-out
+    /// local cases; `None` when none were held out.
+    pub local_validation: Option<ValidationFigures>,
 }
 
 impl TrainingReport {
@@ -123,6 +239,18 @@ impl TrainingReport {
             v.expected_calibration_error.unwrap_or(f64::NAN)
         ));
         out.push_str(&v.to_table());
+        if let Some(l) = &self.local_validation {
+            out.push_str(&format!(
+                "validation on local cases ({} held out, {} trained on at weight {}): \
+                 balanced accuracy {:.3}, melanoma recall {}\n",
+                l.cases,
+                self.local_train_cases,
+                self.local_weight,
+                l.balanced_accuracy,
+                l.melanoma_recall
+                    .map_or_else(|| "- (no melanoma)".to_string(), |r| format!("{r:.3}")),
+            ));
+        }
         out
     }
 }
@@ -132,10 +260,13 @@ impl TrainingReport {
 #[derive(Debug)]
 pub struct TrainingPlan {
     examples: Vec<LabelledEmbedding>,
+    /// `local[i]`: `examples[i]` is one of the clinic's own cases.
+    local: Vec<bool>,
     class_changes: Vec<String>,
     train: Vec<usize>,
     validation: Vec<usize>,
     options: TrainingOptions,
+    local_options: LocalOptions,
 }
 
 impl TrainingPlan {
@@ -144,22 +275,108 @@ impl TrainingPlan {
         examples: &[LabelledEmbedding],
         options: &TrainingOptions,
     ) -> Result<Self, TrainingError> {
-        let (examples, class_changes) = prepare_classes(examples, &options.config)?;
-        let labels: Vec<&str> = examples.iter().map(|e| e.label.as_str()).collect();
-        let lesions: Vec<&str> = examples.iter().map(|e| e.lesion.as_str()).collect();
+        Self::with_local(
+            examples,
+            &vec![false; examples.len()],
+            options,
+            &LocalOptions::default(),
+        )
+    }
+
+    /// [`TrainingPlan::new`] where `local[i]` marks `examples[i]` as one of
+    /// the clinic's own cases: weighted by `local_options.weight`, and a
+    /// hash-chosen share of their lesions held out (see the module's docs).
+    /// The reference cases are split as by `new`.
+    pub fn with_local(
+        examples: &[LabelledEmbedding],
+        local: &[bool],
+        options: &TrainingOptions,
+        local_options: &LocalOptions,
+    ) -> Result<Self, TrainingError> {
+        if local.len() != examples.len() {
+            return Err(TrainingError::Adapter(AdapterError::BadConfig(format!(
+                "{} local flags for {} examples",
+                local.len(),
+                examples.len()
+            ))));
+        }
+        if !(local_options.weight.is_finite() && local_options.weight > 0.0) {
+            return Err(TrainingError::Adapter(AdapterError::BadConfig(
+                "the local cases' weight must be positive".into(),
+            )));
+        }
+        let (prepared, class_changes) = prepare_classes(examples, &options.config)?;
+        // The small-class policy keeps the order and either keeps every
+        // example (relabelled or not) or drops the small classes' ones.
+        let local: Vec<bool> = if prepared.len() == examples.len() {
+            local.to_vec()
+        } else {
+            let kept: std::collections::BTreeSet<&str> =
+                prepared.iter().map(|e| e.label.as_str()).collect();
+            examples
+                .iter()
+                .zip(local)
+                .filter(|(e, _)| kept.contains(e.label.as_str()))
+                .map(|(_, &l)| l)
+                .collect()
+        };
+        debug_assert_eq!(local.len(), prepared.len());
+        let reference: Vec<usize> = (0..prepared.len()).filter(|&i| !local[i]).collect();
+        let labels: Vec<&str> = reference
+            .iter()
+            .map(|&i| prepared[i].label.as_str())
+            .collect();
+        let lesions: Vec<&str> = reference
+            .iter()
+            .map(|&i| prepared[i].lesion.as_str())
+            .collect();
         let split = grouped_split(
             &labels,
             &lesions,
             options.validation_fraction,
             options.config.seed,
         );
+        let mut train: Vec<usize> = split.references().map(|j| reference[j]).collect();
+        let mut validation: Vec<usize> = split.queries().map(|j| reference[j]).collect();
+        for i in (0..prepared.len()).filter(|&i| local[i]) {
+            if held_out_lesion(&prepared[i].lesion, local_options.validation_fraction) {
+                validation.push(i);
+            } else {
+                train.push(i);
+            }
+        }
         Ok(Self {
-            train: split.references().collect(),
-            validation: split.queries().collect(),
-            examples,
+            train,
+            validation,
+            examples: prepared,
+            local,
             class_changes,
             options: options.clone(),
+            local_options: local_options.clone(),
         })
+    }
+
+    /// The held-out local cases: the cases a retrained adapter and the
+    /// installed one are compared on.
+    pub fn local_validation_cases(&self) -> Vec<LabelledEmbedding> {
+        self.validation
+            .iter()
+            .filter(|&&i| self.local[i])
+            .map(|&i| self.examples[i].clone())
+            .collect()
+    }
+
+    /// Every validation case, reference and local.
+    pub fn validation_examples(&self) -> Vec<LabelledEmbedding> {
+        self.validation
+            .iter()
+            .map(|&i| self.examples[i].clone())
+            .collect()
+    }
+
+    /// Local cases trained on.
+    pub fn local_train_cases(&self) -> usize {
+        self.train.iter().filter(|&&i| self.local[i]).count()
     }
 
     /// Classes left out or merged by the small-class policy, with counts.
@@ -187,7 +404,22 @@ impl TrainingPlan {
             self.train.iter().map(|&i| &self.examples[i]).collect();
         let validation: Vec<&LabelledEmbedding> =
             self.validation.iter().map(|&i| &self.examples[i]).collect();
-        let mut trained = train(&train_set, &validation, config)?;
+        let weight = |&i: &usize| {
+            if self.local[i] {
+                self.local_options.weight
+            } else {
+                1.0
+            }
+        };
+        let train_weights: Vec<f32> = self.train.iter().map(weight).collect();
+        let validation_weights: Vec<f32> = self.validation.iter().map(weight).collect();
+        let mut trained = train_weighted(
+            &train_set,
+            Some(&train_weights),
+            &validation,
+            Some(&validation_weights),
+            config,
+        )?;
         trained.class_changes = self.class_changes.clone();
         let manifest = save(&trained, config.seed, dir).map_err(|error| TrainingError::Save {
             dir: dir.to_path_buf(),
@@ -207,6 +439,13 @@ impl TrainingPlan {
                 .collect::<Vec<_>>(),
         )?;
         let truth: Vec<&str> = validation.iter().map(|e| e.label.as_str()).collect();
+        let local_validation = self.local_validation_cases();
+        let local_validation = if local_validation.is_empty() {
+            None
+        } else {
+            Some(ValidationFigures::of(&adapter, &local_validation)?)
+        };
+        let local_train_cases = self.local_train_cases();
         let report = TrainingReport {
             adapter_id: manifest.adapter_id,
             encoder_model_id: manifest.encoder_model_id,
@@ -220,12 +459,40 @@ impl TrainingPlan {
             config: self.options.config,
             history: trained.history,
             validation: prediction_report(&adapter, &outputs, &truth),
+            local_train_cases,
+            local_weight: self.local_options.weight,
+            local_validation,
         };
         let json = serde_json::to_string_pretty(&report).map_err(TrainingError::Encode)?;
         write_report(&dir.join(REPORT_JSON), &json)?;
         write_report(&dir.join(REPORT_TEXT), &report.to_text())?;
         Ok((adapter, report))
     }
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19; Linux's
+/// nice is per thread), so a background training yields to capture.
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)?;
+    }
+    Ok(())
+}
+
+/// Whether a local lesion is held out for validation: a hash of its id
+/// alone (FNV-1a, then splitmix64's finaliser), so the answer is the same
+/// at every retraining, whatever else the library holds.
+pub fn held_out_lesion(lesion: &str, fraction: f64) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in lesion.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
 /// Through a temporary file and a rename, so a kill leaves the previous
@@ -280,10 +547,130 @@ pub(crate) fn confidences(outputs: &[AdapterOutput]) -> Vec<f64> {
         .collect()
 }
 
+/// A failed switch between adapter folders; the installed folder still
+/// holds a complete adapter (the old one unless `promote` returned `Ok`).
+#[derive(Debug, Error)]
+pub enum SwitchError {
+    #[error("no adapter in {}: nothing to switch to", dir.display())]
+    Missing { dir: PathBuf },
+    #[error("adapter manifest {} is invalid: {message}", path.display())]
+    Manifest { path: PathBuf, message: String },
+    #[error("{}: {error}", path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// The folder beside `dir` that keeps the adapter `promote` replaced.
+pub fn previous_dir(dir: &Path) -> PathBuf {
+    sibling(dir, "previous")
+}
+
+/// The folder beside `dir` a retraining writes its candidate into.
+pub fn candidate_dir(dir: &Path) -> PathBuf {
+    sibling(dir, "candidate")
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "adapter".into());
+    name.push(".");
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// Installs the adapter in `candidate` as the one in `dir`, after copying
+/// the one installed there (if any) to [`previous_dir`]. The switch is the
+/// durable replacement of `dir`'s manifest (`dermascope-durable`): before
+/// it `dir` holds the old adapter, after it the new one, each with its
+/// model file complete. `candidate` is removed afterwards.
+pub fn promote(candidate: &Path, dir: &Path) -> Result<AdapterManifest, SwitchError> {
+    let manifest = read_manifest(candidate)?;
+    if dir.join(MANIFEST_FILE).is_file() {
+        copy_bundle(dir, &previous_dir(dir))?;
+    }
+    copy_bundle(candidate, dir)?;
+    std::fs::remove_dir_all(candidate).map_err(|error| SwitchError::Io {
+        path: candidate.to_path_buf(),
+        error,
+    })?;
+    Ok(manifest)
+}
+
+/// Puts back the adapter [`promote`] replaced; the one it replaces becomes
+/// the previous one, so a second rollback undoes the first.
+pub fn rollback(dir: &Path) -> Result<AdapterManifest, SwitchError> {
+    let previous = previous_dir(dir);
+    read_manifest(&previous)?;
+    let staging = sibling(dir, "rollback");
+    copy_bundle(&previous, &staging)?;
+    promote(&staging, dir)
+}
+
+fn read_manifest(dir: &Path) -> Result<AdapterManifest, SwitchError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SwitchError::Missing {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Err(error) => return Err(SwitchError::Io { path, error }),
+    };
+    toml::from_str(&text).map_err(|e| SwitchError::Manifest {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Copies the adapter bundle in `from` into `to` in install order: the
+/// model file (content-addressed, so never one `to`'s manifest names with
+/// other content), the reports, then the manifest, which commits; model
+/// files no manifest names are removed last.
+fn copy_bundle(from: &Path, to: &Path) -> Result<(), SwitchError> {
+    let manifest = read_manifest(from)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| SwitchError::Io { path, error }
+    };
+    dermascope_durable::create_private_dir_all(to).map_err(io(to))?;
+    let read = |name: &str| std::fs::read(from.join(name)).map_err(io(&from.join(name)));
+    let model = read(&manifest.file)?;
+    dermascope_durable::replace_durably(&to.join(&manifest.file), &model)
+        .map_err(io(&to.join(&manifest.file)))?;
+    for report in [REPORT_JSON, REPORT_TEXT] {
+        let source = from.join(report);
+        if source.is_file() {
+            let bytes = std::fs::read(&source).map_err(io(&source))?;
+            dermascope_durable::replace_durably(&to.join(report), &bytes)
+                .map_err(io(&to.join(report)))?;
+        }
+    }
+    let text = read(MANIFEST_FILE)?;
+    dermascope_durable::replace_durably(&to.join(MANIFEST_FILE), &text)
+        .map_err(io(&to.join(MANIFEST_FILE)))?;
+    for entry in std::fs::read_dir(to).map_err(io(to))? {
+        let entry = entry.map_err(io(to))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".onnx") && name != manifest.file {
+            std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The store's cases with a confirmed label, as training examples.
 #[derive(Debug, Default)]
 pub struct ConfirmedCases {
     pub examples: Vec<LabelledEmbedding>,
+    /// `local[i]`: `examples[i]` is the clinic's own case (captured on this
+    /// device or shared by one of its fleet), not a reference case.
+    pub local: Vec<bool>,
     /// Cases left out because their label is not confirmed.
     pub unconfirmed: usize,
 }
@@ -298,6 +685,7 @@ pub fn confirmed_cases(store: &CaseStore) -> Result<ConfirmedCases, StoreError> 
             out.unconfirmed += 1;
             continue;
         }
+        out.local.push(case.source != CaseSource::Reference);
         out.examples.push(LabelledEmbedding {
             lesion: case
                 .metadata
@@ -494,6 +882,212 @@ mod tests {
                 ("nv".into(), "B".into(), ENCODER.into()),
             ]
         );
+    }
+
+    /// `n` local photographs (one per lesion) of classes c0 and c1 in
+    /// another "camera": the class axes rotated onto dimensions 4 and 5,
+    /// so only training on them teaches the adapter this domain.
+    fn local_cases(n: usize, seed: u64) -> Vec<LabelledEmbedding> {
+        let mut state = seed;
+        (0..n)
+            .map(|i| {
+                let class = i % 2;
+                let mut v: Vec<f32> = (0..DIM).map(|_| 0.3 * noise(&mut state)).collect();
+                v[4 + class] += 1.0;
+                v[1 - class] += 0.6;
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                v.iter_mut().for_each(|x| *x /= norm);
+                LabelledEmbedding {
+                    embedding: v,
+                    label: format!("c{class}"),
+                    model_id: ENCODER.to_string(),
+                    lesion: format!("local-{seed}-{i}"),
+                }
+            })
+            .collect()
+    }
+
+    fn with_local(
+        reference: &[LabelledEmbedding],
+        local: &[LabelledEmbedding],
+    ) -> (Vec<LabelledEmbedding>, Vec<bool>) {
+        let mut examples = reference.to_vec();
+        examples.extend(local.iter().cloned());
+        let mut flags = vec![false; reference.len()];
+        flags.resize(examples.len(), true);
+        (examples, flags)
+    }
+
+    #[test]
+    fn local_cases_are_held_out_by_lesion_and_reported() {
+        let reference = clusters(&[40, 40]);
+        let local = local_cases(60, 3);
+        let (examples, flags) = with_local(&reference, &local);
+        let local_options = LocalOptions {
+            weight: 3.0,
+            validation_fraction: 0.3,
+        };
+        let plan = TrainingPlan::with_local(&examples, &flags, &options(), &local_options).unwrap();
+        let held: Vec<String> = plan
+            .local_validation_cases()
+            .iter()
+            .map(|e| e.lesion.clone())
+            .collect();
+        let expected: Vec<String> = local
+            .iter()
+            .filter(|e| held_out_lesion(&e.lesion, 0.3))
+            .map(|e| e.lesion.clone())
+            .collect();
+        assert_eq!(held, expected);
+        assert!((8..=30).contains(&held.len()), "{} held out", held.len());
+        assert_eq!(plan.local_train_cases(), local.len() - held.len());
+        // The reference cases split as without local cases.
+        let alone = TrainingPlan::new(&reference, &options()).unwrap();
+        assert_eq!(
+            plan.validation_cases(),
+            alone.validation_cases() + held.len()
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (adapter, report) = plan.install(dir.path()).unwrap();
+        let figures = report.local_validation.clone().expect("local validation");
+        assert_eq!(figures.cases, held.len());
+        assert_eq!(report.local_train_cases, local.len() - held.len());
+        assert_eq!(report.local_weight, 3.0);
+        // The figure is the installed adapter's on exactly those cases.
+        let again = ValidationFigures::of(&adapter, &plan_cases(&local, &held)).unwrap();
+        assert_eq!(figures, again);
+        assert!(report.to_text().contains("validation on local cases"));
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(REPORT_JSON)).unwrap()).unwrap();
+        assert_eq!(saved["local_validation"]["cases"], held.len());
+    }
+
+    fn plan_cases(local: &[LabelledEmbedding], held: &[String]) -> Vec<LabelledEmbedding> {
+        local
+            .iter()
+            .filter(|e| held.contains(&e.lesion))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_lesion_held_out_once_stays_held_out_as_cases_accumulate() {
+        let reference = clusters(&[30, 30]);
+        let mut local = local_cases(30, 5);
+        let plan = |local: &[LabelledEmbedding]| {
+            let (examples, flags) = with_local(&reference, local);
+            TrainingPlan::with_local(&examples, &flags, &options(), &LocalOptions::default())
+                .unwrap()
+                .local_validation_cases()
+                .into_iter()
+                .map(|e| e.lesion)
+                .collect::<Vec<_>>()
+        };
+        let before = plan(&local);
+        local.extend(local_cases(40, 6));
+        let after = plan(&local);
+        assert!(!before.is_empty());
+        assert!(
+            before.iter().all(|l| after.contains(l)),
+            "{before:?} {after:?}"
+        );
+        assert!(after.len() > before.len());
+    }
+
+    #[test]
+    fn training_on_local_cases_teaches_their_domain() {
+        let reference = clusters(&[40, 40]);
+        let local = local_cases(80, 9);
+        let local_options = LocalOptions {
+            weight: 3.0,
+            validation_fraction: 0.3,
+        };
+        let (examples, flags) = with_local(&reference, &local);
+        let plan = TrainingPlan::with_local(&examples, &flags, &options(), &local_options).unwrap();
+        let held = plan.local_validation_cases();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, with) = plan.install(dir.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (without, _) = train_and_install(&reference, &options(), dir.path()).unwrap();
+        let before = ValidationFigures::of(&without, &held).unwrap();
+        let after = with.local_validation.unwrap();
+        // The local "camera" pushes each class towards the other's axis.
+        assert!(
+            after.balanced_accuracy > before.balanced_accuracy + 0.2,
+            "{before:?} -> {after:?}"
+        );
+    }
+
+    #[test]
+    fn figures_count_other_classes_as_misses_and_compare_both_figures() {
+        let f = ValidationFigures::new(
+            &["mel", "mel", "nv", "nv", "nv", "nv"],
+            &["mel", "bkl", "nv", "nv", "nv", "mel"],
+        );
+        assert_eq!(f.cases, 6);
+        assert_eq!(f.melanoma_cases, 2);
+        assert_eq!(f.melanoma_recall, Some(0.5));
+        assert!((f.balanced_accuracy - 0.625).abs() < 1e-12);
+        let better_average_worse_recall = ValidationFigures {
+            balanced_accuracy: 0.9,
+            melanoma_recall: Some(0.4),
+            ..f.clone()
+        };
+        assert!(!better_average_worse_recall.no_worse_than(&f));
+        assert!(f.no_worse_than(&f));
+        let worse_average = ValidationFigures {
+            balanced_accuracy: 0.6,
+            melanoma_recall: Some(0.9),
+            ..f.clone()
+        };
+        assert!(!worse_average.no_worse_than(&f));
+        let none = ValidationFigures::new(&["nv"], &["nv"]);
+        assert_eq!(none.melanoma_recall, None);
+    }
+
+    #[test]
+    fn promote_keeps_the_old_adapter_and_rollback_puts_it_back() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("adapter");
+        let (old, _) = train_and_install(&clusters(&[30, 30]), &options(), &dir).unwrap();
+        let candidate = candidate_dir(&dir);
+        let mut other = options();
+        other.config.seed = 99;
+        let (new, _) = train_and_install(&clusters(&[30, 30]), &other, &candidate).unwrap();
+        assert_ne!(old.adapter_id(), new.adapter_id());
+
+        let manifest = promote(&candidate, &dir).unwrap();
+        assert_eq!(manifest.adapter_id, new.adapter_id());
+        assert!(!candidate.exists());
+        let installed = Adapter::load(&dir, ENCODER, DIM).unwrap();
+        assert_eq!(installed.adapter_id(), new.adapter_id());
+        let kept = Adapter::load(&previous_dir(&dir), ENCODER, DIM).unwrap();
+        assert_eq!(kept.adapter_id(), old.adapter_id());
+        // The installed folder holds only the model its manifest names.
+        let models: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".onnx"))
+            .collect();
+        assert_eq!(models, [installed.manifest().file.clone()]);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(REPORT_JSON)).unwrap()).unwrap();
+        assert_eq!(report["adapter_id"], new.adapter_id());
+
+        rollback(&dir).unwrap();
+        assert_eq!(
+            Adapter::load(&dir, ENCODER, DIM).unwrap().adapter_id(),
+            old.adapter_id()
+        );
+        assert_eq!(
+            Adapter::load(&previous_dir(&dir), ENCODER, DIM)
+                .unwrap()
+                .adapter_id(),
+            new.adapter_id()
+        );
+        let none = root.path().join("never");
+        assert!(matches!(rollback(&none), Err(SwitchError::Missing { .. })));
     }
 
     #[test]
