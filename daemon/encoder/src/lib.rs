@@ -491,6 +491,7 @@ impl Encoder {
             optimize_ms = optimize.as_millis() as u64,
             "encoder loaded"
         );
+        let model_id = preprocess.model_id(&manifest.model_id);
         Ok(Encoder {
             manifest,
             variant,
@@ -501,7 +502,7 @@ impl Encoder {
             decode_budget: options.decode_budget,
             load_timings,
             stage_fusion: fusion,
-            model_id: preprocess.model_id(&manifest.model_id),
+            model_id,
             preprocess,
         })
     }

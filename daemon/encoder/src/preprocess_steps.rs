@@ -442,7 +442,8 @@ pub fn frame_region(
     };
     let x = centre(lx, lw, w, bx, bw);
     let y = centre(ly, lh, h, by, bh);
-    let side = |v: f32, limit: u32| (v.round() as u32).clamp(crate::MIN_IMAGE_SIDE, limit);
+    // Never below the encoder's smallest image, never beyond the image.
+    let side = |v: f32, limit: u32| (v.round() as u32).max(crate::MIN_IMAGE_SIDE).min(limit);
     let (w, h) = (side(w, image_w), side(h, image_h));
     let x = (x.round() as u32).min(image_w - w);
     let y = (y.round() as u32).min(image_h - h);
@@ -566,7 +567,7 @@ pub(crate) fn chosen_spec(
             message,
         })?;
     if !spec.is_default() {
-        tracing::info!(preprocess = %spec.describe(), overridden = spec != manifest.preprocess, "encoder preprocessing");
+        tracing::info!(preprocess = %spec.describe(), overridden = (spec != manifest.preprocess), "encoder preprocessing");
     }
     Ok(spec)
 }
