@@ -255,12 +255,21 @@ pub struct EncoderSection {
 pub struct AdapterSection {
     /// Installed adapter; used when it holds one, ignored when empty.
     pub dir: PathBuf,
+    /// Retrain the adapter in the background once this many of the
+    /// clinic's own cases have been confirmed since the last training
+    /// (`retrain.rs`); 0 is off.
+    pub retrain_after: usize,
+    /// A confirmed local case's weight in that training; a reference
+    /// case's is 1.
+    pub local_weight: f32,
 }
 
 impl Default for AdapterSection {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("var/adapter"),
+            retrain_after: 25,
+            local_weight: dermascope_library::training::DEFAULT_LOCAL_WEIGHT,
         }
     }
 }
@@ -510,6 +519,14 @@ impl Config {
                     "must be 1..=64",
                 ));
             }
+        }
+        let w = self.adapter.local_weight;
+        if !(w.is_finite() && (0.1..=100.0).contains(&w)) {
+            return Err(invalid(
+                "adapter.local_weight",
+                w.to_string(),
+                "must be 0.1..=100",
+            ));
         }
         let p = &self.pipeline;
         if !(1..=16).contains(&p.burst) {

@@ -26,6 +26,7 @@ mod feed;
 mod fleet;
 pub mod hardware;
 pub mod identity;
+pub mod retrain;
 pub mod updates;
 
 pub use analysis::{Analysis, Analyzer, CapturedLesion, ChosenFrame, FrameOrigin, StageTimings};
