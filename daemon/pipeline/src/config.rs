@@ -320,15 +320,6 @@ pub struct PipelineSection {
     /// `capture = "burst"`: frames taken per button press; the sharpest
     /// acceptable one is used.
     pub burst: u32,
-    /// Similar cases shown.
-    pub top_k: usize,
-    /// Longest wait for the camera during a burst before the capture fails
-    /// with a camera-problem screen.
-    pub camera_timeout_ms: u64,
-    /// Refresh the ready screen with the live view this often (0: never;
-    /// PNG screens default to never, so a PC's disk does not fill).
-    pub live_view_ms: u64,
-}
     /// `capture = "ring"`: frames the camera thread keeps (memory: this
     /// many frames at the camera's resolution).
     pub ring_frames: u32,
@@ -338,16 +329,16 @@ pub struct PipelineSection {
     /// `capture = "ring"`: when no recent frame passes the gate, the
     /// frames of this long after the press are judged (0: the next one).
     pub follow_up_ms: u64,
+    /// Similar cases shown.
+    pub top_k: usize,
+    /// Longest wait for the camera during a burst before the capture fails
+    /// with a camera-problem screen.
+    pub camera_timeout_ms: u64,
+    /// Refresh the ready screen with the live view this often (0: never;
+    /// PNG screens default to never, so a PC's disk does not fill).
+    pub live_view_ms: u64,
+}
 
-impl Default for PipelineSection {
-    fn default() -> Self {
-        Self {
-            burst: 3,
-            top_k: 5,
-            camera_timeout_ms: 3000,
-            live_view_ms: 0,
-        }
-    }
 /// How a press gets its frames.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -361,13 +352,22 @@ pub enum CaptureKind {
     Burst,
 }
 
-}
-
-impl Config {
+impl Default for PipelineSection {
+    fn default() -> Self {
+        Self {
             capture: CaptureKind::Ring,
             ring_frames: 8,
             ring_window_ms: 150,
             follow_up_ms: 100,
+            burst: 3,
+            top_k: 5,
+            camera_timeout_ms: 3000,
+            live_view_ms: 0,
+        }
+    }
+}
+
+impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -536,23 +536,6 @@ impl Config {
                 "must be 1..=16 frames",
             ));
         }
-        if !(1..=20).contains(&p.top_k) {
-            return Err(invalid(
-                "pipeline.top_k",
-                p.top_k.to_string(),
-                "must be 1..=20 cases",
-            ));
-        }
-        if !(100..=60_000).contains(&p.camera_timeout_ms) {
-            return Err(invalid(
-                "pipeline.camera_timeout_ms",
-                p.camera_timeout_ms.to_string(),
-                "must be 100..=60000",
-            ));
-        }
-        let q = &self.quality;
-        for (key, value) in [
-            ("quality.max_clipped_highlights", q.max_clipped_highlights),
         if !(2..=32).contains(&p.ring_frames) {
             return Err(invalid(
                 "pipeline.ring_frames",
@@ -574,6 +557,23 @@ impl Config {
                 "must be 0..=1000",
             ));
         }
+        if !(1..=20).contains(&p.top_k) {
+            return Err(invalid(
+                "pipeline.top_k",
+                p.top_k.to_string(),
+                "must be 1..=20 cases",
+            ));
+        }
+        if !(100..=60_000).contains(&p.camera_timeout_ms) {
+            return Err(invalid(
+                "pipeline.camera_timeout_ms",
+                p.camera_timeout_ms.to_string(),
+                "must be 100..=60000",
+            ));
+        }
+        let q = &self.quality;
+        for (key, value) in [
+            ("quality.max_clipped_highlights", q.max_clipped_highlights),
             ("quality.max_crushed_shadows", q.max_crushed_shadows),
             ("quality.min_lesion_contrast", q.min_lesion_contrast),
         ] {
@@ -724,6 +724,17 @@ mod tests {
             err.contains("pipeline.burst") && err.contains("1..=16"),
             "{err}"
         );
+        let err = parse("[pipeline]\nring_frames = 1000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pipeline.ring_frames") && err.contains("2..=32"),
+            "{err}"
+        );
+        let err = parse("[pipeline]\ncapture = \"stream\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ring") && err.contains("burst"), "{err}");
         let err = parse("[trigger]\ncapture_pin = 40\n")
             .unwrap_err()
             .to_string();
@@ -741,17 +752,6 @@ mod tests {
         let ok = parse("[trigger]\nsocket_group = \"dermascope-press\"\n").unwrap();
         assert_eq!(ok.trigger.socket_group.as_deref(), Some("dermascope-press"));
         let err = parse("[quality]\nmax_clipped_highlights = 2.0\n")
-        let err = parse("[pipeline]\nring_frames = 1000\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("pipeline.ring_frames") && err.contains("2..=32"),
-            "{err}"
-        );
-        let err = parse("[pipeline]\ncapture = \"stream\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("ring") && err.contains("burst"), "{err}");
             .unwrap_err()
             .to_string();
         assert!(err.contains("quality.max_clipped_highlights"), "{err}");
