@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 use tract_onnx::prelude::*;
 
+use crate::manifest_calibration::Calibration;
 use crate::onnx::{self, EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME};
 use crate::train::TrainedAdapter;
 use crate::AdapterError;
@@ -59,6 +60,11 @@ pub struct AdapterManifest {
     pub sha256: String,
     pub created_at_ms: u64,
     pub training: TrainingSummary,
+    /// The melanoma operating point and the "no close match" rule, computed
+    /// on the validation split after training and stored by
+    /// [`crate::record_calibration`]. Absent in manifests written before them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
 }
 
 /// How the adapter was trained (for the record; not used to run it).
@@ -178,6 +184,7 @@ pub(crate) fn install(
             class_changes: trained.class_changes.clone(),
             wall_time_ms: trained.wall_time.as_millis() as u64,
         },
+        calibration: None,
     };
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = toml::to_string_pretty(&manifest).map_err(|e| AdapterError::Manifest {
@@ -496,7 +503,7 @@ fn read_bundle(dir: &Path) -> Result<(AdapterManifest, PathBuf, Vec<u8>), Adapte
 
 /// The manifest, checked for everything that does not depend on the
 /// encoder in use.
-fn read_manifest(dir: &Path) -> Result<AdapterManifest, AdapterError> {
+pub(crate) fn read_manifest(dir: &Path) -> Result<AdapterManifest, AdapterError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -539,6 +546,23 @@ fn read_manifest(dir: &Path) -> Result<AdapterManifest, AdapterError> {
         )));
     }
     Ok(manifest)
+}
+
+/// Replaces the manifest in `dir` with `manifest` the way an install
+/// writes it (temporary file, fsync, rename, directory fsync).
+pub(crate) fn write_manifest(dir: &Path, manifest: &AdapterManifest) -> Result<(), AdapterError> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = toml::to_string_pretty(manifest).map_err(|e| AdapterError::Manifest {
+        path: manifest_path.clone(),
+        message: e.to_string(),
+    })?;
+    let temp = temp_path(dir, MANIFEST_FILE);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdapterError::Io { path, source }
+    };
+    write_synced(&temp, text.as_bytes()).map_err(io(&temp))?;
+    rename_synced(&temp, &manifest_path, dir).map_err(io(&manifest_path))
 }
 
 fn softmax_row(logits: &[f32]) -> Vec<f32> {

@@ -21,6 +21,7 @@
 //! `f32` embeddings with their labels and encoder model id.
 
 mod bundle;
+mod manifest_calibration;
 pub mod model;
 mod onnx;
 mod train;
@@ -31,6 +32,7 @@ pub use bundle::{
     save, Adapter, AdapterManifest, AdapterOutput, TrainingSummary, BATCH_ROWS, LEGACY_MODEL_FILE,
     MANIFEST_FILE,
 };
+pub use manifest_calibration::{record_calibration, Calibration, NoMatchRule, OperatingPoint};
 pub use model::{AdapterShape, AdapterWeights};
 pub use onnx::{export as export_onnx, EMBEDDING_NAME, INPUT_NAME, LOGITS_NAME};
 pub use train::{

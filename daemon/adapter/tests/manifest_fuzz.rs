@@ -163,6 +163,7 @@ fn arb_manifest() -> impl Strategy<Value = AdapterManifest> {
                     sha256,
                     created_at_ms,
                     training,
+                    calibration: None,
                 }
             },
         )

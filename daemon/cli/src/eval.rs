@@ -143,6 +143,8 @@ fn print_report(report: &EvaluationReport) {
         }
         println!("{line}");
     }
+    print_two_class(report);
+    print_decision_rules(report);
     if !report.breakdowns.is_empty() {
         println!("breakdown (accuracy / balanced accuracy per group):");
         let methods: Vec<String> = report.breakdowns[0]
@@ -169,6 +171,90 @@ fn print_report(report: &EvaluationReport) {
             }
             println!("{line}");
         }
+    }
+}
+
+/// Melanoma against the other class, when the queries are two classes;
+/// any other predicted class is a miss.
+fn print_two_class(report: &EvaluationReport) {
+    let Some(first) = report.methods.iter().find_map(|m| m.two_class.as_ref()) else {
+        return;
+    };
+    println!(
+        "two-class queries: {} {} against {} {} (any other predicted class is a miss)",
+        first.positives, first.positive, first.negatives, first.negative
+    );
+    println!(
+        "{:<36}{:>9}{:>13}{:>9}{:>8}",
+        "method",
+        format!("R:{}", first.positive),
+        "specificity",
+        "bal.acc",
+        "AUC"
+    );
+    for method in &report.methods {
+        if let Some(f) = &method.two_class {
+            let auc = f.auc.map_or("-".to_string(), |a| format!("{a:.3}"));
+            println!(
+                "{:<36}{:>9.3}{:>13.3}{:>9.3}{:>8}",
+                method.method, f.recall, f.specificity, f.balanced_accuracy, auc
+            );
+        }
+    }
+}
+
+/// The adapter's melanoma flag and "no close match" rule on these queries.
+fn print_decision_rules(report: &EvaluationReport) {
+    match &report.operating_point {
+        Some(op) => println!(
+            "melanoma flag (combined score >= {:.4}, chosen on the adapter's validation split \
+             for sensitivity {:.2}: there {:.3} / specificity {:.3}): on the queries \
+             sensitivity {:.3} ({} melanomas), specificity {:.3} ({} others)",
+            op.chosen.threshold,
+            op.chosen.target_sensitivity,
+            op.chosen.sensitivity,
+            op.chosen.specificity,
+            op.sensitivity,
+            op.melanomas,
+            op.specificity,
+            op.others
+        ),
+        None => println!("melanoma flag: the adapter has no operating point"),
+    }
+    let Some(no_match) = &report.no_match else {
+        println!("no close match: the adapter has no rule");
+        return;
+    };
+    let rule = &no_match.rule;
+    println!(
+        "no close match (best adapter-space similarity < {:.4}, the {:.0}% quantile of {} \
+         validation cases; raw-space rule < {}):",
+        rule.min_top1_similarity,
+        rule.quantile * 100.0,
+        rule.validation_queries,
+        rule.min_top1_raw_similarity
+            .map_or("-".to_string(), |m| format!("{m:.4}"))
+    );
+    println!(
+        "{:<22}{:>6}{:>9}{:>14}{:>10}{:>12}",
+        "images", "n", "fires", "median top-1", "raw fires", "raw median"
+    );
+    let rows = std::iter::once(("queries".to_string(), &no_match.queries)).chain(
+        no_match
+            .non_dermoscopy
+            .iter()
+            .map(|(kind, f)| (format!("drawn: {kind}"), f)),
+    );
+    for (name, f) in rows {
+        println!(
+            "{:<22}{:>6}{:>9.3}{:>14.3}{:>10}{:>12.3}",
+            truncate(&name, 22),
+            f.n,
+            f.rate,
+            f.median_top1,
+            f.raw_rate.map_or("-".to_string(), |r| format!("{r:.3}")),
+            f.median_top1_raw
+        );
     }
 }
 

@@ -33,6 +33,10 @@ use dermascope_store::{CaseSource, CaseStore, StoreError};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::operating_point::{
+    calibrate_installed, calibration_text, Calibration, CalibrationError,
+};
+
 pub const REPORT_JSON: &str = "report.json";
 pub const REPORT_TEXT: &str = "report.txt";
 
@@ -55,6 +59,11 @@ pub enum TrainingError {
     },
     #[error("encoding the training report: {0}")]
     Encode(serde_json::Error),
+    #[error("calibrating the adapter in {}: {error}", dir.display())]
+    Calibration {
+        dir: PathBuf,
+        error: CalibrationError,
+    },
 }
 
 /// An installed adapter that could not be loaded. `error` says why; an
@@ -198,6 +207,9 @@ pub struct TrainingReport {
     pub history: Vec<EpochRecord>,
     /// On the validation split, with the installed ONNX run by tract.
     pub validation: ClassificationReport,
+    /// The melanoma operating point and the "no close match" rule chosen
+    /// on that split, as stored in the adapter's manifest.
+    pub calibration: Calibration,
     /// The clinic's own cases trained on (weighted) and held out.
     pub local_train_cases: usize,
     pub local_weight: f32,
@@ -239,6 +251,7 @@ impl TrainingReport {
             v.expected_calibration_error.unwrap_or(f64::NAN)
         ));
         out.push_str(&v.to_table());
+        out.push_str(&calibration_text(&self.calibration));
         if let Some(l) = &self.local_validation {
             out.push_str(&format!(
                 "validation on local cases ({} held out, {} trained on at weight {}): \
@@ -439,6 +452,17 @@ impl TrainingPlan {
                 .collect::<Vec<_>>(),
         )?;
         let truth: Vec<&str> = validation.iter().map(|e| e.label.as_str()).collect();
+        let (adapter, calibration) = calibrate_installed(
+            dir,
+            adapter,
+            &train_set,
+            &validation,
+            config.melanoma_target_sensitivity,
+        )
+        .map_err(|error| TrainingError::Calibration {
+            dir: dir.to_path_buf(),
+            error,
+        })?;
         let local_validation = self.local_validation_cases();
         let local_validation = if local_validation.is_empty() {
             None
@@ -459,6 +483,7 @@ impl TrainingPlan {
             config: self.options.config,
             history: trained.history,
             validation: prediction_report(&adapter, &outputs, &truth),
+            calibration,
             local_train_cases,
             local_weight: self.local_options.weight,
             local_validation,

@@ -17,19 +17,26 @@
 mod method;
 mod rows;
 mod scoring;
+pub mod synthetic;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use dermascope_adapter::AdapterError;
 use dermascope_encoder::Encoder;
-use dermascope_eval::ClassificationReport;
+use dermascope_eval::{
+    knn_distribution, sensitivity_specificity, ClassificationReport, Neighbour, TwoClassFigures,
+    MELANOMA,
+};
 use dermascope_store::{CaseStore, IndexError, ScoreKind};
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::ingest::IngestProgress;
 use crate::labels::LabelledImage;
+use crate::operating_point::{
+    combined_probabilities, melanoma_score, ranked_neighbours, NoMatchRule, OperatingPoint,
+};
 use crate::training::{confidences, TrainingError, TrainingOptions, TrainingPlan, TrainingReport};
 
 pub use method::{knn_methods, Method, Space};
@@ -67,6 +74,8 @@ pub enum EvaluationError {
     Index(IndexError),
     #[error("stopped by the caller")]
     Interrupted,
+    #[error("embedding the drawn non-dermoscopy images: {0}")]
+    Synthetic(dermascope_encoder::EncoderError),
 }
 
 /// What to evaluate and how.
@@ -129,6 +138,49 @@ pub struct MethodResult {
     pub method: Method,
     #[serde(flatten)]
     pub report: ClassificationReport,
+    /// Melanoma against the other class, when the queries are exactly
+    /// melanoma and one other diagnosis (another atlas's mel and nv).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub two_class: Option<TwoClassFigures>,
+}
+
+/// The adapter's melanoma operating point (chosen on its validation split)
+/// applied to the queries' combined melanoma scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct OperatingPointResult {
+    /// As stored in the adapter's manifest, with its validation figures.
+    pub chosen: OperatingPoint,
+    /// Melanoma queries flagged.
+    pub sensitivity: f64,
+    /// Other queries (any diagnosis but melanoma) not flagged.
+    pub specificity: f64,
+    pub melanomas: usize,
+    pub others: usize,
+}
+
+/// How often "no close match" fires on a set of images.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct NoMatchFiring {
+    pub n: usize,
+    /// The stored rule: best adapter-space similarity below its minimum.
+    pub fired: usize,
+    pub rate: f64,
+    /// The same quantile rule in the encoder's raw space, for comparison.
+    pub raw_fired: Option<usize>,
+    pub raw_rate: Option<f64>,
+    /// Median best similarity, adapter space and raw.
+    pub median_top1: f64,
+    pub median_top1_raw: f64,
+}
+
+/// The rule and its firing on the queries and on drawn non-dermoscopy
+/// images.
+#[derive(Clone, Debug, Serialize)]
+pub struct NoMatchResult {
+    pub rule: NoMatchRule,
+    pub queries: NoMatchFiring,
+    /// Per kind of [`synthetic::KINDS`], then all of them together.
+    pub non_dermoscopy: Vec<(String, NoMatchFiring)>,
 }
 
 /// Everything `dermascope eval` prints (and, as JSON, its last line).
@@ -144,6 +196,11 @@ pub struct EvaluationReport {
     pub retrieval: Vec<Retrieval>,
     pub methods: Vec<MethodResult>,
     pub breakdowns: Vec<GroupResult>,
+    /// The melanoma flag on these queries; `None` when the adapter has no
+    /// operating point.
+    pub operating_point: Option<OperatingPointResult>,
+    /// "No close match" on these queries and on non-dermoscopy images.
+    pub no_match: Option<NoMatchResult>,
     /// Every diagnosis among references and queries: the order of each
     /// method's `per_class`.
     #[serde(skip)]
@@ -212,15 +269,44 @@ pub fn evaluate(
         Space::Adapter => &adapted,
     };
     let mut scored = Vec::new();
+    // Each method's melanoma score per query, in `scored`'s order: the AUC
+    // of the two-class figures.
+    let mut melanoma_scores: Vec<Vec<f64>> = Vec::new();
+    let melanoma_index = classes.iter().position(|c| c == MELANOMA);
     for space in Space::ALL {
         for method in knn_methods(space, &KS) {
             if let Method::Knn { k, vote, .. } = method {
                 let predicted = knn_predictions(hits_in(space), k, vote);
                 scored.push(Scored::new(method, predicted, None, &classes, &truth));
+                melanoma_scores.push(
+                    hits_in(space)
+                        .iter()
+                        .map(|n| {
+                            let votes = knn_distribution(n, k, vote, &classes);
+                            melanoma_index.map_or(0.0, |i| votes[i])
+                        })
+                        .collect(),
+                );
             }
         }
     }
     let adapter_classes = adapter.classes();
+    let adapter_melanoma = adapter_classes.iter().position(|c| c == MELANOMA);
+    melanoma_scores.push(
+        query_out
+            .iter()
+            .map(|o| adapter_melanoma.map_or(0.0, |i| f64::from(o.probabilities[i])))
+            .collect(),
+    );
+    let combined_melanoma: Vec<f64> = query_out
+        .iter()
+        .zip(&adapted)
+        .map(|(o, n)| {
+            let mixed = combined_probabilities(o, n, adapter_classes, COMBINED_K);
+            melanoma_score(adapter_classes, &mixed).unwrap_or(0.0)
+        })
+        .collect();
+    melanoma_scores.push(combined_melanoma.clone());
     let predicted = query_out
         .iter()
         .map(|o| adapter_classes[o.predicted].clone())
@@ -247,6 +333,40 @@ pub fn evaluate(
         .collect();
     let query_rows: Vec<&LabelledImage> = queries.iter().map(|q| &q.row).collect();
     let breakdowns = breakdowns(&query_rows, &truth, &scored, &classes);
+    let calibration = adapter.manifest().calibration.clone().unwrap_or_default();
+    let operating_point = calibration.melanoma.map(|chosen| {
+        let positive: Vec<bool> = truth.iter().map(|t| *t == MELANOMA).collect();
+        let (sensitivity, specificity) =
+            sensitivity_specificity(&combined_melanoma, &positive, chosen.threshold);
+        let melanomas = positive.iter().filter(|p| **p).count();
+        OperatingPointResult {
+            chosen,
+            sensitivity,
+            specificity,
+            melanomas,
+            others: positive.len() - melanomas,
+        }
+    });
+    let no_match = match calibration.no_match {
+        Some(rule) => {
+            let queries = firing(&rule, &adapted, &raw);
+            let non_dermoscopy = non_dermoscopy_firing(
+                encoder,
+                &adapter,
+                &rule,
+                &references,
+                &raw_refs,
+                &adapter_refs,
+                options.raw_score,
+            )?;
+            Some(NoMatchResult {
+                rule,
+                queries,
+                non_dermoscopy,
+            })
+        }
+        None => None,
+    };
     Ok(EvaluationReport {
         model_id: encoder.model_id().to_string(),
         raw_score: match options.raw_score {
@@ -261,14 +381,106 @@ pub fn evaluate(
         retrieval,
         methods: scored
             .into_iter()
-            .map(|s| MethodResult {
-                method: s.method,
-                report: s.report,
+            .zip(&melanoma_scores)
+            .map(|(s, scores)| {
+                let predicted: Vec<&str> = s.predicted.iter().map(String::as_str).collect();
+                MethodResult {
+                    two_class: TwoClassFigures::new(&truth, &predicted, Some(scores.as_slice())),
+                    method: s.method,
+                    report: s.report,
+                }
             })
             .collect(),
         breakdowns,
+        operating_point,
+        no_match,
         classes,
     })
+}
+
+/// How often `rule` fires on queries whose neighbours are `adapted`
+/// (adapter space) and `raw`, best first.
+fn firing(rule: &NoMatchRule, adapted: &[Vec<Neighbour>], raw: &[Vec<Neighbour>]) -> NoMatchFiring {
+    let top1 = |hits: &[Vec<Neighbour>]| -> Vec<Option<f32>> {
+        hits.iter()
+            .map(|n| n.first().map(|h| h.similarity))
+            .collect()
+    };
+    let adapted = top1(adapted);
+    let raw = top1(raw);
+    let n = adapted.len();
+    let fired = adapted.iter().filter(|s| !rule.is_close_match(**s)).count();
+    let raw_fired = rule
+        .min_top1_raw_similarity
+        .map(|min| raw.iter().filter(|s| !s.is_some_and(|s| s >= min)).count());
+    let rate = |k: usize| if n == 0 { 0.0 } else { k as f64 / n as f64 };
+    NoMatchFiring {
+        n,
+        fired,
+        rate: rate(fired),
+        raw_fired,
+        raw_rate: raw_fired.map(rate),
+        median_top1: median(&adapted),
+        median_top1_raw: median(&raw),
+    }
+}
+
+fn median(values: &[Option<f32>]) -> f64 {
+    let mut v: Vec<f64> = values.iter().flatten().map(|&s| f64::from(s)).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Side of the drawn images and variants of each kind: enough to see
+/// whether the rule fires on them, few enough to embed in seconds.
+const DRAWN_SIZE: (u32, u32) = (640, 480);
+const DRAWN_VARIANTS: u32 = 3;
+
+/// The rule's firing on [`synthetic::non_dermoscopy_images`], per kind and
+/// for all of them, searched among the references as queries are.
+fn non_dermoscopy_firing(
+    encoder: &Encoder,
+    adapter: &dermascope_adapter::Adapter,
+    rule: &NoMatchRule,
+    references: &[EmbeddedRow],
+    raw_refs: &[&[f32]],
+    adapter_refs: &[&[f32]],
+    raw_score: ScoreKind,
+) -> Result<Vec<(String, NoMatchFiring)>, EvaluationError> {
+    let drawn = synthetic::non_dermoscopy_images(DRAWN_SIZE.0, DRAWN_SIZE.1, DRAWN_VARIANTS);
+    let mut raw = Vec::with_capacity(drawn.len());
+    for (_, image) in &drawn {
+        raw.push(
+            encoder
+                .embed_rgb(image)
+                .map_err(EvaluationError::Synthetic)?
+                .into_values(),
+        );
+    }
+    let out = adapter.predict_many(&raw)?;
+    let labels: Vec<&str> = references.iter().map(EmbeddedRow::diagnosis).collect();
+    let raw_q: Vec<&[f32]> = raw.iter().map(Vec::as_slice).collect();
+    let adapted_q: Vec<&[f32]> = out.iter().map(|o| o.embedding.as_slice()).collect();
+    let raw_hits = ranked_neighbours(&labels, raw_refs, &raw_q, 1, raw_score)
+        .map_err(EvaluationError::Index)?;
+    let adapted_hits = ranked_neighbours(&labels, adapter_refs, &adapted_q, 1, ScoreKind::F32)
+        .map_err(EvaluationError::Index)?;
+    let mut result = Vec::new();
+    for kind in synthetic::KINDS {
+        let of_kind: Vec<usize> = (0..drawn.len()).filter(|&i| drawn[i].0 == kind).collect();
+        let pick = |hits: &[Vec<Neighbour>]| -> Vec<Vec<Neighbour>> {
+            of_kind.iter().map(|&i| hits[i].clone()).collect()
+        };
+        result.push((
+            kind.to_string(),
+            firing(rule, &pick(&adapted_hits), &pick(&raw_hits)),
+        ));
+    }
+    result.push((
+        "all drawn".to_string(),
+        firing(rule, &adapted_hits, &raw_hits),
+    ));
+    Ok(result)
 }
 
 fn step(

@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use dermascope_adapter::AdapterOutput;
-use dermascope_eval::{
-    knn_distribution, knn_vote, precision_at_k, ClassificationReport, Neighbour, Vote,
-};
+use dermascope_eval::{knn_vote, precision_at_k, ClassificationReport, Neighbour, Vote};
 use dermascope_store::{
     CaseFilter, CaseSource, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, Sex,
 };
@@ -16,6 +14,7 @@ use serde::{Serialize, Serializer};
 
 use super::method::{Method, Space};
 use crate::labels::LabelledImage;
+use crate::operating_point::combined_probabilities;
 
 /// A method's predictions for every query, scored.
 #[derive(Clone, Debug)]
@@ -112,13 +111,7 @@ pub(crate) fn combine(
     let mut predicted = Vec::with_capacity(outputs.len());
     let mut confidence = Vec::with_capacity(outputs.len());
     for (out, neighbours) in outputs.iter().zip(hits) {
-        let votes = knn_distribution(neighbours, k, Vote::SimilarityWeighted, classes);
-        let mixed: Vec<f64> = out
-            .probabilities
-            .iter()
-            .zip(&votes)
-            .map(|(p, v)| 0.5 * f64::from(*p) + 0.5 * v)
-            .collect();
+        let mixed = combined_probabilities(out, neighbours, classes, k);
         let (best, p) = mixed
             .iter()
             .enumerate()
