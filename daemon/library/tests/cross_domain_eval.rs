@@ -66,7 +66,7 @@ fn two_class_queries_get_melanoma_figures_and_the_adapter_its_rules() {
     )
     .unwrap();
     let cache = CaseStore::open(
-        &dir.path().join("cache"),
+        dir.path().join("cache"),
         StoreIdentity {
             model_id: encoder.model_id().to_string(),
             embedding_dim: encoder.dim(),
