@@ -545,7 +545,7 @@ mod tests {
         let all = examples(40);
         let (train_set, validation): (Vec<_>, Vec<_>) = all.iter().partition(|e| {
             let i: usize = e.lesion[1..].parse().unwrap();
-            i % 5 != 0
+            !i.is_multiple_of(5)
         });
         let plain = train(&train_set, &validation, &config()).unwrap();
         let ones = train_weighted(
