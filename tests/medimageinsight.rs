@@ -89,7 +89,10 @@ fn the_daemon_runs_medimageinsight_by_configuration_alone() {
     assert!(counts.contains(&expected), "{counts}");
     let default = dermascope_testkit::bundle_dir();
     let refused = dermascope_once(&["cases", "--store", s(&store), "--bundle", s(&default)]);
-    assert!(!refused.status.success(), "the default encoder opened a MedImageInsight store");
+    assert!(
+        !refused.status.success(),
+        "the default encoder opened a MedImageInsight store"
+    );
 }
 
 #[test]
@@ -124,7 +127,11 @@ fn reembed_moves_a_default_encoder_library_onto_medimageinsight() {
     let report: serde_json::Value = serde_json::from_str(moved.trim()).unwrap();
     assert_eq!(report["outcome"], "switched", "{report}");
     assert_eq!(report["reembedded"], 6, "{report}");
-    assert_eq!(report["from_model"], model_id(&default).as_str(), "{report}");
+    assert_eq!(
+        report["from_model"],
+        model_id(&default).as_str(),
+        "{report}"
+    );
 
     // Each photograph's own case comes first under the new encoder, at a
     // similarity of 1: the original re-embedded is the query re-embedded.
@@ -139,7 +146,10 @@ fn reembed_moves_a_default_encoder_library_onto_medimageinsight() {
         "--bundle",
         s(&bundle),
     ]);
-    assert!(found.contains("SYN_1001") && found.contains("1.000"), "{found}");
+    assert!(
+        found.contains("SYN_1001") && found.contains("1.000"),
+        "{found}"
+    );
 
     // Its embeddings are MedImageInsight's width.
     let embedded = run_ok(&["embed", "--json", "--bundle", s(&bundle), s(&query)]);
