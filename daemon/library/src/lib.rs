@@ -30,13 +30,13 @@ pub use evaluation::{
 
 pub use ingest::{ingest, IngestError, IngestOptions, IngestProgress, IngestSummary};
 pub use labels::{parse_labels, read_labels, LabelledImage, LabelsError, LabelsFile, RejectedRow};
-pub use photo::{
-    original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,
-};
 pub use operating_point::{
     calibrate, close_match, combined_probabilities, melanoma_flag, melanoma_operating_point,
     melanoma_score, no_match_rule, Calibration, CalibrationError, NoMatchRule, OperatingPoint,
     NO_MATCH_QUANTILE,
+};
+pub use photo::{
+    original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,
 };
 pub use reembed::{
     reembed, reembed_into, store_for_encoder, stores_to_carry, Carry, IntoOutcome, IntoReport,

@@ -495,16 +495,6 @@ impl TrainingPlan {
     }
 }
 
-/// Gives the calling thread the lowest CPU priority (nice 19; Linux's
-/// nice is per thread), so a background training yields to capture.
-pub fn lower_thread_priority() -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)?;
-    }
-    Ok(())
-}
-
 /// Whether a local lesion is held out for validation: a hash of its id
 /// alone (FNV-1a, then splitmix64's finaliser), so the answer is the same
 /// at every retraining, whatever else the library holds.
@@ -518,6 +508,16 @@ pub fn held_out_lesion(lesion: &str, fraction: f64) -> bool {
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^= h >> 31;
     ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19; Linux's
+/// nice is per thread), so a background training yields to capture.
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)?;
+    }
+    Ok(())
 }
 
 /// Through a temporary file and a rename, so a kill leaves the previous
