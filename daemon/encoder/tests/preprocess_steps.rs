@@ -109,7 +109,10 @@ fn the_vignette_is_found_where_it_was_drawn_and_not_on_plain_skin() {
         "corners are not"
     );
     let (x, y, w, h) = field.bounds(400, 300);
-    assert!(x >= 30 && x <= 45 && w >= 310 && w <= 340, "x {x} w {w}");
+    assert!(
+        (30..=45).contains(&x) && (310..=340).contains(&w),
+        "x {x} w {w}"
+    );
     assert!(
         y == 0 && h == 300,
         "the circle touches top and bottom: y {y} h {h}"

@@ -173,7 +173,7 @@ fn rig(ring_frames: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let encoder = support::encoder();
     let store = CaseStore::open(
-        &dir.path().join("store"),
+        dir.path().join("store"),
         StoreIdentity {
             model_id: encoder.model_id().to_string(),
             embedding_dim: encoder.dim(),

@@ -361,7 +361,7 @@ impl LesionModel {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            (v.len() % dim == 0 && !v.is_empty()).then(|| {
+            (v.len().is_multiple_of(dim) && !v.is_empty()).then(|| {
                 v.chunks_exact(dim)
                     .map(|r| {
                         let n = r.iter().map(|x| x * x).sum::<f32>().sqrt();
