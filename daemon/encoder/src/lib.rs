@@ -290,6 +290,10 @@ pub struct Encoder {
     preprocess: PreprocessSpec,
     /// The manifest's model id with the preprocessing's suffix.
     model_id: String,
+    /// Where the plan came from and how it was made, so that
+    /// [`Encoder::batch_encoder`] can plan the same file for a batch.
+    bundle_dir: PathBuf,
+    options: EncoderOptions,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -303,6 +307,17 @@ impl std::fmt::Debug for Encoder {
 
 impl Encoder {
     pub fn load(bundle_dir: &Path, options: &EncoderOptions) -> Result<Self, EncoderError> {
+        Self::load_for_batch(bundle_dir, options, 1)
+    }
+
+    /// [`Encoder::load`] with the input's batch dimension fixed at `batch`
+    /// (the manifest describes one image; the bundles' files declare batch 1,
+    /// and tract is several times slower with a symbolic one).
+    fn load_for_batch(
+        bundle_dir: &Path,
+        options: &EncoderOptions,
+        batch: usize,
+    ) -> Result<Self, EncoderError> {
         if !bundle_dir.is_dir() {
             return Err(EncoderError::BundleMissing {
                 path: bundle_dir.to_path_buf(),
@@ -352,10 +367,12 @@ impl Encoder {
         drop(bytes);
 
         let input = &manifest.input;
-        let input_shape = match input.layout {
+        let image_shape = match input.layout {
             manifest::TensorLayout::Nchw => [1, 3, input.height as usize, input.width as usize],
             manifest::TensorLayout::Nhwc => [1, input.height as usize, input.width as usize, 3],
         };
+        let mut input_shape = image_shape;
+        input_shape[0] = batch.max(1);
         let mismatch = |message: String| EncoderError::GraphMismatch {
             path: path.clone(),
             message,
@@ -383,7 +400,7 @@ impl Encoder {
             "input",
             &input.name,
             &variant,
-            Expected::Shape(&input_shape),
+            Expected::Shape(&image_shape),
         )
         .map_err(mismatch)?;
         check_declared(
@@ -398,6 +415,9 @@ impl Encoder {
         model
             .select_output_outlets(&[output_outlet])
             .map_err(graph_error)?;
+        if input_shape[0] > 1 {
+            forget_declared_shapes(&mut model).map_err(graph_error)?;
+        }
         model
             .set_input_fact(
                 input_index,
@@ -455,7 +475,7 @@ impl Encoder {
             })?;
         let input_type = optimized.input_fact(0).map_err(graph_error)?.datum_type;
         let output_len: usize = output_shape.iter().product();
-        if output_len != manifest.output.dim {
+        if output_len != manifest.output.dim * input_shape[0] {
             return Err(EncoderError::GraphMismatch {
                 path,
                 message: format!(
@@ -484,6 +504,7 @@ impl Encoder {
             variant_reason = %variant_reason,
             dim = manifest.output.dim,
             threads = options.threads,
+            batch = input_shape[0],
             half_precision = ?half_precision,
             fused_stages = fusion.depthwise + fusion.max_pool + fusion.subsample,
             verify_ms = read_and_verify.as_millis() as u64,
@@ -504,6 +525,42 @@ impl Encoder {
             stage_fusion: fusion,
             model_id,
             preprocess,
+            bundle_dir: bundle_dir.to_path_buf(),
+            options: options.clone(),
+        })
+    }
+
+    /// A second plan of the same file, variant and preprocessing for
+    /// `batch` images at once, with `threads` for its matrix products: for
+    /// embedding a library, where the wider products (the exit flow's 8x8
+    /// planes are short rows for one image) pay for a load. This encoder's
+    /// one-image plan stays as it is, for captures. It costs another copy
+    /// of the weights in memory, and the load's time (about a second for
+    /// the default bundle).
+    pub fn batch_encoder(
+        &self,
+        batch: usize,
+        threads: usize,
+    ) -> Result<BatchEncoder, EncoderError> {
+        let options = EncoderOptions {
+            variant: VariantChoice::Named(self.variant.name.clone()),
+            threads,
+            preprocess: Some(self.preprocess),
+            ..self.options.clone()
+        };
+        let inner = Self::load_for_batch(&self.bundle_dir, &options, batch)?;
+        if inner.model_id != self.model_id {
+            return Err(EncoderError::GraphMismatch {
+                path: self.bundle_dir.clone(),
+                message: format!(
+                    "the bundle changed while loading a batch plan (model id {} became {})",
+                    self.model_id, inner.model_id
+                ),
+            });
+        }
+        Ok(BatchEncoder {
+            batch: inner.input_shape[0],
+            inner,
         })
     }
 
@@ -604,6 +661,102 @@ impl Encoder {
     }
 }
 
+/// An encoder planned for a fixed number of images at once
+/// ([`Encoder::batch_encoder`]); its embeddings are the one-image plan's
+/// (the same products per image, only their order in memory differs).
+pub struct BatchEncoder {
+    inner: Encoder,
+    batch: usize,
+}
+
+impl std::fmt::Debug for BatchEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchEncoder")
+            .field("model_id", &self.inner.model_id)
+            .field("variant", &self.inner.variant.name)
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BatchEncoder {
+    /// Images per run of the plan.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+
+    pub fn stage_fusion(&self) -> StageFusion {
+        self.inner.stage_fusion
+    }
+
+    /// Values of one image's input tensor ([`Encoder::preprocess`]'s length).
+    pub fn image_input_len(&self) -> usize {
+        self.inner.input_len() / self.batch
+    }
+
+    /// Embeds `tensors` (each from [`Encoder::preprocess`] of the same
+    /// bundle), `batch` at a time; a short last run is padded with copies
+    /// of its last tensor, whose outputs are dropped. Test-time
+    /// augmentation runs each view as a batch and averages as
+    /// [`Encoder::embed_rgb`] does. The outer error fails the whole call
+    /// (a wrong length, the graph); an inner one is one image's own (a
+    /// degenerate embedding).
+    pub fn embed_tensors(
+        &self,
+        tensors: &[&[f32]],
+    ) -> Result<Vec<Result<Embedding, EncoderError>>, EncoderError> {
+        let len = self.image_input_len();
+        if let Some(bad) = tensors.iter().find(|t| t.len() != len) {
+            return Err(EncoderError::TensorSize {
+                expected: len,
+                actual: bad.len(),
+            });
+        }
+        let views = usize::from(self.inner.preprocess.tta).max(1);
+        let dim = self.inner.dim();
+        let mut out = Vec::with_capacity(tensors.len());
+        let mut input = Vec::with_capacity(len * self.batch);
+        for run in tensors.chunks(self.batch) {
+            let mut sums: Vec<Result<Vec<f32>, EncoderError>> =
+                (0..run.len()).map(|_| Ok(vec![0.0; dim])).collect();
+            for k in 0..views {
+                input.clear();
+                for i in 0..self.batch {
+                    let tensor = run[i.min(run.len() - 1)];
+                    if k == 0 {
+                        input.extend_from_slice(tensor);
+                    } else {
+                        input.extend(preprocess_steps::transform_tensor(
+                            tensor,
+                            &self.inner.manifest.input,
+                            k,
+                        ));
+                    }
+                }
+                let raw = self.inner.run_tensor(&input)?;
+                for (sum, row) in sums.iter_mut().zip(raw.chunks(dim)) {
+                    let Ok(acc) = sum else { continue };
+                    match Embedding::from_raw(row.to_vec()) {
+                        Ok(view) if views == 1 => *acc = view.into_values(),
+                        Ok(view) => acc.iter_mut().zip(view.values()).for_each(|(s, v)| *s += v),
+                        Err(e) => *sum = Err(e),
+                    }
+                }
+            }
+            out.extend(sums.into_iter().map(|sum| match sum {
+                Ok(values) if views == 1 => Ok(Embedding { values }),
+                Ok(values) => Embedding::from_raw(values),
+                Err(e) => Err(e),
+            }));
+        }
+        Ok(out)
+    }
+}
+
 fn select_variant<'m>(
     manifest: &'m EncoderManifest,
     choice: &VariantChoice,
@@ -693,6 +846,27 @@ fn outlet_names(model: &InferenceModel, outlets: TractResult<&[OutletId]>) -> Ve
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Drops the shapes the file declares for its computed tensors (ONNX
+/// `value_info` and outputs, written for batch 1), keeping their types, so
+/// that a batch plan's shapes are inferred from its input alone.
+fn forget_declared_shapes(model: &mut InferenceModel) -> TractResult<()> {
+    use tract_onnx::tract_hir::infer::{Factoid, ShapeFactoid};
+    let inputs = model.input_outlets()?.to_vec();
+    for node in 0..model.nodes().len() {
+        for slot in 0..model.nodes()[node].outputs.len() {
+            let outlet = OutletId::new(node, slot);
+            let fact = model.outlet_fact(outlet)?;
+            if inputs.contains(&outlet) || fact.value.concretize().is_some() {
+                continue;
+            }
+            let mut fact = fact.clone();
+            fact.shape = ShapeFactoid::default();
+            model.set_outlet_fact(outlet, fact)?;
+        }
+    }
+    Ok(())
 }
 
 /// What the manifest says of a tensor's shape.

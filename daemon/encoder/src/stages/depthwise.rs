@@ -27,7 +27,7 @@ enum StageOutput {
 }
 
 /// One depthwise 3x3 convolution (stride 1, one pixel of zero padding) over
-/// a `[C, H, W]` or `[1, C, H, W]` tensor, with its optional prologue and
+/// a `[C, H, W]` or `[N, C, H, W]` tensor, with its optional prologue and
 /// epilogue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DepthwiseStage {
@@ -333,7 +333,9 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<StagePlan>> {
         return Ok(None);
     };
     let channel_axis = match spec.data_format {
-        DataFormat::NCHW if shape.len() == 4 && shape[0] == 1 => 1,
+        // Planes are walked as `N*C` planes of channel `index % C`, so a
+        // batch plan (`Encoder::batch_encoder`) takes the stage too.
+        DataFormat::NCHW if shape.len() == 4 => 1,
         DataFormat::CHW if shape.len() == 3 => 0,
         _ => return Ok(None),
     };

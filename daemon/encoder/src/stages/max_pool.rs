@@ -10,7 +10,7 @@ use super::{
     values, with_widest_vectors, StageFusion, StageInput, VectorJob,
 };
 
-/// A max pool over the two last axes of a `[C, H, W]` or `[1, C, H, W]`
+/// A max pool over the two last axes of a `[C, H, W]` or `[N, C, H, W]`
 /// tensor; padded positions never win (they are not part of the window),
 /// and the maximum starts from `f32::MIN`, as tract's does.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -241,7 +241,8 @@ fn plan_stage(model: &TypedModel, id: usize) -> TractResult<Option<(MaxPoolStage
         return Ok(None);
     };
     let layout_fits = match spec.data_format {
-        DataFormat::NCHW => input_shape.len() == 4 && input_shape[0] == 1,
+        // Planes are walked as `N*C` planes of channel `index % C`.
+        DataFormat::NCHW => input_shape.len() == 4,
         DataFormat::CHW => input_shape.len() == 3,
         _ => false,
     };
