@@ -500,7 +500,9 @@ fn python() -> PathBuf {
 /// An fp16 copy of the bundle's fp32 graph, written by `to_fp16.py` beside
 /// this test with `args`.
 fn fp16_copy(target: &Path, args: &[&str]) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/to_fp16.py");
+    // Found at run time: scripts/test-aarch64 runs this test from a build
+    // made in another checkout, so the compile-time path may not exist.
+    let script = dermascope_testkit::workspace_root().join("daemon/encoder/tests/to_fp16.py");
     let status = Command::new(python())
         .arg(script)
         .arg(bundle().join("encoder-fp32.onnx"))

@@ -401,7 +401,9 @@ fn a_kill_mid_training_leaves_the_installed_adapter_loadable() {
     } = clinic;
     drop(store);
 
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    // Through the test runner: under qemu-user the kernel cannot exec an
+    // aarch64 program itself.
+    let mut child = dermascope_testkit::command(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "kill_test_child",
