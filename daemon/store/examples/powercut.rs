@@ -24,7 +24,7 @@
 //! One fact per line on stdout:
 //!
 //! ```text
-//! powercut opened in 812 ms via CacheReplayed { .. }
+//! powercut opened in 812 ms via CacheReplayed { .. } journal None|Replayed { rows: 9 }|Torn
 //! powercut open-failed <error>                            (exit 3)
 //! powercut settled 4 17                                   (boot 4 kept its first 17 writes)
 //! powercut lost <id> <why>                                (an acknowledged case, or removal, is not as acknowledged)
@@ -292,9 +292,10 @@ fn main() -> ExitCode {
         }
     };
     say(&format!(
-        "powercut opened in {} ms via {:?}",
+        "powercut opened in {} ms via {:?} journal {:?}",
         started.elapsed().as_millis(),
-        store.open_report().index_source
+        store.open_report().index_source,
+        store.open_report().journal
     ));
     let head = jpeg(64, 48);
     match check(&store, &args, &head) {

@@ -64,6 +64,14 @@
 //! the store fsyncs each new blob and `blobs/` in every flush (and the store
 //! directory when its entries changed), and everything once at open (see
 //! `store/disk_sync.rs`).
+//! A write that is cut before it is acknowledged is whole or absent after
+//! the next open, never torn: sled alone does not promise it, since its
+//! recovery skips a log record whose blob file never reached the disk (a
+//! cut once left a case without its original photograph that way). Every
+//! write first puts its final rows in the store's own journal (`journal`
+//! beside sled's files, fsynced with the directory); open applies a whole
+//! journal again and drops a torn one (see `store/journal.rs`; its tests
+//! build the torn state and check both).
 //! An acknowledged case survives a process kill and a power cut: the crash
 //! test in `tests/durability.rs` kills a writer at random moments, and
 //! `scripts/test-powercut` kills the arm64 VM a writer runs in (its page
@@ -157,7 +165,7 @@ pub use index::{
     CaseFilter, CaseTags, FlatIndex, IndexError, Residency, ScoreKind, SearchHit, SearchStrategy,
     COARSE_ABOVE, DEFAULT_CANDIDATES,
 };
-pub use report::{CorruptEntry, IndexSource, OpenReport};
+pub use report::{CorruptEntry, IndexSource, JournalRecovery, OpenReport};
 pub use store::{
     AdapterSpaceStatus, CaseCounts, CaseStore, CaseWrite, OpenOptions, PendingUpload,
     PulledApplied, StoreError, StoreIdentity, FORMAT_VERSION, MAX_SYNC_CURSOR_BYTES,

@@ -36,6 +36,21 @@ impl Default for IndexSource {
     }
 }
 
+/// What `open` did with the journal of a write that was cut before it was
+/// acknowledged (see the crate's durability contract).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JournalRecovery {
+    /// No journal: the last write was acknowledged, or none was made.
+    #[default]
+    None,
+    /// The cut write's journal was whole: its rows were applied again, so
+    /// the write is whole.
+    Replayed { rows: usize },
+    /// The journal was torn (cut while it was written): the write had not
+    /// reached sled and stays absent.
+    Torn,
+}
+
 /// What `open` found.
 #[derive(Clone, Debug, Default)]
 pub struct OpenReport {
@@ -43,4 +58,5 @@ pub struct OpenReport {
     pub corrupt: Vec<CorruptEntry>,
     pub elapsed: Duration,
     pub index_source: IndexSource,
+    pub journal: JournalRecovery,
 }

@@ -2,7 +2,8 @@
 //!
 //! By concern: `error` (the error type and sled's mapping onto it), `trees`
 //! (the sled trees), `header` (format version, identity, migration), `open`
-//! (index from the cache, a replay or a scan), `write`, `read`, `outbox`,
+//! (index from the cache, a replay or a scan), `journal` (what makes an
+//! unacknowledged write whole or absent after a power cut), `write`, `read`, `outbox`,
 //! `pulled` (pages from the fleet service) and `adapter_space`. This file holds the type and the index cache's
 //! checkpoint, which `open`, the writers and `Drop` all reach.
 
@@ -21,6 +22,7 @@ mod adapter_space;
 mod disk_sync;
 mod error;
 mod header;
+mod journal;
 mod open;
 mod outbox;
 mod pulled;
@@ -79,6 +81,9 @@ pub(super) struct WriterState {
     /// Rows left out of the index because they do not decode; written into
     /// the cache so a cached open reports them like a scan would.
     pub(super) corrupt: BTreeMap<String, CorruptEntry>,
+    /// Rows of writes that failed after their journal was written: they
+    /// stay in every journal (and transaction) until one write succeeds.
+    pub(super) pending: Vec<journal::Op>,
 }
 
 impl std::fmt::Debug for CaseStore {

@@ -141,6 +141,16 @@ impl DiskSync {
         Ok(true)
     }
 
+    /// Fsyncs the store directory whatever its listing shows: a rename over
+    /// an existing name (the journal's) changes no name, but must be durable.
+    pub(super) fn sync_store_dir_now(&self) -> io::Result<()> {
+        let mut synced = self.lock();
+        let entries = names(&self.dir)?;
+        sync_dir(&self.dir)?;
+        synced.dir = entries;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Synced> {
         // Only a cache of names: after a panic elsewhere it still holds
         // names that were synced, so it stays usable.

@@ -11,13 +11,15 @@ use tracing::{info, warn};
 use super::disk_sync::DiskSync;
 use super::error::{io_error, storage, StoreError};
 use super::header::{check_or_write_header, StoreIdentity};
+use super::journal;
 use super::trees::{Tree, Trees};
+use super::write::durable_flush;
 use super::{CaseStore, WriterState};
 use crate::cache::{self, CacheKind, Miss};
 use crate::case::CaseId;
 use crate::codec;
 use crate::index::{FlatIndex, Residency};
-use crate::report::{CorruptEntry, IndexSource, OpenReport};
+use crate::report::{CorruptEntry, IndexSource, JournalRecovery, OpenReport};
 
 /// sled's page cache. Its default (1 GiB) would sit on top of the index's
 /// own copy of every embedding; reads after open are mostly single cases.
@@ -81,14 +83,17 @@ impl CaseStore {
         }
         let db = open_sled(&path)?;
         let trees = Trees::open(&db)?;
-
-        let generation = check_or_write_header(&db, &trees, &path, &identity)?;
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| io_error("opening sled's log file for fsync", e))?;
         // What sled recovered (or just created) may so far be only in the
         // page cache, left there by a writer that was killed: every write
         // from now on builds on it.
         let disk = DiskSync::open(&path).map_err(|e| io_error("syncing sled's files", e))?;
+        // Before anything reads the trees: the last write, if it was cut,
+        // is made whole (or stays absent) here.
+        let journal = settle_journal(&path, &db, &trees, &disk, &log_file)?;
+
+        let generation = check_or_write_header(&db, &trees, &path, &identity)?;
 
         let residency = options.residency;
         let primary = primary_cache(residency);
@@ -120,6 +125,7 @@ impl CaseStore {
             corrupt: corrupt.values().cloned().collect(),
             elapsed: started.elapsed(),
             index_source,
+            journal,
         };
         let cached_generation = match &report.index_source {
             IndexSource::Cache { generation } => Some(*generation),
@@ -138,6 +144,7 @@ impl CaseStore {
                 cached_generation,
                 index_matches_sled: true,
                 corrupt,
+                pending: Vec::new(),
             }),
             report,
             cache_on_close: !options.no_cache_on_close,
@@ -172,6 +179,38 @@ impl CaseStore {
 /// can find it still held for some milliseconds; another process holding
 /// it is refused once this is over.
 const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Applies a whole journal left by a write that was cut, or drops a torn
+/// one, then removes it durably (see `journal`).
+fn settle_journal(
+    path: &Path,
+    db: &sled::Db,
+    trees: &Trees,
+    disk: &DiskSync,
+    log_file: &std::fs::File,
+) -> Result<JournalRecovery, StoreError> {
+    let found = journal::replay(path, trees).map_err(|e| match e {
+        journal::ReplayError::Io(e) => io_error("reading the store's journal", e),
+        journal::ReplayError::Sled(e) => storage("applying the store's journal")(e),
+    })?;
+    match found {
+        JournalRecovery::None => return Ok(found),
+        JournalRecovery::Replayed { rows } => {
+            durable_flush(db, disk, log_file, "flushing the store's journal")?;
+            warn!(
+                rows,
+                "the last write was cut before it was acknowledged; made whole from the journal"
+            );
+        }
+        JournalRecovery::Torn => {
+            warn!("the last write was cut while its journal was written; it was not stored");
+        }
+    }
+    journal::remove(path)
+        .and_then(|()| disk.sync_store_dir_now())
+        .map_err(|e| io_error("removing the store's journal", e))?;
+    Ok(found)
+}
 
 fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
     // Before sled, which would make the directory with the umask.

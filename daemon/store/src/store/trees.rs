@@ -34,6 +34,32 @@ impl Tree {
         }
     }
 
+    /// The tree's byte in the store's journal (`journal`): on-disk format too.
+    pub(crate) const fn code(self) -> u8 {
+        match self {
+            Tree::Meta => 1,
+            Tree::Cases => 2,
+            Tree::Embeddings => 3,
+            Tree::Changes => 4,
+            Tree::AdapterEmbeddings => 5,
+            Tree::Outbox => 6,
+            Tree::Originals => 7,
+        }
+    }
+
+    pub(crate) const fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Tree::Meta,
+            2 => Tree::Cases,
+            3 => Tree::Embeddings,
+            4 => Tree::Changes,
+            5 => Tree::AdapterEmbeddings,
+            6 => Tree::Outbox,
+            7 => Tree::Originals,
+            _ => return None,
+        })
+    }
+
     fn open(self, db: &sled::Db) -> Result<sled::Tree, StoreError> {
         db.open_tree(self.name()).map_err(storage(match self {
             Tree::Meta => "opening the meta tree",
@@ -59,6 +85,18 @@ pub(crate) struct Trees {
 }
 
 impl Trees {
+    pub(crate) fn get(&self, tree: Tree) -> &sled::Tree {
+        match tree {
+            Tree::Meta => &self.meta,
+            Tree::Cases => &self.cases,
+            Tree::Embeddings => &self.embeddings,
+            Tree::Changes => &self.changes,
+            Tree::AdapterEmbeddings => &self.adapter_rows,
+            Tree::Outbox => &self.outbox,
+            Tree::Originals => &self.originals,
+        }
+    }
+
     pub(crate) fn open(db: &sled::Db) -> Result<Self, StoreError> {
         Ok(Self {
             meta: Tree::Meta.open(db)?,
@@ -77,6 +115,25 @@ mod tests {
     use super::*;
 
     /// The names are the on-disk format: a rename would orphan every store.
+    #[test]
+    fn journal_codes_round_trip_and_are_distinct() {
+        let all = [
+            Tree::Meta,
+            Tree::Cases,
+            Tree::Embeddings,
+            Tree::Changes,
+            Tree::AdapterEmbeddings,
+            Tree::Outbox,
+            Tree::Originals,
+        ];
+        for tree in all {
+            assert_eq!(Tree::from_code(tree.code()), Some(tree));
+        }
+        let codes: std::collections::HashSet<u8> = all.iter().map(|t| t.code()).collect();
+        assert_eq!(codes.len(), all.len());
+        assert_eq!(Tree::from_code(0), None);
+    }
+
     #[test]
     fn tree_names_are_the_format() {
         let names = [
