@@ -165,11 +165,8 @@ def _write_check(staging: Path, model_path: Path, derm: Path | None, cfg, info: 
     return "derm"
 
 
-def _toml_floats(values) -> str:
-    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
-
-
 def _write_manifest(staging: Path, cfg, sha: str, version: str, info: dict, check_note: str) -> None:
+    import bundle  # as in write_fp16_bundle: loaded only when a bundle is written
     text = f"""format = 1
 model_id = "medimageinsight-azure-fp16-{sha[:8]}"
 description = "MedImageInsight image tower, Azure's fp16 ONNX export (interface assumed, see models/README.md): {cfg.projection_dim}-d embedding, not L2-normalised"
@@ -181,18 +178,7 @@ package = "MedImageInsight (Azure AI model catalog, fp16 ONNX export)"
 version = "{version}"
 sha256 = "{sha}"
 
-[input]
-name = "{INPUT_NAME}"
-layout = "NCHW"
-height = {cfg.image_size}
-width = {cfg.image_size}
-channel_order = "RGB"
-resize = "bicubic"
-crop = "none"
-pixel_scale = 0.003921569
-mean = {_toml_floats(cfg.mean)}
-std = {_toml_floats(cfg.std)}
-
+{bundle.input_table(cfg, INPUT_NAME)}
 [output]
 name = "{OUTPUT_NAME}"
 dim = {cfg.projection_dim}

@@ -241,6 +241,23 @@ def describe(cfg, source: dict) -> str:
             f"{cfg.projection_dim}-d embedding, not L2-normalised")
 
 
+def input_table(cfg, input_name: str) -> str:
+    """The manifest's [input]: the published preprocessing, which the daemon
+    reimplements; one writer for every MedImageInsight bundle."""
+    return f"""[input]
+name = "{input_name}"
+layout = "NCHW"
+height = {cfg.image_size}
+width = {cfg.image_size}
+channel_order = "RGB"
+resize = "bicubic"
+crop = "none"
+pixel_scale = {np.format_float_positional(np.float32(PIXEL_SCALE), trim="-")}
+mean = {toml_floats(cfg.mean)}
+std = {toml_floats(cfg.std)}
+"""
+
+
 def write_manifest(bundle: Path, cfg, source: dict, figures: dict, calibration_count: int) -> None:
     variants = [
         '[[variant]]\nname = "fp32"\nfile = "encoder-fp32.onnx"\nprecision = "fp32"\n'
@@ -277,18 +294,7 @@ package = "{source['package']}"
 version = "{source['version']}"
 sha256 = "{source['sha256']}"
 
-[input]
-name = "{graph.INPUT_NAME}"
-layout = "NCHW"
-height = {cfg.image_size}
-width = {cfg.image_size}
-channel_order = "RGB"
-resize = "bicubic"
-crop = "none"
-pixel_scale = {np.format_float_positional(np.float32(PIXEL_SCALE), trim="-")}
-mean = {toml_floats(cfg.mean)}
-std = {toml_floats(cfg.std)}
-
+{input_table(cfg, graph.INPUT_NAME)}
 [output]
 name = "{graph.OUTPUT_NAME}"
 dim = {cfg.projection_dim}
