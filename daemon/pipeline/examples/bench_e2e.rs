@@ -254,7 +254,7 @@ fn main() -> Result<(), String> {
     let adapter_id = daemon
         .analyzer
         .adapter
-        .as_ref()
+        .current()
         .map_or("none".to_string(), |a| a.adapter_id().to_string());
     // Let the camera thread reach its pace before the first press.
     std::thread::sleep(Duration::from_millis(200));

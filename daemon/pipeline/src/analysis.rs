@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dermascope_adapter::{Adapter, AdapterOutput};
+use dermascope_adapter::AdapterOutput;
 use dermascope_device::Frame;
 use dermascope_encoder::Encoder;
 use dermascope_library::{thumbnail, thumbnail_jpeg};
@@ -14,6 +14,8 @@ use dermascope_ui::{MatchView, PredictionView, RejectionView, ResultsView, Scree
 use image::RgbImage;
 use serde::Serialize;
 use tracing::warn;
+
+use crate::retrain::AdapterSlot;
 
 pub use dermascope_library::THUMBNAIL_SIDE;
 
@@ -74,6 +76,9 @@ pub struct CapturedLesion {
     pub embedding: Vec<f32>,
     /// The adapter embedding, when an adapter ran.
     pub adapter_embedding: Option<Vec<f32>>,
+    /// The adapter that computed it (a retraining may replace it before
+    /// the case is written).
+    pub adapter_id: Option<String>,
     pub thumbnail_jpeg: Vec<u8>,
     /// The adapter's suggestion, else the top match's diagnosis code.
     pub suggested_code: Option<String>,
@@ -111,7 +116,8 @@ pub struct Analysis {
 /// the end-to-end benchmark.
 pub struct Analyzer {
     pub encoder: Encoder,
-    pub adapter: Option<Adapter>,
+    /// Replaced while serving when a retraining keeps a new adapter.
+    pub adapter: AdapterSlot,
     pub store: Arc<CaseStore>,
     pub thresholds: QualityThresholds,
     pub top_k: usize,
@@ -228,8 +234,11 @@ impl Analyzer {
         let embedding = self.encoder.embed_rgb(&photo)?.into_values();
         timings.encoder_ms = Some(ms(started.elapsed()));
 
+        // Once per capture: a swap between here and the screen is seen by
+        // the next capture only.
+        let adapter = self.adapter.current();
         let started = Instant::now();
-        let adapted: Option<AdapterOutput> = match &self.adapter {
+        let adapted: Option<AdapterOutput> = match &adapter {
             Some(adapter) => match adapter.predict(&embedding) {
                 Ok(out) => Some(out),
                 Err(e) => {
@@ -239,7 +248,7 @@ impl Analyzer {
             },
             None => None,
         };
-        if self.adapter.is_some() {
+        if adapter.is_some() {
             timings.adapter_ms = Some(ms(started.elapsed()));
         }
 
@@ -264,7 +273,7 @@ impl Analyzer {
 
         // The adapter's class, else the most similar case's diagnosis: shown
         // as the suggestion, and kept if the clinician confirms without a label.
-        let adapter_class = match (&adapted, &self.adapter) {
+        let adapter_class = match (&adapted, &adapter) {
             (Some(out), Some(adapter)) => adapter
                 .classes()
                 .get(out.predicted)
@@ -291,6 +300,10 @@ impl Analyzer {
             timings: *timings,
             capture: Some(CapturedLesion {
                 embedding,
+                adapter_id: adapted
+                    .as_ref()
+                    .and(adapter.as_ref())
+                    .map(|a| a.adapter_id().to_owned()),
                 adapter_embedding: adapted.map(|a| a.embedding),
                 thumbnail_jpeg,
                 suggested_code,

@@ -33,6 +33,7 @@ use crate::daemon::{CaptureMode, CaseSettings, Daemon};
 use crate::fleet::FleetLink;
 use crate::hardware::{self, Drivers, HardwareError};
 use crate::identity::{device_id, DeviceIdError};
+use crate::retrain::{RetrainSettings, Retrainer};
 
 /// What the command line adds to the configuration.
 #[derive(Clone, Debug, Default)]
@@ -281,9 +282,10 @@ impl Daemon {
                 }
             },
         };
+        let retrainer = retrainer(config, &encoder, &store);
         let analyzer = Analyzer {
             encoder,
-            adapter,
+            adapter: adapter.into(),
             store,
             thresholds: config.quality,
             top_k: config.pipeline.top_k,
@@ -313,6 +315,7 @@ impl Daemon {
             storage_failed: false,
             fleet,
             updates: None,
+            retrainer,
         };
         Ok((daemon, report))
     }
@@ -378,6 +381,31 @@ fn add_references(
         summary.ingested,
         file.rejected.len() + summary.rejected.len(),
     ))
+}
+
+/// The background retraining `[adapter]` asks for. Off where the adapter
+/// is a signed version's part: the device must not change what the fleet
+/// signed (its next version brings the next adapter).
+fn retrainer(config: &Config, encoder: &Encoder, store: &Arc<CaseStore>) -> Option<Retrainer> {
+    let settings = RetrainSettings::from_config(&config.adapter)?;
+    if let Some(update) = &config.update {
+        if settings.dir.starts_with(&update.root) {
+            info!("the adapter is the installed version's: no retraining on the device");
+            return None;
+        }
+    }
+    let retrainer = Retrainer::new(
+        settings,
+        Arc::clone(store),
+        encoder.model_id(),
+        encoder.dim(),
+    );
+    info!(
+        pending = retrainer.pending(),
+        after = config.adapter.retrain_after,
+        "retraining the adapter after this many confirmed local cases"
+    );
+    Some(retrainer)
 }
 
 /// The installed adapter with the library indexed in its space, `None`

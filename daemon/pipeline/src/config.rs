@@ -264,6 +264,10 @@ pub struct AdapterSection {
     pub local_weight: f32,
 }
 
+/// Above this a retraining would never come in a clinic's lifetime; a
+/// larger value is a typo (0 is how it is switched off).
+pub const MAX_RETRAIN_AFTER: usize = 10_000;
+
 impl Default for AdapterSection {
     fn default() -> Self {
         Self {
@@ -520,6 +524,13 @@ impl Config {
                 ));
             }
         }
+        if self.adapter.retrain_after > MAX_RETRAIN_AFTER {
+            return Err(invalid(
+                "adapter.retrain_after",
+                self.adapter.retrain_after.to_string(),
+                "must be 0..=10000 confirmed cases (0 is off)",
+            ));
+        }
         let w = self.adapter.local_weight;
         if !(w.is_finite() && (0.1..=100.0).contains(&w)) {
             return Err(invalid(
@@ -656,6 +667,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("update.watch_interval_s"), "{err}");
+    }
+
+    #[test]
+    fn the_retraining_keys_are_checked_and_zero_switches_it_off() {
+        let config = parse("[adapter]\nretrain_after = 50\nlocal_weight = 3.0\n").unwrap();
+        let settings = crate::retrain::RetrainSettings::from_config(&config.adapter).unwrap();
+        assert_eq!(settings.retrain_after, 50);
+        assert_eq!(settings.local.weight, 3.0);
+        let off = parse("[adapter]\nretrain_after = 0\n").unwrap();
+        assert!(crate::retrain::RetrainSettings::from_config(&off.adapter).is_none());
+        let err = parse("[adapter]\nretrain_after = 10001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adapter.retrain_after"), "{err}");
+        let err = parse("[adapter]\nlocal_weight = 0.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adapter.local_weight"), "{err}");
     }
 
     #[test]

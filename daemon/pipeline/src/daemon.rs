@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::analysis::{Analysis, Analyzer, CapturedLesion, ChosenFrame, FrameOrigin, StageTimings};
 use crate::feed::{BurstError, CameraFeed, CameraHealth};
 use crate::fleet::FleetLink;
+use crate::retrain::{install_in, RetrainOutcome, Retrainer};
 use crate::updates::{DeviceUpdates, FleetAction, FoundBundle, Origin, UsbFinding};
 use dermascope_update::UpdateError;
 
@@ -83,6 +84,9 @@ pub struct Daemon {
     pub fleet: Option<FleetLink>,
     /// Signed updates, when `[update]` is configured.
     pub updates: Option<DeviceUpdates>,
+    /// Background retraining of the adapter (`[adapter] retrain_after`);
+    /// `None` is off.
+    pub retrainer: Option<Retrainer>,
 }
 
 /// Which frames a press chooses from.
@@ -186,6 +190,9 @@ pub struct RunSummary {
     /// For each results screen, oldest first (the last 1,000), the cases it
     /// listed and their scores, best first.
     pub matches: VecDeque<Vec<SearchHit>>,
+    /// For each answered capture, oldest first (the last 1,000), the id of
+    /// the adapter that ran on it (`None`: similar cases without one).
+    pub adapters: VecDeque<Option<String>>,
     /// Set when an update was installed (or attempted): the caller starts
     /// the daemon again, into whichever version is now current.
     pub restart: Option<String>,
@@ -219,6 +226,8 @@ pub fn screen_label(screen: &Screen) -> String {
 struct PendingCase {
     case: Case,
     adapter_embedding: Option<Vec<f32>>,
+    /// The adapter that computed `adapter_embedding`.
+    adapter_id: Option<String>,
     /// Encoded as the original photograph by the writer, off the loop.
     frame: Option<Arc<dermascope_device::Frame>>,
 }
@@ -231,8 +240,13 @@ pub const CASE_QUEUE_BOUND: usize = 4;
 /// What the case writer tells the loop about each confirmed capture.
 #[derive(Debug)]
 enum WriteOutcome {
-    /// Flushed: it survives a crash from now on.
-    Saved { id: CaseId, diagnosis: String },
+    /// Flushed: it survives a crash from now on. `confirmed`: with the
+    /// clinician's label (what a retraining counts).
+    Saved {
+        id: CaseId,
+        diagnosis: String,
+        confirmed: bool,
+    },
     /// Not stored; earlier cases are safe. `storage_failed`: the store
     /// refuses writes from now on (sled after an I/O error), so no further
     /// confirmation is taken until the daemon restarts.
@@ -310,6 +324,7 @@ fn write_case(analyzer: &Analyzer, pending: PendingCase) -> WriteOutcome {
     let PendingCase {
         case,
         adapter_embedding,
+        adapter_id,
         frame,
     } = pending;
     let id = case.id.clone();
@@ -349,17 +364,27 @@ fn write_case(analyzer: &Analyzer, pending: PendingCase) -> WriteOutcome {
         };
     }
     info!(case = %id.log_tag(), "capture stored as a case");
-    if let (Some(vector), Some(adapter)) = (adapter_embedding, &analyzer.adapter) {
-        if let Err(e) = analyzer
-            .store
-            .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
-        {
+    if let Some(adapter) = analyzer.adapter.current() {
+        // A retraining may have replaced the adapter that ran on the
+        // capture: the row must be the searched space's.
+        let vector = match (adapter_embedding, adapter_id) {
+            (Some(vector), Some(ran)) if ran == adapter.adapter_id() => Ok(vector),
+            _ => adapter.predict(&case.embedding).map(|out| out.embedding),
+        };
+        let stored = vector.map_err(|e| e.to_string()).and_then(|vector| {
+            analyzer
+                .store
+                .put_adapter_embeddings(adapter.adapter_id(), &[(id.clone(), vector)])
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = stored {
             warn!(case = %id.log_tag(), error = %e, "adapter embedding not stored; recomputed at next start");
         }
     }
     WriteOutcome::Saved {
         id,
         diagnosis: case.diagnosis.display_name,
+        confirmed: case.label_confirmed,
     }
 }
 
@@ -404,6 +429,10 @@ impl Daemon {
             if let Err(e) = self.light.set(false) {
                 warn!(error = %e, "light ring did not switch off");
             }
+        }
+        // A training may be minutes from its end; the stop does not wait.
+        if let Some(retrainer) = self.retrainer.take() {
+            retrainer.abandon();
         }
         let status = self.status();
         supervisor.stopping();
@@ -623,6 +652,10 @@ impl Daemon {
                 self.show(&screen, &mut summary.screens)?;
                 on_panel = Some(screen);
             }
+            if let Some(screen) = self.retrain_update(on_panel.as_ref()) {
+                self.show(&screen, &mut summary.screens)?;
+                on_panel = Some(screen);
+            }
             if let Some(redraw) = self.fleet_update(&mut on_panel, summary.captures, &drawn_status)
             {
                 self.show(&redraw, &mut summary.screens)?;
@@ -639,11 +672,13 @@ impl Daemon {
             if max_captures.is_some_and(|max| summary.captures >= max) {
                 return Ok(Stop::Done);
             }
-            // An install waits for confirmed cases to be written and for a
-            // clinician looking at results to act on them.
+            // An install waits for confirmed cases to be written, for a
+            // clinician looking at results to act on them, and for a
+            // retraining (it holds the store the install must close).
             let results_open = matches!(on_panel, Some(Screen::Results(_)))
                 && results_since.is_some_and(|t| t.elapsed() < RESULTS_HOLD_INSTALL);
-            if saving.is_empty() && !results_open {
+            let retraining = self.retrainer.as_ref().is_some_and(Retrainer::is_running);
+            if saving.is_empty() && !results_open && !retraining {
                 let usb = self
                     .updates
                     .as_mut()
@@ -687,6 +722,9 @@ impl Daemon {
             };
             match event {
                 Some(TriggerEvent::Capture) => {
+                    if let Some(retrainer) = self.retrainer.as_mut() {
+                        retrainer.clear_shown();
+                    }
                     let Analysis {
                         screen,
                         timings,
@@ -718,12 +756,20 @@ impl Daemon {
                     let drawn = self.show_timed(&screen, &mut timings, &mut summary.screens);
                     timings.total_ms += timings.render_ms.unwrap_or_default()
                         + timings.present_ms.unwrap_or_default();
+                    let adapter = capture.as_ref().and_then(|c| c.adapter_id.clone());
                     info!(
                         total_ms = timings.total_ms,
                         encoder_ms = timings.encoder_ms,
                         search_ms = timings.search_ms,
+                        adapter = adapter.as_deref().unwrap_or("none"),
                         "capture answered"
                     );
+                    if capture.is_some() {
+                        if summary.adapters.len() == 1000 {
+                            summary.adapters.pop_front();
+                        }
+                        summary.adapters.push_back(adapter);
+                    }
                     summary.timings.push_back(timings);
                     if let (Some(fleet), Some(lesion), Screen::Results(_)) =
                         (self.fleet.as_mut(), capture.as_ref(), &screen)
@@ -909,6 +955,7 @@ impl Daemon {
                         let submitted = writer.submit(PendingCase {
                             case,
                             adapter_embedding: capture.adapter_embedding.clone(),
+                            adapter_id: capture.adapter_id.clone(),
                             frame: self
                                 .cases
                                 .keep_originals
@@ -977,11 +1024,19 @@ impl Daemon {
                 .map(|i| saving.remove(i).1)
         };
         match outcome {
-            WriteOutcome::Saved { id, diagnosis } => {
+            WriteOutcome::Saved {
+                id,
+                diagnosis,
+                confirmed,
+            } => {
                 take(saving, &id);
                 summary.saved += 1;
                 if let Some(fleet) = &self.fleet {
                     fleet.nudge();
+                }
+                // Counted once written: a training reads the store.
+                if let Some(retrainer) = self.retrainer.as_mut().filter(|_| confirmed) {
+                    retrainer.note_confirmed();
                 }
                 self.ready_with(&format!("{SAVED} {diagnosis}."))
             }
@@ -1037,11 +1092,17 @@ impl Daemon {
                 } else {
                     self.feed.latest().and_then(|frame| live_thumbnail(&frame))
                 },
-                hint: match &self.notice {
-                    Some(notice) => {
-                        format!("{notice} Place the scope on the lesion and press the button.")
+                hint: {
+                    // The retraining's line replaces the usual words, so
+                    // it fits the two lines the hint has.
+                    let what = match self.retrainer.as_ref().and_then(Retrainer::shown) {
+                        Some(line) => format!("{line}. Press to capture."),
+                        None => "Place the scope on the lesion and press the button.".into(),
+                    };
+                    match &self.notice {
+                        Some(notice) => format!("{notice} {what}"),
+                        None => what,
                     }
-                    None => "Place the scope on the lesion and press the button.".into(),
                 },
             },
         }
@@ -1066,6 +1127,52 @@ impl Daemon {
             clock: None,
             last_sync_minutes,
         }
+    }
+
+    /// A finished retraining: a kept adapter goes into use for the next
+    /// capture, the log says what happened (no patient data: figures and
+    /// adapter ids), and the ready screen, if shown, is drawn again with
+    /// the outcome's line.
+    fn retrain_update(&mut self, on_panel: Option<&Screen>) -> Option<Screen> {
+        let outcome = self.retrainer.as_mut()?.poll()?;
+        let mut line = outcome.status_line();
+        match outcome {
+            RetrainOutcome::Kept {
+                adapter,
+                replaced,
+                new,
+                old,
+                at_ms,
+            } => {
+                let id = adapter.adapter_id().to_owned();
+                match install_in(&self.analyzer, *adapter) {
+                    Ok(()) => info!(
+                        adapter = %id,
+                        replaced = replaced.as_deref().unwrap_or("none"),
+                        balanced_accuracy = new.balanced_accuracy,
+                        old_balanced_accuracy = old.as_ref().map(|o| o.balanced_accuracy),
+                        "retraining ended: the new adapter is kept and used from the next capture"
+                    ),
+                    Err(message) => {
+                        warn!(
+                            adapter = %id,
+                            %message,
+                            "retraining ended: the new adapter is installed but not in use until the next start"
+                        );
+                        line = RetrainOutcome::Failed { message, at_ms }.status_line();
+                    }
+                }
+            }
+            RetrainOutcome::Rejected { candidate, .. } => info!(
+                candidate = %candidate,
+                "retraining ended: the candidate was worse on the local cases; the installed adapter stays"
+            ),
+            RetrainOutcome::Failed { message, .. } => {
+                warn!(%message, "retraining ended without a new adapter")
+            }
+        }
+        self.retrainer.as_mut()?.show(line);
+        matches!(on_panel, Some(Screen::Ready { .. }) | None).then(|| self.ready_screen(None))
     }
 
     /// The screen to draw again, if the fleet link changed what it shows:

@@ -38,6 +38,7 @@ pub use daemon::{
 };
 pub use feed::{BurstError, CameraFeed, CameraHealth, FeedOptions, DEFAULT_RING_FRAMES};
 pub use fleet::{fleet_view, FleetLink};
+pub use retrain::{AdapterSlot, RetrainOutcome, Retrainer};
 pub use updates::{start_from_installed, DeviceUpdates, StartedVersion};
 
 // The daemon's assembly brings the adapter space up to date at start; the

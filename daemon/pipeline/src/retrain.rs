@@ -19,13 +19,21 @@
 //!   embeddings for the new adapter are computed in the training thread;
 //!   the loop only attaches them ([`install_in`]).
 //!
+//! - **The switch is whole.** The analyzer holds its adapter in an
+//!   [`AdapterSlot`]; a capture takes the adapter once and runs it to the
+//!   end, and [`install_in`] replaces it between captures.
+//! - **A stop does not wait for it.** [`Retrainer::abandon`] tells the
+//!   thread to stop before it promotes anything and leaves it; the
+//!   installed adapter stays the old one.
+//!
 //! The count of confirmed local cases at the last training is kept in
 //! `<adapter dir>.retrain.json`, so a restart neither forgets the cases
 //! confirmed since nor retrains at once after a rejected candidate.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -34,7 +42,7 @@ use dermascope_library::{
     candidate_dir, confirmed_cases, previous_dir, promote, LocalOptions, TrainingOptions,
     TrainingPlan, ValidationFigures,
 };
-use dermascope_store::{CaseId, CaseStore};
+use dermascope_store::{CaseId, CaseSource, CaseStore};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -51,6 +59,22 @@ pub struct RetrainSettings {
     pub local: LocalOptions,
 }
 
+impl RetrainSettings {
+    /// `[adapter]`'s retraining, `None` when `retrain_after` is 0; the
+    /// training itself uses the defaults `dermascope adapter train` has.
+    pub fn from_config(section: &crate::config::AdapterSection) -> Option<Self> {
+        (section.retrain_after > 0).then(|| Self {
+            dir: section.dir.clone(),
+            retrain_after: section.retrain_after,
+            training: TrainingOptions::default(),
+            local: LocalOptions {
+                weight: section.local_weight,
+                ..LocalOptions::default()
+            },
+        })
+    }
+}
+
 /// Where the training thread has got to, for a test's gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -59,6 +83,9 @@ pub enum Stage {
     /// The candidate is written and its adapter space computed; it is not
     /// yet compared with the installed adapter.
     Trained,
+    /// The daemon stopped ([`Retrainer::abandon`]): the thread gives up
+    /// without touching the installed adapter.
+    Stopped,
 }
 
 /// A test's hook, called by the training thread at each [`Stage`]; it may
@@ -147,10 +174,61 @@ fn write_state(dir: &Path, state: &RetrainState) {
     }
 }
 
-/// Local (captured or fleet) cases with a confirmed label.
+/// Local (captured or fleet) cases with a confirmed label, counted
+/// without keeping their embeddings (a large library would not fit twice).
 fn local_confirmed(store: &CaseStore) -> Result<usize, String> {
-    let cases = confirmed_cases(store).map_err(|e| e.to_string())?;
-    Ok(cases.local.iter().filter(|&&l| l).count())
+    let mut local = 0;
+    for case in store.cases() {
+        let case = case.map_err(|e| e.to_string())?;
+        if case.label_confirmed && case.source != CaseSource::Reference {
+            local += 1;
+        }
+    }
+    Ok(local)
+}
+
+/// The adapter captures run, replaceable while the daemon serves. A
+/// capture takes [`AdapterSlot::current`] once and runs that adapter to
+/// its end, so none ever mixes two; the lock is held only to copy or swap
+/// the pointer, never while an adapter runs.
+#[derive(Default)]
+pub struct AdapterSlot(RwLock<Option<Arc<Adapter>>>);
+
+impl AdapterSlot {
+    pub fn new(adapter: Option<Adapter>) -> Self {
+        Self(RwLock::new(adapter.map(Arc::new)))
+    }
+
+    pub fn current(&self) -> Option<Arc<Adapter>> {
+        // A panic elsewhere cannot leave a pointer half written.
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn is_some(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Puts `adapter` in use from the next capture; returns the one it
+    /// replaced.
+    pub fn replace(&self, adapter: Adapter) -> Option<Arc<Adapter>> {
+        let mut slot = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        slot.replace(Arc::new(adapter))
+    }
+}
+
+impl From<Option<Adapter>> for AdapterSlot {
+    fn from(adapter: Option<Adapter>) -> Self {
+        Self::new(adapter)
+    }
+}
+
+impl std::fmt::Debug for AdapterSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AdapterSlot").field(&self.current()).finish()
+    }
 }
 
 /// Watches the confirmations and runs one background training at a time.
@@ -165,7 +243,13 @@ pub struct Retrainer {
     /// [`Retrainer::note_confirmed`] (no store scan on the loop).
     local_total: usize,
     running: Option<(JoinHandle<()>, Receiver<RetrainOutcome>)>,
+    /// Set by [`Retrainer::abandon`]; the running thread looks at it
+    /// before each step that writes.
+    stop: Arc<AtomicBool>,
     gate: Option<Gate>,
+    /// What the ready screen says about the last training, until the next
+    /// capture.
+    shown: Option<String>,
 }
 
 impl Retrainer {
@@ -199,7 +283,36 @@ impl Retrainer {
             since,
             local_total,
             running: None,
+            stop: Arc::new(AtomicBool::new(false)),
             gate: None,
+            shown: None,
+        }
+    }
+
+    /// The line the ready screen shows about the last training.
+    pub fn shown(&self) -> Option<&str> {
+        self.shown.as_deref()
+    }
+
+    pub fn show(&mut self, line: String) {
+        self.shown = Some(line);
+    }
+
+    /// A capture replaces the ready screen: the line has been seen.
+    pub fn clear_shown(&mut self) {
+        self.shown = None;
+    }
+
+    /// The daemon is stopping: a running training is told to stop before
+    /// it changes the installed adapter, and is not waited for (it may be
+    /// minutes from its end). What it has written so far is a candidate
+    /// that the next training discards.
+    pub fn abandon(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some((handle, _)) = self.running.take() {
+            info!("the daemon stops during a retraining: it is abandoned, the installed adapter stays");
+            // Detached: it ends at its next step, or with the process.
+            drop(handle);
         }
     }
 
@@ -242,6 +355,7 @@ impl Retrainer {
             encoder_model_id: self.encoder_model_id.clone(),
             dim: self.dim,
             gate: self.gate.clone(),
+            stop: Arc::clone(&self.stop),
             local_total: self.local_total,
         };
         info!(
@@ -293,11 +407,12 @@ impl Retrainer {
 
 /// Puts a kept adapter in use: attaches its space (computed by the
 /// training thread; only cases confirmed since are computed here) and
-/// swaps it into `analyzer`.
-pub fn install_in(analyzer: &mut Analyzer, adapter: Adapter) -> Result<(), String> {
+/// swaps it into `analyzer`'s slot. Called by the loop between captures,
+/// so no capture searches the new space with the old adapter.
+pub fn install_in(analyzer: &Analyzer, adapter: Adapter) -> Result<(), String> {
     dermascope_library::index_adapter_space(&analyzer.store, &adapter)
         .map_err(|e| e.to_string())?;
-    analyzer.adapter = Some(adapter);
+    analyzer.adapter.replace(adapter);
     Ok(())
 }
 
@@ -315,10 +430,14 @@ struct Job {
     encoder_model_id: String,
     dim: usize,
     gate: Option<Gate>,
+    stop: Arc<AtomicBool>,
     /// The loop's count when it started this training: the baseline of the
     /// next one.
     local_total: usize,
 }
+
+/// The daemon stopped; the thread gave up.
+const STOPPED: &str = "stopped with the daemon";
 
 impl Job {
     fn pass(&self, stage: Stage) {
@@ -327,11 +446,24 @@ impl Job {
         }
     }
 
+    /// `Err` once the daemon asked the thread to stop.
+    fn go_on(&self) -> Result<(), String> {
+        if self.stop.load(Ordering::Relaxed) {
+            self.pass(Stage::Stopped);
+            return Err(STOPPED.into());
+        }
+        Ok(())
+    }
+
     fn run(self) -> RetrainOutcome {
         self.pass(Stage::Started);
         let at_ms = now_ms();
         match self.train_and_decide(at_ms) {
             Ok(outcome) => outcome,
+            Err(message) if message == STOPPED => {
+                info!("retraining stopped with the daemon; the installed adapter stays");
+                RetrainOutcome::Failed { message, at_ms }
+            }
             Err(message) => {
                 warn!(%message, "retraining failed; the installed adapter stays");
                 RetrainOutcome::Failed { message, at_ms }
@@ -340,6 +472,7 @@ impl Job {
     }
 
     fn train_and_decide(&self, at_ms: u64) -> Result<RetrainOutcome, String> {
+        self.go_on()?;
         let dir = &self.settings.dir;
         let candidate = candidate_dir(dir);
         if candidate.exists() {
@@ -368,6 +501,7 @@ impl Job {
         let new = ValidationFigures::of(&new_adapter, &compared_on).map_err(|e| e.to_string())?;
         compute_space(&self.store, &new_adapter)?;
         self.pass(Stage::Trained);
+        self.go_on()?;
 
         let old_adapter = if dir.join(dermascope_adapter::MANIFEST_FILE).is_file() {
             match Adapter::load(dir, &self.encoder_model_id, self.dim) {
@@ -407,6 +541,7 @@ impl Job {
                 at_ms,
             });
         }
+        self.go_on()?;
         promote(&candidate, dir).map_err(|e| e.to_string())?;
         let adapter = Adapter::load(dir, &self.encoder_model_id, self.dim)
             .map_err(|e| format!("loading the promoted adapter: {e}"))?;

@@ -57,6 +57,8 @@ const KEYS: &[&str] = &[
     "ring_frames",
     "ring_window_ms",
     "follow_up_ms",
+    "retrain_after",
+    "local_weight",
 ];
 
 fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -97,6 +99,12 @@ fn check_accepted(c: &Config) -> Result<(), String> {
         (
             "encoder.threads",
             c.encoder.threads.is_some_and(|t| !(1..=64).contains(&t)),
+        ),
+        ("adapter.retrain_after", c.adapter.retrain_after > 10_000),
+        (
+            "adapter.local_weight",
+            !(c.adapter.local_weight.is_finite()
+                && (0.1..=100.0).contains(&c.adapter.local_weight)),
         ),
         ("pipeline.burst", !(1..=16).contains(&c.pipeline.burst)),
         ("pipeline.top_k", !(1..=20).contains(&c.pipeline.top_k)),

@@ -142,7 +142,7 @@ fn daemon(
     let presented = display.presented();
     let analyzer = Analyzer {
         encoder,
-        adapter: None,
+        adapter: None.into(),
         store,
         thresholds: QualityThresholds::default(),
         top_k: 5,
@@ -164,6 +164,7 @@ fn daemon(
             storage_failed: false,
             fleet: None,
             updates: None,
+            retrainer: None,
         },
         presented,
     )

@@ -37,7 +37,7 @@ fn run_one_confirmed_capture(
     replay_of(&replay, frame);
     let analyzer = Arc::new(Analyzer {
         encoder,
-        adapter: None,
+        adapter: None.into(),
         store: Arc::clone(&store),
         thresholds,
         top_k: 1,

@@ -185,7 +185,7 @@ fn rig(ring_frames: usize) -> Rig {
         .unwrap();
     let analyzer = Analyzer {
         encoder,
-        adapter: None,
+        adapter: None.into(),
         store: Arc::new(store),
         thresholds: QualityThresholds::default(),
         top_k: 5,

@@ -107,7 +107,7 @@ fn an_adapter_that_does_not_load_leaves_the_daemon_running_without_it() {
         |_| {},
     )
     .expect("the daemon starts without its adapter");
-    assert!(daemon.analyzer.adapter.is_none());
+    assert!(daemon.analyzer.adapter.current().is_none());
     assert_eq!(report.adapter, None);
     assert!(report.adapter_problem.is_some());
     let notice = daemon.notice.clone().expect("the ready screen says so");

@@ -26,7 +26,7 @@ use support::{
 fn analyzer(encoder: dermascope_encoder::Encoder, store: Arc<CaseStore>) -> Arc<Analyzer> {
     Arc::new(Analyzer {
         encoder,
-        adapter: None,
+        adapter: None.into(),
         store,
         thresholds: QualityThresholds::default(),
         top_k: 5,

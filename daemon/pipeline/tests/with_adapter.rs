@@ -98,7 +98,7 @@ fn the_adapter_suggests_on_screen_and_its_embedding_is_stored_with_the_capture()
 
     let analyzer = Arc::new(Analyzer {
         encoder,
-        adapter: Some(adapter),
+        adapter: Some(adapter).into(),
         store: Arc::clone(&store),
         thresholds: QualityThresholds::default(),
         top_k: 5,

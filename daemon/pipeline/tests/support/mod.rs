@@ -127,6 +127,7 @@ pub fn host_daemon(
         storage_failed: false,
         fleet: None,
         updates: None,
+        retrainer: None,
     }
 }
 
