@@ -244,10 +244,7 @@ impl CameraFeed {
             }
             let now = Instant::now();
             if now >= deadline {
-                let health = match &state.health {
-                    CameraHealth::Streaming => "no frame arrived".to_string(),
-                    CameraHealth::Interrupted(r) | CameraHealth::Failed(r) => r.clone(),
-                };
+                let health = timeout_reason(&state.health);
                 return Err(BurstError::Timeout {
                     got: frames.len(),
                     wanted: frames.len() + 1,
@@ -306,10 +303,7 @@ impl CameraFeed {
             }
             let now = Instant::now();
             if now >= deadline {
-                let health = match &state.health {
-                    CameraHealth::Streaming => "no frame arrived".to_string(),
-                    CameraHealth::Interrupted(r) | CameraHealth::Failed(r) => r.clone(),
-                };
+                let health = timeout_reason(&state.health);
                 return Err(BurstError::Timeout {
                     got: frames.len(),
                     wanted: count,
@@ -428,5 +422,13 @@ fn pull_frames(source: &mut dyn FrameSource, shared: &Shared) {
         if pause {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// What a timed-out wait tells the clinician about the camera.
+fn timeout_reason(health: &CameraHealth) -> String {
+    match health {
+        CameraHealth::Streaming => "no frame arrived".to_string(),
+        CameraHealth::Interrupted(r) | CameraHealth::Failed(r) => r.clone(),
     }
 }
