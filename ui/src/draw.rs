@@ -44,13 +44,8 @@ where
 {
     let area = target.bounding_box();
     target.fill_solid(&area, BACKGROUND)?;
-    let bar_height = STATUS_BAR_HEIGHT.min(area.size.height);
-    let bar = Rectangle::new(area.top_left, Size::new(area.size.width, bar_height));
+    let (bar, body) = split_status_bar(area);
     draw_status_bar(target, bar, status)?;
-    let body = Rectangle::new(
-        area.top_left + Point::new(0, bar_height as i32),
-        Size::new(area.size.width, area.size.height - bar_height),
-    );
     match screen {
         Screen::Ready { live, hint } => draw_ready(target, body, live.as_ref(), hint),
         Screen::Capturing {
@@ -70,6 +65,17 @@ where
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// The status bar and the body below it.
+fn split_status_bar(area: Rectangle) -> (Rectangle, Rectangle) {
+    let bar_height = STATUS_BAR_HEIGHT.min(area.size.height);
+    let bar = Rectangle::new(area.top_left, Size::new(area.size.width, bar_height));
+    let body = Rectangle::new(
+        area.top_left + Point::new(0, bar_height as i32),
+        Size::new(area.size.width, area.size.height - bar_height),
+    );
+    (bar, body)
+}
 
 fn fill<D>(target: &mut D, area: Rectangle, colour: Rgb888) -> Result<(), D::Error>
 where
@@ -719,49 +725,212 @@ struct RowStyle {
     similarity: &'static MonoFont<'static>,
 }
 
+/// The tag that opens the "flag for review" band.
+pub const REVIEW_TAG: &str = "REVIEW";
+
+/// The words after [`REVIEW_TAG`], longest first: the longest that fits the
+/// panel whole is drawn, never one cut short.
+pub const REVIEW_TEXTS: [&str; 4] = [
+    "melanoma score over clinic threshold",
+    "melanoma score over threshold",
+    "melanoma over threshold",
+    "melanoma score high",
+];
+
+/// The "no close match" band's words, longest first, chosen as
+/// [`REVIEW_TEXTS`] are.
+pub const NO_CLOSE_MATCH_TEXTS: [&str; 3] = [
+    "No close match in the library",
+    "No close match in library",
+    "No close match",
+];
+
+const HEADER_HEIGHT: u32 = 58;
+const CAUTION_BAND_HEIGHT: u32 = 18;
+const CAUTION_FONT: &MonoFont<'static> = &FONT_7X13_BOLD;
+const NOTICE_FONT: &MonoFont<'static> = &FONT_7X13_BOLD;
+
+/// One caution band of the results screen: the review flag or "no close
+/// match".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BandLayout {
+    /// The whole band.
+    pub area: Rectangle,
+    /// What marks the band besides its words: the review tag, the
+    /// no-match strip.
+    pub marker: Rectangle,
+    /// The words drawn.
+    pub text: &'static str,
+    /// The pixels the words take.
+    pub text_area: Rectangle,
+    /// Even the shortest words did not fit (a panel narrower than any the
+    /// device has) and are drawn cut.
+    pub cut: bool,
+}
+
+/// Where each part of the results screen goes. [`render`] draws from
+/// exactly this, so a test of the layout is a test of the screen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultsLayout {
+    /// The capture, the suggestion and the count of matches.
+    pub header: Rectangle,
+    /// Under the header, above the matches.
+    pub review: Option<BandLayout>,
+    /// Under the review band; not drawn without matches, whose place then
+    /// says it in a sentence.
+    pub no_close_match: Option<BandLayout>,
+    /// One row per match drawn, most similar first.
+    pub rows: Vec<Rectangle>,
+    /// The fleet service's answer, just above the notice.
+    pub fleet: Option<Rectangle>,
+    /// The "not a diagnosis" band, at the bottom.
+    pub notice: Rectangle,
+}
+
+/// The results screen's layout on a `size` panel (status bar included).
+pub fn results_layout(size: Size, results: &ResultsView) -> ResultsLayout {
+    let (_, body) = split_status_bar(Rectangle::new(Point::zero(), size));
+    layout_results(body, results)
+}
+
+fn notice_lines(inner_width: u32) -> Vec<String> {
+    wrap(NOTICE, chars_that_fit(NOTICE_FONT, inner_width), 2)
+}
+
+/// The first of `texts` (longest first) that fits `room` pixels whole,
+/// else the last, cut.
+fn fitting(texts: &[&'static str], room: u32) -> (&'static str, bool) {
+    match texts
+        .iter()
+        .find(|t| text_width(CAUTION_FONT, t.chars().count()) <= room)
+    {
+        Some(text) => (text, false),
+        None => (texts[texts.len() - 1], true),
+    }
+}
+
+fn caution_band(
+    area: Rectangle,
+    marker: Rectangle,
+    text_x: i32,
+    right: i32,
+    texts: &[&'static str],
+) -> BandLayout {
+    let room = (right - text_x).max(0) as u32;
+    let (text, cut) = fitting(texts, room);
+    let width = text_width(CAUTION_FONT, text.chars().count()).min(room);
+    let height = CAUTION_FONT.character_size.height;
+    let y = area.top_left.y + (area.size.height.saturating_sub(height) / 2) as i32;
+    BandLayout {
+        area,
+        marker,
+        text,
+        text_area: Rectangle::new(Point::new(text_x, y), Size::new(width, height)),
+        cut,
+    }
+}
+
+fn layout_results(body: Rectangle, results: &ResultsView) -> ResultsLayout {
+    let width = body.size.width;
+    let inner_width = width.saturating_sub(2 * MARGIN as u32);
+    let left = body.top_left.x;
+    let right = left + width as i32 - MARGIN;
+    let top = body.top_left.y;
+
+    // Notice first: it must always fit, so it takes its room before the list.
+    let notice_height =
+        notice_lines(inner_width).len() as u32 * (NOTICE_FONT.character_size.height + 1) + 5;
+    let notice = Rectangle::new(
+        Point::new(left, top + body.size.height as i32 - notice_height as i32),
+        Size::new(width, notice_height),
+    );
+    // The fleet's answer sits just above the notice, so it reads as part of
+    // the same decision support and never pushes the notice off the panel.
+    let fleet = results.fleet.as_ref().map(|_| {
+        Rectangle::new(
+            Point::new(left, notice.top_left.y - FLEET_BAND_HEIGHT as i32),
+            Size::new(width, FLEET_BAND_HEIGHT),
+        )
+    });
+    let list_bottom = fleet.map_or(notice.top_left.y, |f| f.top_left.y);
+    let header = Rectangle::new(body.top_left, Size::new(width, HEADER_HEIGHT));
+
+    // The cautions come before the matches, so they are read first; each
+    // takes a band only where one still fits above the list's bottom.
+    let mut y = top + HEADER_HEIGHT as i32 + 2;
+    let band_at = |y: &mut i32| {
+        let area = Rectangle::new(Point::new(left, *y), Size::new(width, CAUTION_BAND_HEIGHT));
+        (*y + CAUTION_BAND_HEIGHT as i32 <= list_bottom).then(|| {
+            *y += CAUTION_BAND_HEIGHT as i32;
+            area
+        })
+    };
+    let review = if results.review {
+        band_at(&mut y).map(|area| {
+            let tag = Rectangle::new(
+                Point::new(left + MARGIN, area.top_left.y + 2),
+                Size::new(
+                    text_width(CAUTION_FONT, REVIEW_TAG.len()) + 8,
+                    CAUTION_BAND_HEIGHT - 4,
+                ),
+            );
+            let text_x = tag.top_left.x + tag.size.width as i32 + 6;
+            caution_band(area, tag, text_x, right, &REVIEW_TEXTS)
+        })
+    } else {
+        None
+    };
+    let no_close_match = if results.no_close_match && !results.matches.is_empty() {
+        band_at(&mut y).map(|area| {
+            let strip = Rectangle::new(area.top_left, Size::new(3, CAUTION_BAND_HEIGHT));
+            caution_band(area, strip, left + MARGIN, right, &NO_CLOSE_MATCH_TEXTS)
+        })
+    } else {
+        None
+    };
+
+    let shown = results.matches.len().min(MAX_MATCHES_SHOWN);
+    let room = (list_bottom - y).max(0) as u32;
+    let row_height = (room / MAX_MATCHES_SHOWN as u32).clamp(20, 40);
+    let rows_fit = (room / row_height) as usize;
+    let rows = (0..shown.min(rows_fit))
+        .map(|i| {
+            Rectangle::new(
+                Point::new(left, y + (i as u32 * row_height) as i32),
+                Size::new(width, row_height),
+            )
+        })
+        .collect();
+    ResultsLayout {
+        header,
+        review,
+        no_close_match,
+        rows,
+        fleet,
+        notice,
+    }
+}
+
 fn draw_results<D>(target: &mut D, body: Rectangle, results: &ResultsView) -> Result<(), D::Error>
 where
     D: DrawTarget<Color = Rgb888>,
 {
+    let layout = layout_results(body, results);
     let width = body.size.width;
     let inner_width = width.saturating_sub(2 * MARGIN as u32);
 
-    // Notice first: it must always fit, so it takes its room before the list.
-    let notice_font = &FONT_7X13_BOLD;
-    let notice_lines = wrap(NOTICE, chars_that_fit(notice_font, inner_width), 2);
-    let notice_height = notice_lines.len() as u32 * (notice_font.character_size.height + 1) + 5;
-    let notice = Rectangle::new(
-        Point::new(
-            body.top_left.x,
-            body.top_left.y + body.size.height as i32 - notice_height as i32,
-        ),
-        Size::new(width, notice_height),
-    );
+    let notice = layout.notice;
     fill(target, notice, YELLOW)?;
     let mut y = notice.top_left.y + 3;
-    for line in &notice_lines {
-        label_centred(target, line, notice_font, INK, notice, y)?;
-        y += notice_font.character_size.height as i32 + 1;
+    for line in &notice_lines(inner_width) {
+        label_centred(target, line, NOTICE_FONT, INK, notice, y)?;
+        y += NOTICE_FONT.character_size.height as i32 + 1;
     }
-    // The fleet's answer sits just above the notice, so it reads as part of
-    // the same decision support and never pushes the notice off the panel.
-    let list_bottom = match &results.fleet {
-        Some(fleet) => {
-            let band = Rectangle::new(
-                Point::new(
-                    body.top_left.x,
-                    notice.top_left.y - FLEET_BAND_HEIGHT as i32,
-                ),
-                Size::new(width, FLEET_BAND_HEIGHT),
-            );
-            draw_fleet(target, band, fleet)?;
-            band.top_left.y
-        }
-        None => notice.top_left.y,
-    };
+    if let (Some(band), Some(fleet)) = (layout.fleet, &results.fleet) {
+        draw_fleet(target, band, fleet)?;
+    }
 
     // Header: the capture, the model's suggestion, how many cases follow.
-    let header_height = 58;
     let query = Rectangle::new(body.top_left + Point::new(MARGIN, 4), Size::new(50, 50));
     draw_thumbnail(target, &results.query, query)?;
     let text_x = query.top_left.x + query.size.width as i32 + 8;
@@ -774,11 +943,14 @@ where
         Point::new(text_x, top + 3),
         text_width_px,
     )?;
-    let shown = results.matches.len().min(MAX_MATCHES_SHOWN);
-    let count = match results.matches.len() {
-        0 => "No similar cases".to_owned(),
-        1 => "1 similar case".to_owned(),
-        n => format!("{n} similar cases"),
+    // Far matches are counted as such, so the count never reads as a
+    // promise of likeness.
+    let count = match (results.matches.len(), results.no_close_match) {
+        (0, _) => "No similar cases".to_owned(),
+        (1, false) => "1 similar case".to_owned(),
+        (n, false) => format!("{n} similar cases"),
+        (1, true) => "1 distant case".to_owned(),
+        (n, true) => format!("{n} distant cases"),
     };
     label(
         target,
@@ -788,22 +960,44 @@ where
         Point::new(text_x, top + 41),
         text_width_px,
     )?;
-
-    // The list.
-    let list = Rectangle::new(
-        Point::new(body.top_left.x, top + header_height),
-        Size::new(width, (list_bottom - (top + header_height)).max(0) as u32),
-    );
     fill(
         target,
-        Rectangle::new(list.top_left, Size::new(width, 1)),
+        Rectangle::new(
+            Point::new(body.top_left.x, top + HEADER_HEIGHT as i32),
+            Size::new(width, 1),
+        ),
         TRACK,
     )?;
-    if shown == 0 {
-        let y = list.top_left.y + 14;
+
+    if let Some(band) = &layout.review {
+        fill(target, band.area, SURFACE)?;
+        RoundedRectangle::new(band.marker, CornerRadii::new(Size::new(3, 3)))
+            .into_styled(PrimitiveStyle::with_fill(REDDISH_PURPLE))
+            .draw(target)?;
+        let tag_y =
+            band.marker.top_left.y + (band.marker.size.height.saturating_sub(13) / 2) as i32;
+        label_centred(target, REVIEW_TAG, CAUTION_FONT, INK, band.marker, tag_y)?;
+        draw_band_text(target, band)?;
+    }
+    if let Some(band) = &layout.no_close_match {
+        fill(target, band.area, SURFACE)?;
+        fill(target, band.marker, ORANGE)?;
+        draw_band_text(target, band)?;
+    }
+
+    if results.matches.is_empty() {
+        let y = top
+            + HEADER_HEIGHT as i32
+            + 2
+            + layout
+                .review
+                .as_ref()
+                .map_or(0, |b| b.area.size.height as i32)
+            + 12;
+        // Only the span's x and width place the sentence.
         let span = Rectangle::new(
-            list.top_left + Point::new(MARGIN, 0),
-            Size::new(inner_width, list.size.height),
+            Point::new(body.top_left.x + MARGIN, y),
+            Size::new(inner_width, 0),
         );
         paragraph_centred(
             target,
@@ -816,8 +1010,7 @@ where
         )?;
         return Ok(());
     }
-    let row_height = (list.size.height.saturating_sub(2) / MAX_MATCHES_SHOWN as u32).clamp(20, 40);
-    let style = if row_height >= 32 {
+    let style = if layout.rows.first().is_some_and(|r| r.size.height >= 32) {
         RowStyle {
             name: &FONT_9X15,
             detail: &FONT_7X13,
@@ -830,15 +1023,25 @@ where
             similarity: &FONT_8X13_BOLD,
         }
     };
-    let rows_fit = (list.size.height.saturating_sub(2) / row_height) as usize;
-    for (i, case) in results.matches.iter().take(shown.min(rows_fit)).enumerate() {
-        let row = Rectangle::new(
-            list.top_left + Point::new(0, 2 + (i as u32 * row_height) as i32),
-            Size::new(width, row_height),
-        );
-        draw_match_row(target, row, case, &style)?;
+    for (row, case) in layout.rows.iter().zip(&results.matches) {
+        draw_match_row(target, *row, case, &style, results.no_close_match)?;
     }
     Ok(())
+}
+
+fn draw_band_text<D>(target: &mut D, band: &BandLayout) -> Result<(), D::Error>
+where
+    D: DrawTarget<Color = Rgb888>,
+{
+    label(
+        target,
+        band.text,
+        CAUTION_FONT,
+        TEXT,
+        band.text_area.top_left,
+        band.text_area.size.width,
+    )
+    .map(|_| ())
 }
 
 const FLEET_BAND_HEIGHT: u32 = 18;
@@ -926,6 +1129,7 @@ fn draw_match_row<D>(
     row: Rectangle,
     case: &MatchView,
     style: &RowStyle,
+    weak: bool,
 ) -> Result<(), D::Error>
 where
     D: DrawTarget<Color = Rgb888>,
@@ -976,13 +1180,19 @@ where
         name_room.saturating_sub((icon_size + 4) as u32),
     )?;
 
-    // Similarity: a number and a bar under it.
+    // Similarity: a number and a bar under it, both greyed when no match
+    // is close, so a far match is never drawn as a strong one.
+    let (number, bar_colour) = if weak {
+        (TEXT_DIM, TEXT_DIM)
+    } else {
+        (TEXT, SKY_BLUE)
+    };
     let similarity = case.similarity;
     label_right(
         target,
         &percent(similarity),
         style.similarity,
-        TEXT,
+        number,
         right,
         name_y,
         similarity_width,
@@ -1001,6 +1211,6 @@ where
     fill(
         target,
         Rectangle::new(bar.top_left, Size::new(done, 5)),
-        SKY_BLUE,
+        bar_colour,
     )
 }

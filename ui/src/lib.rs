@@ -25,7 +25,10 @@ mod text;
 pub mod view;
 
 pub use canvas::{Canvas, CanvasError, MAX_CANVAS_SIDE};
-pub use draw::{render, MAX_MATCHES_SHOWN, NOTICE, STATUS_BAR_HEIGHT};
+pub use draw::{
+    render, results_layout, BandLayout, ResultsLayout, MAX_MATCHES_SHOWN, NOTICE,
+    NO_CLOSE_MATCH_TEXTS, REVIEW_TAG, REVIEW_TEXTS, STATUS_BAR_HEIGHT,
+};
 pub use view::{
     Clock, FleetSource, FleetView, MatchView, PredictionView, RejectionView, ResultsView, Screen,
     StatusView, SyncState, Thumbnail, ThumbnailError,

@@ -26,5 +26,9 @@ pub const SKY_BLUE: Rgb888 = Rgb888::new(0x56, 0xB4, 0xE9);
 pub const BLUISH_GREEN: Rgb888 = Rgb888::new(0x00, 0x9E, 0x73);
 /// Okabe-Ito yellow: the decision-support notice.
 pub const YELLOW: Rgb888 = Rgb888::new(0xF0, 0xE4, 0x42);
+/// Okabe-Ito reddish purple: a capture flagged for clinical review (a
+/// clinical caution, unlike the orange of a fixable problem or the
+/// vermillion of a failure).
+pub const REDDISH_PURPLE: Rgb888 = Rgb888::new(0xCC, 0x79, 0xA7);
 /// Okabe-Ito vermillion: errors.
 pub const VERMILLION: Rgb888 = Rgb888::new(0xD5, 0x5E, 0x00);

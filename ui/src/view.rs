@@ -201,6 +201,14 @@ pub struct ResultsView {
     pub prediction: Option<PredictionView>,
     /// The fleet service's answer; `None` until it arrives (or offline).
     pub fleet: Option<FleetView>,
+    /// The capture crossed the clinic's melanoma operating point ("flag for
+    /// review"): drawn as a band beside the matches, the suggestion and the
+    /// notice, never instead of any of them.
+    pub review: bool,
+    /// The best match is farther from the capture than the library's own
+    /// lesions are from theirs, but for a few: "no close match" is said,
+    /// and the matches stay listed, drawn as weak ones.
+    pub no_close_match: bool,
 }
 
 /// What the body of the screen shows.

@@ -8,11 +8,12 @@ use std::convert::Infallible;
 
 use common::{matches, screens, status, synthetic_lesion};
 use dermascope_ui::{
-    render, Canvas, MatchView, PredictionView, RejectionView, ResultsView, Screen, StatusView,
-    SyncState, Thumbnail, ThumbnailError,
+    render, results_layout, Canvas, MatchView, PredictionView, RejectionView, ResultsView, Screen,
+    StatusView, SyncState, Thumbnail, ThumbnailError, NO_CLOSE_MATCH_TEXTS, REVIEW_TEXTS,
 };
 use embedded_graphics::pixelcolor::{Rgb888, RgbColor};
-use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Pixel, Size};
+use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Pixel, Point, PointsIter, Size};
+use embedded_graphics::primitives::Rectangle;
 
 /// A target that counts every pixel drawn outside it instead of clipping.
 struct StrictTarget {
@@ -102,11 +103,14 @@ fn long_results(n: usize) -> Screen {
             diagnosis: LONG_NAMES[0].to_owned(),
             probability: 0.51,
         }),
-        // The worst case has the fleet band too: it takes room from the list.
+        // The worst case has the fleet band and both cautions too: each
+        // takes room from the list.
         fleet: Some(dermascope_ui::FleetView {
             differential: LONG_NAMES.iter().map(|n| (*n).to_owned()).collect(),
             source: dermascope_ui::FleetSource::Model,
         }),
+        review: true,
+        no_close_match: true,
     })
 }
 
@@ -164,6 +168,8 @@ fn odd_numbers_stay_inside() {
             differential: Vec::new(),
             source: dermascope_ui::FleetSource::Cases,
         }),
+        review: false,
+        no_close_match: false,
     });
     let bursts = [(0, 0), (7, 5), (3, 12), (50, 100), (u32::MAX, u32::MAX)];
     for (w, h) in PANELS {
@@ -236,6 +242,8 @@ fn long_names_never_reach_the_similarity_column() {
                 matches: matches(&[(name, 0.9, true), (name, 0.5, false), (name, 0.4, true)]),
                 prediction: None,
                 fleet: None,
+                review: false,
+                no_close_match: false,
             });
             let mut canvas = Canvas::new(w, h).unwrap();
             render(&mut canvas, &status(SyncState::Online, 0, None), &screen).unwrap();
@@ -327,6 +335,217 @@ fn default_advice_is_used_by_the_convenience_constructor() {
                 assert!(!reason.title().is_empty());
             }
             other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A results view with the given cautions, `n` matches and, when `fleet`,
+/// the fleet band: every part the results screen can stack.
+fn cautioned(review: bool, no_close_match: bool, fleet: bool, n: usize) -> ResultsView {
+    let names: Vec<(&str, f32, bool)> = (0..n)
+        .map(|i| ("Melanocytic nevus", 0.45 - 0.01 * i as f32, true))
+        .collect();
+    ResultsView {
+        query: synthetic_lesion(3, 64, 64),
+        matches: matches(&names),
+        prediction: Some(PredictionView {
+            diagnosis: "Melanoma".to_owned(),
+            probability: 0.4,
+        }),
+        fleet: fleet.then(|| dermascope_ui::FleetView {
+            differential: vec!["Melanoma".to_owned()],
+            source: dermascope_ui::FleetSource::Cases,
+        }),
+        review,
+        no_close_match,
+    }
+}
+
+fn inside(outer: &Rectangle, inner: &Rectangle) -> bool {
+    inner.size.width > 0
+        && inner.size.height > 0
+        && outer.contains(inner.top_left)
+        && outer.contains(inner.bottom_right().unwrap())
+}
+
+fn overlap(a: &Rectangle, b: &Rectangle) -> bool {
+    !a.intersection(b).is_zero_sized()
+}
+
+#[test]
+fn cautions_sit_beside_the_matches_and_the_notice_without_overlap() {
+    let combinations = [(true, false), (false, true), (true, true), (false, false)];
+    for (w, h) in PANELS {
+        let screen = Rectangle::new(Point::zero(), Size::new(w, h));
+        for (review, far) in combinations {
+            for fleet in [false, true] {
+                for n in [0, 1, 3, 5, 8] {
+                    let view = cautioned(review, far, fleet, n);
+                    let what = format!("{w}x{h} review={review} far={far} fleet={fleet} n={n}");
+                    let layout = results_layout(Size::new(w, h), &view);
+                    assert_eq!(layout.review.is_some(), review, "{what}: review band");
+                    // Without matches the list's sentence says it instead.
+                    assert_eq!(
+                        layout.no_close_match.is_some(),
+                        far && n > 0,
+                        "{what}: no-match band"
+                    );
+                    assert_eq!(layout.fleet.is_some(), fleet, "{what}: fleet band");
+                    // The matches stay: as many as fit, and at least three
+                    // on every panel the device has.
+                    assert!(
+                        layout.rows.len() >= n.min(3) && layout.rows.len() <= n.min(5),
+                        "{what}: {} rows drawn",
+                        layout.rows.len()
+                    );
+                    assert_eq!(
+                        layout.notice.bottom_right().unwrap().y,
+                        h as i32 - 1,
+                        "{what}: the notice is not at the bottom"
+                    );
+                    let mut parts = vec![("header", layout.header), ("notice", layout.notice)];
+                    parts.extend(layout.fleet.map(|f| ("fleet", f)));
+                    for (name, band) in
+                        [("review", &layout.review), ("far", &layout.no_close_match)]
+                    {
+                        let Some(band) = band else { continue };
+                        assert!(!band.cut, "{what}: {name} text cut: {:?}", band.text);
+                        assert!(inside(&band.area, &band.marker), "{what}: {name} marker");
+                        assert!(inside(&band.area, &band.text_area), "{what}: {name} text");
+                        assert!(
+                            !overlap(&band.marker, &band.text_area),
+                            "{what}: {name} text over its marker"
+                        );
+                        parts.push((name, band.area));
+                    }
+                    parts.extend(layout.rows.iter().map(|r| ("row", *r)));
+                    for (i, (a, ra)) in parts.iter().enumerate() {
+                        assert!(inside(&screen, ra), "{what}: {a} off the screen: {ra:?}");
+                        for (b, rb) in &parts[i + 1..] {
+                            assert!(!overlap(ra, rb), "{what}: {a} {ra:?} overlaps {b} {rb:?}");
+                        }
+                    }
+                    assert_inside(w, h, &worst_status(), &Screen::Results(view), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_screen_texts_are_the_longest_that_fit() {
+    let view = cautioned(true, true, false, 3);
+    let wide = results_layout(Size::new(320, 240), &view);
+    assert_eq!(wide.review.unwrap().text, REVIEW_TEXTS[0]);
+    assert_eq!(wide.no_close_match.unwrap().text, NO_CLOSE_MATCH_TEXTS[0]);
+    let square = results_layout(Size::new(240, 240), &view);
+    let review = square.review.unwrap();
+    assert!(REVIEW_TEXTS.contains(&review.text) && !review.cut);
+    assert_eq!(square.no_close_match.unwrap().text, NO_CLOSE_MATCH_TEXTS[0]);
+    // A panel narrower than any the device has cuts the shortest words
+    // rather than drawing past the band, and says so.
+    let tiny = results_layout(Size::new(90, 240), &view);
+    let review = tiny.review.unwrap();
+    assert!(review.cut && review.text == REVIEW_TEXTS[REVIEW_TEXTS.len() - 1]);
+}
+
+fn colour_count(canvas: &Canvas, area: &Rectangle, colour: [u8; 3]) -> usize {
+    area.points()
+        .filter_map(|p| canvas.pixel(p.x as u32, p.y as u32))
+        .filter(|p| [p.r(), p.g(), p.b()] == colour)
+        .count()
+}
+
+fn drawn(w: u32, h: u32, view: &ResultsView) -> Canvas {
+    let mut canvas = Canvas::new(w, h).unwrap();
+    render(
+        &mut canvas,
+        &status(SyncState::Online, 0, None),
+        &Screen::Results(view.clone()),
+    )
+    .unwrap();
+    canvas
+}
+
+const REDDISH_PURPLE: [u8; 3] = [0xCC, 0x79, 0xA7];
+const SKY_BLUE: [u8; 3] = [0x56, 0xB4, 0xE9];
+const ORANGE: [u8; 3] = [0xE6, 0x9F, 0x00];
+const TEXT: [u8; 3] = [0xF4, 0xF5, 0xF7];
+const INK: [u8; 3] = [0, 0, 0];
+
+#[test]
+fn the_review_flag_is_drawn_in_words_beside_the_matches() {
+    for (w, h) in [(320, 240), (240, 240)] {
+        let flagged = cautioned(true, false, false, 5);
+        let plain = cautioned(false, false, false, 5);
+        let screen = Rectangle::new(Point::zero(), Size::new(w, h));
+        let layout = results_layout(Size::new(w, h), &flagged);
+        let band = layout.review.clone().unwrap();
+        let with = drawn(w, h, &flagged);
+        let without = drawn(w, h, &plain);
+        // The tag: its colour, and the word on it in ink.
+        let tag_colour = colour_count(&with, &band.marker, REDDISH_PURPLE);
+        assert!(
+            tag_colour > band.marker.size.width as usize * 8,
+            "{w}x{h}: no tag"
+        );
+        assert!(
+            colour_count(&with, &band.marker, INK) > 20,
+            "{w}x{h}: tag has no word"
+        );
+        assert!(
+            colour_count(&with, &band.text_area, TEXT) > 50,
+            "{w}x{h}: no words"
+        );
+        assert_eq!(
+            colour_count(&without, &screen, REDDISH_PURPLE),
+            0,
+            "{w}x{h}"
+        );
+        // The matches are still drawn, each with its similarity bar.
+        for row in &layout.rows {
+            assert!(
+                colour_count(&with, row, SKY_BLUE) > 0,
+                "{w}x{h}: a row is empty"
+            );
+        }
+    }
+}
+
+#[test]
+fn far_matches_stay_listed_but_greyed_under_no_close_match() {
+    for (w, h) in [(320, 240), (240, 240)] {
+        let far = cautioned(false, true, false, 4);
+        let close = cautioned(false, false, false, 4);
+        let layout = results_layout(Size::new(w, h), &far);
+        let band = layout.no_close_match.clone().unwrap();
+        let weak = drawn(w, h, &far);
+        let strong = drawn(w, h, &close);
+        assert!(colour_count(&weak, &band.marker, ORANGE) == band.marker.size.height as usize * 3);
+        assert!(
+            colour_count(&weak, &band.text_area, TEXT) > 50,
+            "{w}x{h}: no words"
+        );
+        assert_eq!(
+            layout.rows.len(),
+            4,
+            "{w}x{h}: the matches must stay listed"
+        );
+        for row in &layout.rows {
+            // The thumbnail and name are drawn; the similarity is not blue.
+            assert!(
+                colour_count(&weak, row, TEXT) > 20,
+                "{w}x{h}: a row is empty"
+            );
+            assert_eq!(
+                colour_count(&weak, row, SKY_BLUE),
+                0,
+                "{w}x{h}: a far match in blue"
+            );
+        }
+        let strong_rows = results_layout(Size::new(w, h), &close).rows;
+        for row in &strong_rows {
+            assert!(colour_count(&strong, row, SKY_BLUE) > 0, "{w}x{h}");
         }
     }
 }

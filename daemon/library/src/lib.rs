@@ -32,8 +32,8 @@ pub use ingest::{ingest, IngestError, IngestOptions, IngestProgress, IngestSumma
 pub use labels::{parse_labels, read_labels, LabelledImage, LabelsError, LabelsFile, RejectedRow};
 pub use operating_point::{
     calibrate, close_match, combined_probabilities, melanoma_flag, melanoma_operating_point,
-    melanoma_score, no_match_rule, Calibration, CalibrationError, NoMatchRule, OperatingPoint,
-    NO_MATCH_QUANTILE,
+    melanoma_score, no_match_rule, Calibration, CalibrationError, Neighbour, NoMatchRule,
+    OperatingPoint, NO_MATCH_QUANTILE,
 };
 pub use photo::{
     original_from_bytes, original_from_rgb, thumbnail, thumbnail_jpeg, THUMBNAIL_SIDE,

@@ -31,8 +31,8 @@ use dermascope_adapter::{
     record_calibration, Adapter, AdapterError, AdapterOutput, LabelledEmbedding,
 };
 use dermascope_eval::{
-    knn_distribution, lower_quantile, sensitivity_specificity, threshold_for_sensitivity,
-    Neighbour, Vote, MELANOMA,
+    knn_distribution, lower_quantile, sensitivity_specificity, threshold_for_sensitivity, Vote,
+    MELANOMA,
 };
 use dermascope_store::{
     CaseFilter, CaseId, CaseSource, CaseTags, FlatIndex, IndexError, Residency, ScoreKind,
@@ -40,6 +40,9 @@ use dermascope_store::{
 use thiserror::Error;
 
 pub use dermascope_adapter::{Calibration, NoMatchRule, OperatingPoint};
+/// The neighbour [`combined_probabilities`] votes with, for callers (the
+/// daemon) that do not otherwise depend on `dermascope-eval`.
+pub use dermascope_eval::Neighbour;
 
 use crate::evaluation::COMBINED_K;
 

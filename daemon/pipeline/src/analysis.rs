@@ -4,16 +4,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dermascope_adapter::AdapterOutput;
+use dermascope_adapter::{Adapter, AdapterOutput};
 use dermascope_device::Frame;
 use dermascope_encoder::Encoder;
-use dermascope_library::{thumbnail, thumbnail_jpeg};
+use dermascope_library::evaluation::COMBINED_K;
+use dermascope_library::{
+    close_match, combined_probabilities, melanoma_flag, thumbnail, thumbnail_jpeg, Neighbour,
+};
 use dermascope_quality::{self as quality, QualityThresholds, RejectReason, Verdict};
-use dermascope_store::{CaseFilter, CaseStore, Diagnosis, ScoreKind, SearchHit};
+use dermascope_store::{Case, CaseFilter, CaseStore, Diagnosis, ScoreKind, SearchHit};
 use dermascope_ui::{MatchView, PredictionView, RejectionView, ResultsView, Screen, Thumbnail};
 use image::RgbImage;
 use serde::Serialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::retrain::AdapterSlot;
 
@@ -252,20 +255,50 @@ impl Analyzer {
             timings.adapter_ms = Some(ms(started.elapsed()));
         }
 
+        // The rules live in the adapter's manifest and hold in its space
+        // only: without an adapter that ran, neither is applied.
+        let calibrated = match (&adapted, &adapter) {
+            (Some(out), Some(adapter)) => adapter
+                .manifest()
+                .calibration
+                .as_ref()
+                .map(|calibration| (adapter, out, calibration)),
+            _ => None,
+        };
+        // The combined melanoma score votes with more neighbours than a
+        // small panel lists.
+        let k = match calibrated {
+            Some((_, _, calibration)) if calibration.melanoma.is_some() => {
+                self.top_k.max(COMBINED_K)
+            }
+            _ => self.top_k,
+        };
+
         let started = Instant::now();
         let filter = CaseFilter::any();
         let hits = match &adapted {
-            Some(out) => self
-                .store
-                .search_adapter_space(&out.embedding, self.top_k, &filter),
-            None => self
-                .store
-                .search(&embedding, self.top_k, &filter, self.raw_score),
+            Some(out) => self.store.search_adapter_space(&out.embedding, k, &filter),
+            None => self.store.search(&embedding, k, &filter, self.raw_score),
         }?;
         timings.search_ms = Some(ms(started.elapsed()));
 
         let started = Instant::now();
-        let (matches, shown, top_match_code) = self.match_views(&hits);
+        let found = self.read_cases(&hits);
+        let listed = hits.len().min(self.top_k);
+        let (matches, shown, top_match_code) = self.match_views(&found, listed);
+        let (review, no_close_match) = match calibrated {
+            Some((adapter, out, _)) => {
+                let neighbours: Vec<Neighbour> = found
+                    .iter()
+                    .map(|(_, hit, case)| Neighbour {
+                        label: case.diagnosis.code.clone(),
+                        similarity: hit.score,
+                    })
+                    .collect();
+                cautions(adapter, out, &neighbours, hits.first().map(|h| h.score))
+            }
+            None => (false, false),
+        };
         let small = thumbnail(&photo);
         let (width, height) = small.dimensions();
         let query = Thumbnail::new(width, height, small.into_raw());
@@ -296,6 +329,8 @@ impl Analyzer {
                 prediction,
                 // Arrives later, from the fleet service, if at all.
                 fleet: None,
+                review,
+                no_close_match,
             }),
             timings: *timings,
             capture: Some(CapturedLesion {
@@ -313,22 +348,34 @@ impl Analyzer {
         })
     }
 
-    /// The matches as the screen shows them, the hits they are, and the
-    /// diagnosis code of the most similar one (read here once rather than
-    /// again for the suggestion).
-    fn match_views(&self, hits: &[SearchHit]) -> (Vec<MatchView>, Vec<SearchHit>, Option<String>) {
-        let mut matches = Vec::with_capacity(hits.len());
-        let mut shown = Vec::with_capacity(hits.len());
-        let mut top_code = None;
-        for hit in hits {
-            let case = match self.store.get(&hit.id) {
-                Ok(Some(case)) => case,
-                Ok(None) => continue, // removed since the search
+    /// The stored cases of `hits`, each with its rank and hit; a case
+    /// removed since the search, or unreadable, is left out.
+    fn read_cases<'h>(&self, hits: &'h [SearchHit]) -> Vec<(usize, &'h SearchHit, Case)> {
+        let mut found = Vec::with_capacity(hits.len());
+        for (rank, hit) in hits.iter().enumerate() {
+            match self.store.get(&hit.id) {
+                Ok(Some(case)) => found.push((rank, hit, case)),
+                Ok(None) => {} // removed since the search
                 Err(e) => {
                     warn!(case = %hit.id.log_tag(), error = %e, "match skipped");
-                    continue;
                 }
-            };
+            }
+        }
+        found
+    }
+
+    /// The matches among the first `listed` hits as the screen shows them,
+    /// the hits they are, and the diagnosis code of the most similar one
+    /// (read here once rather than again for the suggestion).
+    fn match_views(
+        &self,
+        found: &[(usize, &SearchHit, Case)],
+        listed: usize,
+    ) -> (Vec<MatchView>, Vec<SearchHit>, Option<String>) {
+        let mut matches = Vec::with_capacity(listed);
+        let mut shown = Vec::with_capacity(listed);
+        let mut top_code = None;
+        for (_, hit, case) in found.iter().filter(|(rank, _, _)| *rank < listed) {
             // A case whose thumbnail does not decode is still a match worth
             // showing; a grey square stands in for its picture.
             let thumbnail = match decode_thumbnail(&case.thumbnail_jpeg) {
@@ -350,10 +397,53 @@ impl Analyzer {
                 thumbnail,
                 confirmed: case.label_confirmed,
             });
-            shown.push(hit.clone());
+            shown.push((*hit).clone());
         }
         (matches, shown, top_code)
     }
+}
+
+/// The calibrated cautions of one capture, `(review, no_close_match)`:
+/// the review flag when the combined melanoma score of the adapter's
+/// output and its `neighbours` (adapter space, best first) reaches the
+/// clinic's operating point, and "no close match" when the best match's
+/// similarity `top1` falls below the no-match rule. Each is false when the
+/// adapter's manifest has no such rule. The log says which fired, never
+/// the capture's score or similarity.
+pub fn cautions(
+    adapter: &Adapter,
+    output: &AdapterOutput,
+    neighbours: &[Neighbour],
+    top1: Option<f32>,
+) -> (bool, bool) {
+    let Some(calibration) = adapter.manifest().calibration.as_ref() else {
+        return (false, false);
+    };
+    let review = calibration.melanoma.as_ref().is_some_and(|point| {
+        let combined = combined_probabilities(output, neighbours, adapter.classes(), COMBINED_K);
+        let flagged = melanoma_flag(adapter, &combined) == Some(true);
+        if flagged {
+            info!(
+                adapter = adapter.adapter_id(),
+                threshold = point.threshold,
+                target_sensitivity = point.target_sensitivity,
+                "capture flagged for review: combined melanoma score at or over the clinic's threshold"
+            );
+        }
+        flagged
+    });
+    let no_close_match = calibration.no_match.as_ref().is_some_and(|rule| {
+        let far = !close_match(adapter, top1);
+        if far {
+            info!(
+                adapter = adapter.adapter_id(),
+                min_similarity = rule.min_top1_similarity,
+                "no close match in the library: the best match is below the calibrated similarity"
+            );
+        }
+        far
+    });
+    (review, no_close_match)
 }
 
 fn rejection_view(reason: RejectReason) -> RejectionView {

@@ -147,6 +147,8 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     probability: 0.72,
                 }),
                 fleet: None,
+                review: false,
+                no_close_match: false,
             }),
         ),
         (
@@ -174,6 +176,8 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     ],
                     source: FleetSource::Model,
                 }),
+                review: false,
+                no_close_match: false,
             }),
         ),
         (
@@ -190,6 +194,8 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     differential: vec!["Melanoma".to_owned()],
                     source: FleetSource::Cases,
                 }),
+                review: false,
+                no_close_match: false,
             }),
         ),
         (
@@ -211,6 +217,8 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                     probability: 0.48,
                 }),
                 fleet: None,
+                review: false,
+                no_close_match: false,
             }),
         ),
         (
@@ -221,6 +229,71 @@ pub fn screens() -> Vec<(&'static str, StatusView, Screen)> {
                 matches: Vec::new(),
                 prediction: None,
                 fleet: None,
+                review: false,
+                no_close_match: false,
+            }),
+        ),
+        (
+            "results_review",
+            online.clone(),
+            Screen::Results(ResultsView {
+                query: synthetic_lesion(1, 96, 96),
+                matches: matches(&[
+                    ("Melanoma", 0.93, true),
+                    ("Melanocytic nevus", 0.9, true),
+                    ("Melanoma", 0.88, true),
+                    ("Melanocytic nevus", 0.84, false),
+                    ("Benign keratosis", 0.8, true),
+                ]),
+                prediction: Some(PredictionView {
+                    diagnosis: "Melanocytic nevus".to_owned(),
+                    probability: 0.55,
+                }),
+                fleet: None,
+                review: true,
+                no_close_match: false,
+            }),
+        ),
+        (
+            "results_no_close_match",
+            online.clone(),
+            Screen::Results(ResultsView {
+                query: synthetic_lesion(5, 96, 96),
+                matches: matches(&[
+                    ("Benign keratosis", 0.41, true),
+                    ("Melanocytic nevus", 0.38, true),
+                    ("Dermatofibroma", 0.35, true),
+                ]),
+                prediction: Some(PredictionView {
+                    diagnosis: "Benign keratosis".to_owned(),
+                    probability: 0.37,
+                }),
+                fleet: None,
+                review: false,
+                no_close_match: true,
+            }),
+        ),
+        (
+            "results_review_far_fleet",
+            status(SyncState::Online, 1, Some((11, 2))),
+            Screen::Results(ResultsView {
+                query: synthetic_lesion(6, 96, 96),
+                matches: matches(&[
+                    ("Melanoma", 0.44, true),
+                    ("Melanocytic nevus", 0.42, true),
+                    ("Melanoma", 0.4, false),
+                    ("Benign keratosis", 0.39, true),
+                ]),
+                prediction: Some(PredictionView {
+                    diagnosis: "Melanoma".to_owned(),
+                    probability: 0.46,
+                }),
+                fleet: Some(FleetView {
+                    differential: vec!["Melanoma".to_owned(), "Melanocytic nevus".to_owned()],
+                    source: FleetSource::Model,
+                }),
+                review: true,
+                no_close_match: true,
             }),
         ),
         (
