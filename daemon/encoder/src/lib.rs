@@ -294,6 +294,8 @@ pub struct Encoder {
     /// [`Encoder::batch_encoder`] can plan the same file for a batch.
     bundle_dir: PathBuf,
     options: EncoderOptions,
+    /// Size of the variant's file: what another plan of it costs in memory.
+    file_bytes: u64,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -355,6 +357,7 @@ impl Encoder {
             });
         }
         let read_and_verify = started.elapsed();
+        let file_bytes = bytes.len() as u64;
 
         let started = Instant::now();
         let graph_error = |e: TractError| EncoderError::Graph {
@@ -527,7 +530,14 @@ impl Encoder {
             preprocess,
             bundle_dir: bundle_dir.to_path_buf(),
             options: options.clone(),
+            file_bytes,
         })
+    }
+
+    /// Bytes of the variant's ONNX file: about what its weights take in
+    /// memory, so what a caller weighs before [`Encoder::batch_encoder`].
+    pub fn file_bytes(&self) -> u64 {
+        self.file_bytes
     }
 
     /// A second plan of the same file, variant and preprocessing for
@@ -616,6 +626,13 @@ impl Encoder {
     pub fn embed_rgb(&self, image: &RgbImage) -> Result<Embedding, EncoderError> {
         let tensor = self.preprocess(image)?;
         self.embed_tensor_with_tta(&tensor)
+    }
+
+    /// Embeds a tensor from [`Encoder::preprocess`] (with the test-time
+    /// augmentation, as [`Encoder::embed_rgb`]): for a caller that prepares
+    /// tensors on another thread.
+    pub fn embed_tensor(&self, tensor: &[f32]) -> Result<Embedding, EncoderError> {
+        self.embed_tensor_with_tta(tensor)
     }
 
     /// The input tensor for `image`, after the colour constancy and framing

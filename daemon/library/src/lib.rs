@@ -28,7 +28,10 @@ pub use evaluation::{
     evaluate, EvaluationError, EvaluationOptions, EvaluationReport, EvaluationStep,
 };
 
-pub use ingest::{ingest, IngestError, IngestOptions, IngestProgress, IngestSummary};
+pub use ingest::{
+    ingest, ingest_in_batches, IngestError, IngestOptions, IngestProgress, IngestSummary,
+    ProgressLine, DEFAULT_ENCODER_BATCH,
+};
 pub use labels::{parse_labels, read_labels, LabelledImage, LabelsError, LabelsFile, RejectedRow};
 pub use operating_point::{
     calibrate, close_match, combined_probabilities, melanoma_flag, melanoma_operating_point,
