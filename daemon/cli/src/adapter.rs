@@ -1,6 +1,7 @@
-//! `dermascope adapter train|index|show`: the adapter trained on the device.
+//! `dermascope adapter train|index|show|rollback`: the adapter trained on
+//! the device.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -8,7 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dermascope_library::evaluation::{embedded_rows, LabelledFolder};
 use dermascope_library::{
-    confirmed_cases, index_adapter_space, load_installed, TrainingOptions, TrainingPlan,
+    confirmed_cases, index_adapter_space, load_installed, previous_dir, rollback, TrainingOptions,
+    TrainingPlan,
 };
 use dermascope_store::Residency;
 
@@ -27,6 +29,10 @@ pub enum AdapterCommand {
     Index(IndexArgs),
     /// Print the installed adapter's manifest.
     Show(ShowArgs),
+    /// Put back the adapter a retraining (or `adapter train`) replaced; the
+    /// one it replaces is kept, so a second rollback undoes the first. The
+    /// daemon uses it from its next start.
+    Rollback(ShowArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,6 +90,7 @@ pub fn run(command: &AdapterCommand) -> anyhow::Result<ExitCode> {
     match command {
         AdapterCommand::Train(args) => train_command(args),
         AdapterCommand::Index(args) => index_command(args),
+        AdapterCommand::Rollback(args) => rollback_command(args),
         AdapterCommand::Show(args) => {
             let path = args.adapter.path().join(dermascope_adapter::MANIFEST_FILE);
             let text = std::fs::read_to_string(&path).with_context(|| {
@@ -151,6 +158,8 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let plan = TrainingPlan::new(&examples, &TrainingOptions::from(&args.training))?;
     announce(&plan);
+    // Before anything is written over it: what `adapter rollback` restores.
+    let kept = dermascope_library::training::keep_previous(&dir)?;
     let (adapter, report) = plan.install(&dir)?;
     print!("{}", report.to_text());
     println!(
@@ -158,6 +167,13 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         dir.display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(kept) = kept.filter(|k| k.adapter_id != adapter.adapter_id()) {
+        println!(
+            "the adapter it replaced ({}) is kept in {}: `dermascope adapter rollback` restores it",
+            kept.adapter_id,
+            previous_dir(&dir).display()
+        );
+    }
     if args.images.is_none() {
         let store = open_store(&args.store, &encoder, Residency::Int8)?;
         let computed = index_adapter_space(&store, &adapter)?;
@@ -167,6 +183,67 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn rollback_command(args: &ShowArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.adapter.path();
+    let previous = previous_dir(&dir);
+    if !previous.join(dermascope_adapter::MANIFEST_FILE).is_file() {
+        bail!(
+            "nothing to roll back to: no earlier adapter is kept in {} (one is kept when a \
+             retraining or `dermascope adapter train` replaces the installed adapter); {} is \
+             unchanged",
+            previous.display(),
+            dir.display()
+        );
+    }
+    let replaced = installed_id(&dir);
+    let restored =
+        rollback(&dir).with_context(|| format!("rolling back the adapter in {}", dir.display()))?;
+    println!(
+        "restored adapter {} (trained {}, {} training cases) in {}",
+        restored.adapter_id,
+        utc_minute(restored.created_at_ms),
+        restored.training.train_cases,
+        dir.display()
+    );
+    if let Some(replaced) = replaced {
+        println!(
+            "the adapter it replaced ({replaced}) is kept in {}: a second rollback restores it",
+            previous.display()
+        );
+    }
+    println!("a running daemon uses it from its next start");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The installed adapter's id, when its manifest reads.
+fn installed_id(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(dermascope_adapter::MANIFEST_FILE)).ok()?;
+    toml::from_str::<dermascope_adapter::AdapterManifest>(&text)
+        .ok()
+        .map(|m| m.adapter_id)
+}
+
+/// `YYYY-MM-DD HH:MM UTC` (the device has no time zone setting).
+fn utc_minute(at_ms: u64) -> String {
+    let minutes = at_ms / 60_000;
+    let days = (minutes / 1440) as i64;
+    // Howard Hinnant's days-to-civil, for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        (minutes / 60) % 24,
+        minutes % 60
+    )
 }
 
 fn index_command(args: &IndexArgs) -> anyhow::Result<ExitCode> {
@@ -180,4 +257,17 @@ fn index_command(args: &IndexArgs) -> anyhow::Result<ExitCode> {
         store.len()?
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_minute;
+
+    #[test]
+    fn trained_when_is_the_utc_calendar_minute() {
+        assert_eq!(utc_minute(0), "1970-01-01 00:00 UTC");
+        // A leap day, and a date in this century's calendar.
+        assert_eq!(utc_minute(951_786_060_000), "2000-02-29 01:01 UTC");
+        assert_eq!(utc_minute(1_796_180_820_000), "2026-12-02 03:07 UTC");
+    }
 }

@@ -625,6 +625,17 @@ pub fn promote(candidate: &Path, dir: &Path) -> Result<AdapterManifest, SwitchEr
     Ok(manifest)
 }
 
+/// Copies the adapter installed in `dir` (if any) to [`previous_dir`], as
+/// [`promote`] does, for an install that writes over `dir` itself
+/// (`dermascope adapter train`); returns the kept adapter's manifest.
+pub fn keep_previous(dir: &Path) -> Result<Option<AdapterManifest>, SwitchError> {
+    if !dir.join(MANIFEST_FILE).is_file() {
+        return Ok(None);
+    }
+    copy_bundle(dir, &previous_dir(dir))?;
+    read_manifest(dir).map(Some)
+}
+
 /// Puts back the adapter [`promote`] replaced; the one it replaces becomes
 /// the previous one, so a second rollback undoes the first.
 pub fn rollback(dir: &Path) -> Result<AdapterManifest, SwitchError> {
