@@ -499,11 +499,17 @@ async fn a_publish_killed_at_any_point_stores_the_whole_archive_or_nothing() {
     )
     .await;
     assert!(stored_whole(&f, &sha, size).await);
-    assert_eq!(
-        done["already"].as_bool().unwrap(),
-        whole_after_kill > 0,
-        "a rerun publishes what was not stored, and only that"
-    );
+    // Stored once means stored: the rerun must not publish it again. The
+    // converse is not checked: a killed publish whose last request had
+    // already reached the service is still finished by the service, and may
+    // commit after the check above (seen under load, 2026-12-02); the rerun
+    // then rightly finds it stored. Either way exactly one whole bundle.
+    if whole_after_kill > 0 {
+        assert!(
+            done["already"].as_bool().unwrap(),
+            "a rerun publishes what was not stored, and only that"
+        );
+    }
     assert_eq!(f.count("bundles").await, 1);
     f.service.shutdown().await;
 }
