@@ -22,6 +22,16 @@ pub(crate) enum Tree {
 }
 
 impl Tree {
+    pub(crate) const ALL: [Tree; 7] = [
+        Tree::Meta,
+        Tree::Cases,
+        Tree::Embeddings,
+        Tree::Changes,
+        Tree::AdapterEmbeddings,
+        Tree::Outbox,
+        Tree::Originals,
+    ];
+
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Tree::Meta => "meta",
@@ -47,17 +57,8 @@ impl Tree {
         }
     }
 
-    pub(crate) const fn from_code(code: u8) -> Option<Self> {
-        Some(match code {
-            1 => Tree::Meta,
-            2 => Tree::Cases,
-            3 => Tree::Embeddings,
-            4 => Tree::Changes,
-            5 => Tree::AdapterEmbeddings,
-            6 => Tree::Outbox,
-            7 => Tree::Originals,
-            _ => return None,
-        })
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|tree| tree.code() == code)
     }
 
     fn open(self, db: &sled::Db) -> Result<sled::Tree, StoreError> {
@@ -114,18 +115,9 @@ impl Trees {
 mod tests {
     use super::*;
 
-    /// The names are the on-disk format: a rename would orphan every store.
     #[test]
     fn journal_codes_round_trip_and_are_distinct() {
-        let all = [
-            Tree::Meta,
-            Tree::Cases,
-            Tree::Embeddings,
-            Tree::Changes,
-            Tree::AdapterEmbeddings,
-            Tree::Outbox,
-            Tree::Originals,
-        ];
+        let all = Tree::ALL;
         for tree in all {
             assert_eq!(Tree::from_code(tree.code()), Some(tree));
         }
@@ -134,6 +126,7 @@ mod tests {
         assert_eq!(Tree::from_code(0), None);
     }
 
+    /// The names are the on-disk format: a rename would orphan every store.
     #[test]
     fn tree_names_are_the_format() {
         let names = [
