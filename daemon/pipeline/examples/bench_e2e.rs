@@ -13,12 +13,25 @@
 //! waits for 3 new frames, as the daemon did before the ring, for the
 //! comparison. Prints p50/p95 per stage for the variant asked for, where
 //! the answered frames came from, and ends with `e2e p95 ms (...): X`.
+//!
+//! Issue 17's methods, for their cost per capture: `--cautions on` (the
+//! default) runs the adapter as `dermascope eval` calibrated it, so the
+//! review flag and the "no close match" rule run when its manifest has
+//! them; `--cautions off` runs a copy of the adapter with `[calibration]`
+//! removed. The adapter is always run from a copy in a temporary directory,
+//! never edited where it was found. `DERMASCOPE_PREPROCESS` reaches the
+//! encoder the daemon loads (and enters its model id): the library is then
+//! the evaluation cache's cases relabelled for that model id, and the
+//! adapter's copy names it too; the matches are wrong for that encoder but
+//! cost what they would, which is all this measures. `--eval-cache DIR`
+//! takes the cases and the adapter from another `dermascope eval --store`.
 
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dermascope_adapter::{Adapter, MANIFEST_FILE};
 use dermascope_device::{Display, InMemoryDisplay, NoHardware, ScriptedTrigger, TriggerEvent};
 use dermascope_encoder::{Encoder, EncoderOptions, VariantChoice};
 use dermascope_pipeline::{
@@ -28,6 +41,9 @@ use dermascope_store::{
     Case, CaseId, CaseMetadata, CaseSource, CaseStore, Diagnosis, OpenOptions, Residency,
     StoreIdentity,
 };
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 struct Args {
     bundle: PathBuf,
@@ -37,6 +53,13 @@ struct Args {
     threads: usize,
     replay: Option<PathBuf>,
     capture: CaptureKind,
+    /// Run the adapter's calibrated cautions (review flag, no-match rule).
+    cautions: bool,
+    /// Where the real cases and the adapter come from; default
+    /// `var/eval/<the bundle's model id>`.
+    eval_cache: Option<PathBuf>,
+    /// The benchmark's own library; default `var/bench/e2e/<model id>`.
+    store: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +71,9 @@ fn parse_args() -> Result<Args, String> {
         threads: 2,
         replay: None,
         capture: CaptureKind::Ring,
+        cautions: true,
+        eval_cache: None,
+        store: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +92,15 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--capture {other}: ring or burst")),
                 }
             }
+            "--cautions" => {
+                args.cautions = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--cautions {other}: on or off")),
+                }
+            }
+            "--eval-cache" => args.eval_cache = Some(PathBuf::from(value()?)),
+            "--store" => args.store = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -86,21 +121,29 @@ fn synthetic_thumbnail(seed: usize) -> Vec<u8> {
     jpeg
 }
 
-/// Fills `store` up to `wanted` cases; returns where they came from.
-fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<String, String> {
+/// Fills `store` up to `wanted` cases; returns where they came from. The
+/// evaluation cache holds embeddings of the bundle's own model id; with a
+/// preprocessing override they are relabelled for the encoder's.
+fn fill_library(
+    store: &CaseStore,
+    encoder: &Encoder,
+    eval_cache: &Path,
+    wanted: usize,
+) -> Result<String, String> {
     let have = store.len().map_err(|e| e.to_string())?;
     if have >= wanted {
         return Ok(format!("{have} cases already in the benchmark store"));
     }
-    let eval_cache = PathBuf::from("var/eval").join(encoder.model_id());
+    let bundle_model = encoder.manifest().model_id.clone();
+    let relabel = bundle_model != encoder.model_id();
     let identity = StoreIdentity {
-        model_id: encoder.model_id().to_string(),
+        model_id: bundle_model.clone(),
         embedding_dim: encoder.dim(),
     };
     if eval_cache.is_dir() {
         if let Ok(real) = CaseStore::open_with(
-            &eval_cache,
-            identity.clone(),
+            eval_cache,
+            identity,
             OpenOptions {
                 residency: Residency::Int8,
                 no_cache_on_close: true,
@@ -109,15 +152,25 @@ fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<S
             if real.len().unwrap_or(0) >= wanted {
                 let mut batch = Vec::new();
                 for case in real.cases().take(wanted) {
-                    batch.push(case.map_err(|e| e.to_string())?);
+                    let mut case = case.map_err(|e| e.to_string())?;
+                    case.model_id = encoder.model_id().to_string();
+                    batch.push(case);
                     if batch.len() == 500 {
                         store.insert_batch(&batch).map_err(|e| e.to_string())?;
                         batch.clear();
                     }
                 }
                 store.insert_batch(&batch).map_err(|e| e.to_string())?;
+                let note = if relabel {
+                    format!(
+                        " (embedded as {bundle_model}, relabelled for {}: cost only)",
+                        encoder.model_id()
+                    )
+                } else {
+                    String::new()
+                };
                 return Ok(format!(
-                    "{wanted} real dermoscopy cases copied from {}",
+                    "{wanted} real dermoscopy cases copied from {}{note}",
                     eval_cache.display()
                 ));
             }
@@ -162,6 +215,108 @@ fn fill_library(store: &CaseStore, encoder: &Encoder, wanted: usize) -> Result<S
     ))
 }
 
+/// Copies the adapter in `from` into `to` for an encoder of
+/// `encoder_model_id` (another one when a preprocessing override is set),
+/// without its `[calibration]` unless `cautions`. The original is only read.
+fn copy_adapter(
+    from: &Path,
+    to: &Path,
+    encoder_model_id: &str,
+    cautions: bool,
+) -> Result<(), String> {
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut manifest: toml::Table = read(from.join(MANIFEST_FILE))?
+        .parse()
+        .map_err(|e| format!("{}: {e}", from.join(MANIFEST_FILE).display()))?;
+    manifest.insert(
+        "encoder_model_id".into(),
+        toml::Value::String(encoder_model_id.into()),
+    );
+    if !cautions {
+        manifest.remove("calibration");
+    }
+    let file = manifest
+        .get("file")
+        .and_then(toml::Value::as_str)
+        .ok_or(format!("{}: no adapter file named", from.display()))?
+        .to_owned();
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    std::fs::copy(from.join(&file), to.join(&file))
+        .map_err(|e| format!("{}: {e}", from.join(&file).display()))?;
+    let text = toml::to_string(&manifest).map_err(|e| e.to_string())?;
+    std::fs::write(to.join(MANIFEST_FILE), text).map_err(|e| format!("{}: {e}", to.display()))
+}
+
+/// Which of the adapter's calibrated cautions the pipeline applies to
+/// every capture, in the header's words.
+fn applied_cautions(adapter: Option<&Adapter>, cautions: bool) -> String {
+    let Some(adapter) = adapter else {
+        return "none (no adapter ran)".into();
+    };
+    if !cautions {
+        return "none (the adapter's copy has its [calibration] removed)".into();
+    }
+    let Some(calibration) = adapter.manifest().calibration.as_ref() else {
+        return "none (the adapter's manifest has no [calibration])".into();
+    };
+    let review = match &calibration.melanoma {
+        Some(point) => format!(
+            "review flag APPLIED (combined {} score >= {:.4}, {} neighbours)",
+            point.class,
+            point.threshold,
+            dermascope_library::evaluation::COMBINED_K
+        ),
+        None => "review flag not applied".into(),
+    };
+    let no_match = match &calibration.no_match {
+        Some(rule) => {
+            let raw = rule
+                .min_top1_raw_similarity
+                .map_or(String::new(), |raw| format!(", raw top-1 >= {raw:.4}"));
+            format!(
+                "no-match rule APPLIED (adapter top-1 >= {:.4}{raw})",
+                rule.min_top1_similarity
+            )
+        }
+        None => "no-match rule not applied".into(),
+    };
+    format!("{review}, {no_match}")
+}
+
+/// How often each caution fired, counted from the pipeline's own log
+/// lines (it logs that one fired, never the score).
+#[derive(Default)]
+struct Fired {
+    review: AtomicU64,
+    no_match: AtomicU64,
+}
+
+struct CautionCounter(Arc<Fired>);
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CautionCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if message.0.contains("flagged for review") {
+            self.0.review.fetch_add(1, Ordering::Relaxed);
+        } else if message.0.starts_with("no close match") {
+            self.0.no_match.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -173,6 +328,17 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 
 fn main() -> Result<(), String> {
     let args = parse_args()?;
+    let fired = Arc::new(Fired::default());
+    // Warnings (an adapter refused, a frame skipped) on stderr; the
+    // cautions' info lines only counted.
+    tracing_subscriber::registry()
+        .with(CautionCounter(Arc::clone(&fired)))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(EnvFilter::new("warn")),
+        )
+        .init();
     // The library is filled with the benchmark's own encoder instance, then
     // closed: the daemon below is assembled exactly as `dermascope run` does.
     let options = EncoderOptions {
@@ -182,10 +348,16 @@ fn main() -> Result<(), String> {
     };
     let encoder = Encoder::load(&args.bundle, &options).map_err(|e| e.to_string())?;
     let variant = encoder.variant().name.clone();
-    let store_dir = PathBuf::from("var/bench/e2e").join(encoder.model_id());
-    let adapter_dir = PathBuf::from("var/eval")
-        .join(encoder.model_id())
-        .join("adapter");
+    let preprocess = encoder.preprocess_spec().describe();
+    let store_dir = args
+        .store
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("var/bench/e2e").join(encoder.model_id()));
+    let eval_cache = args
+        .eval_cache
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("var/eval").join(&encoder.manifest().model_id));
+    let found_adapter = eval_cache.join("adapter");
     let provenance = {
         let store = CaseStore::open_with(
             &store_dir,
@@ -199,18 +371,37 @@ fn main() -> Result<(), String> {
             },
         )
         .map_err(|e| e.to_string())?;
-        fill_library(&store, &encoder, args.cases)?
+        fill_library(&store, &encoder, &eval_cache, args.cases)?
     };
-    drop(encoder);
-    if !adapter_dir
-        .join(dermascope_adapter::MANIFEST_FILE)
-        .is_file()
-    {
+    // The daemon runs a copy: the cautions may be removed from it, and a
+    // preprocessing override needs its model id in it.
+    let scratch_adapter = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let adapter_dir = scratch_adapter.path().join("adapter");
+    if found_adapter.join(MANIFEST_FILE).is_file() {
+        copy_adapter(
+            &found_adapter,
+            &adapter_dir,
+            encoder.model_id(),
+            args.cautions,
+        )?;
+        let text = std::fs::read_to_string(found_adapter.join(MANIFEST_FILE))
+            .map_err(|e| e.to_string())?;
+        let calibrated = text
+            .parse::<toml::Table>()
+            .is_ok_and(|t| t.contains_key("calibration"));
+        if !calibrated {
+            println!(
+                "the adapter in {} has NO [calibration] (written by `dermascope eval` or `dermascope adapter train`): the review flag and the no-match rule cannot run",
+                found_adapter.display()
+            );
+        }
+    } else {
         println!(
-            "no adapter in {} (run `dermascope eval` first): adapter stage not measured",
-            adapter_dir.display()
+            "no adapter in {} (run `dermascope eval` first, or pass --eval-cache): adapter stage and cautions not measured",
+            found_adapter.display()
         );
     }
+    drop(encoder);
     let replay = match &args.replay {
         Some(dir) => dir.clone(),
         None => {
@@ -243,19 +434,23 @@ fn main() -> Result<(), String> {
         reference_cases: None,
         library_snapshot: None,
     };
-    let (mut daemon, _) = Daemon::from_config(&config, Arc::new(NoHardware), &start, |_| {})
+    let (mut daemon, report) = Daemon::from_config(&config, Arc::new(NoHardware), &start, |_| {})
         .map_err(|e| e.to_string())?;
+    if let Some(problem) = &report.adapter_problem {
+        println!("the adapter was refused: {problem}");
+    }
     // The button is scripted and the screen drawn into memory, so the
     // figures are the pipeline's, not a PNG encoder's or a socket's.
     let mut events: Vec<TriggerEvent> = (0..args.captures).map(|_| TriggerEvent::Capture).collect();
     events.push(TriggerEvent::Shutdown);
     daemon.trigger = Box::new(ScriptedTrigger::new(events));
     daemon.display = Box::new(InMemoryDisplay::new(320, 240)) as Box<dyn Display>;
-    let adapter_id = daemon
-        .analyzer
-        .adapter
-        .current()
+    let adapter = daemon.analyzer.adapter.current();
+    let adapter_id = adapter
+        .as_ref()
         .map_or("none".to_string(), |a| a.adapter_id().to_string());
+    let cautions = applied_cautions(adapter.as_deref(), args.cautions);
+    drop(adapter);
     // Let the camera thread reach its pace before the first press.
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
@@ -268,11 +463,15 @@ fn main() -> Result<(), String> {
         .filter(|t| t.encoder_ms.is_some())
         .collect();
     println!(
-        "e2e: {} captures ({} refused by the quality gate) in {:.1} s; capture {capture}; encoder variant {variant}, {} threads; adapter: {adapter_id}; library: {provenance}; replay: {}",
+        "e2e: {} captures ({} refused by the quality gate) in {:.1} s; capture {capture}; encoder variant {variant}, {} threads, preprocess {preprocess}; adapter: {adapter_id}; cautions {}: {cautions}; fired: review {} and no close match {} of {} answered; library: {provenance}; replay: {}",
         summary.captures,
         summary.rejected,
         started.elapsed().as_secs_f64(),
         args.threads,
+        if args.cautions { "on" } else { "off" },
+        fired.review.load(Ordering::Relaxed),
+        fired.no_match.load(Ordering::Relaxed),
+        answered.len(),
         replay.display()
     );
     println!("{:<12}{:>10}{:>10}", "stage", "p50 ms", "p95 ms");
