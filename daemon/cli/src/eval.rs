@@ -227,17 +227,20 @@ fn print_decision_rules(report: &EvaluationReport) {
     };
     let rule = &no_match.rule;
     println!(
-        "no close match (best adapter-space similarity < {:.4}, the {:.0}% quantile of {} \
-         validation cases; raw-space rule < {}):",
+        "no close match (best adapter-space similarity < {:.4} or best raw similarity < {}, \
+         each at the {:.2}% quantile of {} validation cases; together {} of them, target {:.0}%):",
         rule.min_top1_similarity,
-        rule.quantile * 100.0,
-        rule.validation_queries,
         rule.min_top1_raw_similarity
-            .map_or("-".to_string(), |m| format!("{m:.4}"))
+            .map_or("-".to_string(), |m| format!("{m:.4}")),
+        rule.space_quantile.unwrap_or(rule.quantile) * 100.0,
+        rule.validation_queries,
+        rule.validation_rate
+            .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0)),
+        rule.quantile * 100.0,
     );
     println!(
-        "{:<22}{:>6}{:>9}{:>14}{:>10}{:>12}",
-        "images", "n", "fires", "median top-1", "raw fires", "raw median"
+        "{:<22}{:>6}{:>9}{:>14}{:>14}{:>10}{:>12}",
+        "images", "n", "fires", "adapter fires", "median top-1", "raw fires", "raw median"
     );
     let rows = std::iter::once(("queries".to_string(), &no_match.queries)).chain(
         no_match
@@ -247,9 +250,10 @@ fn print_decision_rules(report: &EvaluationReport) {
     );
     for (name, f) in rows {
         println!(
-            "{:<22}{:>6}{:>9.3}{:>14.3}{:>10}{:>12.3}",
+            "{:<22}{:>6}{:>9.3}{:>14.3}{:>14.3}{:>10}{:>12.3}",
             truncate(&name, 22),
             f.n,
+            f.either_rate,
             f.rate,
             f.median_top1,
             f.raw_rate.map_or("-".to_string(), |r| format!("{r:.3}")),

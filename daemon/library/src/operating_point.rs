@@ -21,7 +21,11 @@
 //! capture in fifty of ordinary lesions still reads the matches shown
 //! beside it), and the 2% quantile of a validation split of ~1,000 cases
 //! rests on ~20 cases below it, where the 1% one would move with a handful
-//! of outliers (blurred or mislabelled photographs). How often it fires on
+//! of outliers (blurred or mislabelled photographs). The rule looks at
+//! both spaces, the adapter's and the encoder's raw one, and fires when
+//! either is far ([`NoMatchRule`] says why); each space's threshold is then
+//! set a little lower than its own 2% quantile so that the two together
+//! still fire on at most 2% of the validation split. How often it fires on
 //! another atlas and on images that are not dermoscopy at all is measured
 //! by `dermascope eval` (docs/evaluation.md).
 
@@ -113,18 +117,49 @@ pub fn melanoma_operating_point(
     })
 }
 
-/// "No close match" below the `quantile`-th quantile of the validation
-/// queries' best-match similarities (`top1`, adapter space); `None`
-/// without any.
-pub fn no_match_rule(top1: &[f32], quantile: f64) -> Option<NoMatchRule> {
-    let values: Vec<f64> = top1.iter().map(|&s| f64::from(s)).collect();
-    let min = lower_quantile(&values, quantile)?;
-    Some(NoMatchRule {
-        quantile,
-        min_top1_similarity: min as f32,
-        min_top1_raw_similarity: None,
-        validation_queries: top1.len(),
-    })
+/// "No close match" when either space's best match is below its
+/// threshold, chosen on the validation queries' best-match similarities
+/// (`adapter_top1` and `raw_top1`, one pair per query; an empty `raw_top1`
+/// gives an adapter-space rule alone). Each space's threshold is its
+/// quantile `q'`, the largest `q'` of a grid from `quantile` down to half
+/// of it at which the two together fire on at most `quantile` of the
+/// queries; at half each fires on at most half, so one always exists.
+/// `None` without queries, or with pairs that do not pair.
+pub fn no_match_rule(adapter_top1: &[f32], raw_top1: &[f32], quantile: f64) -> Option<NoMatchRule> {
+    if adapter_top1.is_empty() || !(raw_top1.is_empty() || raw_top1.len() == adapter_top1.len()) {
+        return None;
+    }
+    let widen = |v: &[f32]| -> Vec<f64> { v.iter().map(|&s| f64::from(s)).collect() };
+    let (adapter, raw) = (widen(adapter_top1), widen(raw_top1));
+    let rule_at = |q: f64| -> Option<NoMatchRule> {
+        let mut rule = NoMatchRule {
+            quantile,
+            min_top1_similarity: lower_quantile(&adapter, q)? as f32,
+            min_top1_raw_similarity: None,
+            space_quantile: Some(q),
+            validation_rate: None,
+            validation_queries: adapter_top1.len(),
+        };
+        if !raw.is_empty() {
+            rule.min_top1_raw_similarity = Some(lower_quantile(&raw, q)? as f32);
+        }
+        let fired = (0..adapter_top1.len())
+            .filter(|&i| !rule.is_close_match(Some(adapter_top1[i]), raw_top1.get(i).copied()))
+            .count();
+        rule.validation_rate = Some(fired as f64 / adapter_top1.len() as f64);
+        Some(rule)
+    };
+    const STEPS: u32 = 64;
+    let mut last = None;
+    for step in 0..=STEPS {
+        let q = quantile * (1.0 - 0.5 * f64::from(step) / f64::from(STEPS));
+        let rule = rule_at(q)?;
+        if rule.validation_rate.is_some_and(|r| r <= quantile) {
+            return Some(rule);
+        }
+        last = Some(rule);
+    }
+    last
 }
 
 /// Whether the daemon flags a capture for review: `None` when the adapter
@@ -134,16 +169,16 @@ pub fn melanoma_flag(adapter: &Adapter, combined: &[f64]) -> Option<bool> {
     melanoma_score(adapter.classes(), combined).map(|s| point.flags(s))
 }
 
-/// Whether the best adapter-space match (`None`: an empty library) counts
-/// as a close match; without a rule every match does.
-pub fn close_match(adapter: &Adapter, top1_similarity: Option<f32>) -> bool {
+/// Whether the best matches, adapter space and raw (`None`: an empty
+/// library), count as a close match; without a rule every match does.
+pub fn close_match(adapter: &Adapter, top1_similarity: Option<f32>, top1_raw: Option<f32>) -> bool {
     match adapter
         .manifest()
         .calibration
         .as_ref()
         .and_then(|c| c.no_match.as_ref())
     {
-        Some(rule) => rule.is_close_match(top1_similarity),
+        Some(rule) => rule.is_close_match(top1_similarity, top1_raw),
         None => top1_similarity.is_some(),
     }
 }
@@ -204,8 +239,7 @@ pub(crate) fn ranked_neighbours(
 
 /// Both rules for `adapter` from its training and validation cases:
 /// validation cases are scored against the training cases (adapter space
-/// for the combined score and the rule, raw space for the rule's raw
-/// threshold, kept for comparison).
+/// for the combined score, both spaces for the no-match rule).
 pub fn calibrate(
     adapter: &Adapter,
     train: &[&LabelledEmbedding],
@@ -246,16 +280,14 @@ pub fn calibrate(
     } else {
         None
     };
+    // Every validation case has a best match: the training cases are
+    // not empty.
     let top1 = |hits: &[Vec<Neighbour>]| -> Vec<f32> {
         hits.iter()
-            .filter_map(|n| n.first().map(|h| h.similarity))
+            .map(|n| n.first().map_or(f32::NEG_INFINITY, |h| h.similarity))
             .collect()
     };
-    let mut no_match = no_match_rule(&top1(&hits), NO_MATCH_QUANTILE);
-    if let Some(rule) = no_match.as_mut() {
-        rule.min_top1_raw_similarity =
-            no_match_rule(&top1(&raw_hits), NO_MATCH_QUANTILE).map(|r| r.min_top1_similarity);
-    }
+    let no_match = no_match_rule(&top1(&hits), &top1(&raw_hits), NO_MATCH_QUANTILE);
     Ok(Calibration { melanoma, no_match })
 }
 
@@ -294,12 +326,17 @@ pub fn calibration_text(calibration: &Calibration) -> String {
         None => out.push_str("melanoma flag: none (no melanoma among the validation cases)\n"),
     }
     if let Some(r) = &calibration.no_match {
+        let raw = r.min_top1_raw_similarity.map_or(String::new(), |m| {
+            format!(" or best raw similarity < {m:.4}")
+        });
         out.push_str(&format!(
-            "no close match: best adapter-space similarity < {:.4} \
-             (the {:.0}% quantile of {} validation cases)\n",
+            "no close match: best adapter-space similarity < {:.4}{raw} \
+             (each at the {:.2}% quantile; together {:.1}% of {} validation cases, target {:.0}%)\n",
             r.min_top1_similarity,
+            r.space_quantile.unwrap_or(r.quantile) * 100.0,
+            r.validation_rate.unwrap_or(f64::NAN) * 100.0,
+            r.validation_queries,
             r.quantile * 100.0,
-            r.validation_queries
         ));
     }
     out
@@ -377,17 +414,50 @@ mod tests {
     #[test]
     fn the_no_match_rule_fires_on_the_chosen_fraction_of_validation() {
         let top1: Vec<f32> = (0..200).map(|i| 0.5 + 0.002 * i as f32).collect();
-        let rule = no_match_rule(&top1, 0.02).unwrap();
+        let rule = no_match_rule(&top1, &[], 0.02).unwrap();
         let fired = top1
             .iter()
-            .filter(|&&s| !rule.is_close_match(Some(s)))
+            .filter(|&&s| !rule.is_close_match(Some(s), None))
             .count();
         // floor(0.02 * 199) = 3: the three lowest are below it.
         assert_eq!(fired, 3);
         assert_eq!(rule.validation_queries, 200);
-        assert!(!rule.is_close_match(None));
-        assert!(rule.is_close_match(Some(0.99)) && !rule.is_close_match(Some(0.1)));
-        assert!(no_match_rule(&[], 0.02).is_none());
+        assert_eq!(rule.min_top1_raw_similarity, None);
+        assert!(!rule.is_close_match(None, None));
+        assert!(rule.is_close_match(Some(0.99), None) && !rule.is_close_match(Some(0.1), None));
+        assert!(no_match_rule(&[], &[], 0.02).is_none());
+        assert!(no_match_rule(&top1, &top1[1..], 0.02).is_none());
+    }
+
+    #[test]
+    fn the_rule_of_both_spaces_fires_on_at_most_the_chosen_fraction() {
+        // 400 queries; the adapter space ranks them by i, the raw space in
+        // another order (i * 7 mod 400), so the lowest of each are mostly
+        // different queries and thresholds at 2% each would fire on ~4%.
+        let n = 400;
+        let adapter: Vec<f32> = (0..n).map(|i| 0.9 + 0.0002 * i as f32).collect();
+        let raw: Vec<f32> = (0..n).map(|i| 0.5 + 0.001 * ((i * 7) % n) as f32).collect();
+        let rule = no_match_rule(&adapter, &raw, 0.02).unwrap();
+        let fired: Vec<usize> = (0..n)
+            .filter(|&i| !rule.is_close_match(Some(adapter[i]), Some(raw[i])))
+            .collect();
+        assert!(fired.len() <= 8, "{} of {n} fired: {rule:?}", fired.len());
+        assert_eq!(rule.validation_rate, Some(fired.len() as f64 / n as f64));
+        let q = rule.space_quantile.unwrap();
+        assert!((0.01..0.02).contains(&q), "{rule:?}");
+        // Each space fires on its own: a query below only the raw threshold
+        // is far, and one below only the adapter's.
+        let raw_min = rule.min_top1_raw_similarity.unwrap();
+        assert!(!rule.is_close_match(Some(0.99), Some(raw_min - 1e-4)));
+        assert!(!rule.is_close_match(Some(rule.min_top1_similarity - 1e-4), Some(0.99)));
+        assert!(rule.is_close_match(Some(rule.min_top1_similarity), Some(raw_min)));
+        assert!(
+            !rule.is_close_match(Some(0.99), None),
+            "raw space not searched"
+        );
+        // Where the two spaces rank alike the grid stops at the quantile.
+        let same = no_match_rule(&adapter, &adapter, 0.02).unwrap();
+        assert_eq!(same.space_quantile, Some(0.02));
     }
 
     #[test]

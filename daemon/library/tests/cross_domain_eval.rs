@@ -143,8 +143,26 @@ fn two_class_queries_get_melanoma_figures_and_the_adapter_its_rules() {
         ]
     );
     assert_eq!(no_match.non_dermoscopy[4].1.n, 12);
-    for (_, f) in &no_match.non_dermoscopy {
+    assert!(
+        rule.min_top1_raw_similarity.is_some(),
+        "the rule looks at both spaces: {rule:?}"
+    );
+    let target = rule.quantile;
+    assert!(
+        rule.validation_rate.is_some_and(|r| r <= target),
+        "both spaces together fire on at most the target on validation: {rule:?}"
+    );
+    for f in
+        std::iter::once(&no_match.queries).chain(no_match.non_dermoscopy.iter().map(|(_, f)| f))
+    {
         assert!(in_unit(f.rate) && f.fired <= f.n, "{f:?}");
+        // The daemon's rule fires where either half does, and only there.
+        let raw = f.raw_fired.expect("a raw-space half");
+        assert!(
+            f.either_fired >= f.fired.max(raw) && f.either_fired <= f.fired + raw,
+            "{f:?}"
+        );
+        assert!((f.either_rate - f.either_fired as f64 / f.n as f64).abs() < 1e-12);
     }
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["methods"][0]["two_class"]["auc"].is_number(), "{json}");

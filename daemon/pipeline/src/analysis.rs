@@ -280,6 +280,23 @@ impl Analyzer {
             Some(out) => self.store.search_adapter_space(&out.embedding, k, &filter),
             None => self.store.search(&embedding, k, &filter, self.raw_score),
         }?;
+        // The no-match rule also asks how far the capture is in the raw
+        // space, which sees a photograph the adapter maps onto some class's
+        // region as far: one more scan, for the best match only.
+        let raw_top1 = match calibrated {
+            Some((_, _, calibration))
+                if calibration
+                    .no_match
+                    .as_ref()
+                    .is_some_and(|rule| rule.min_top1_raw_similarity.is_some()) =>
+            {
+                self.store
+                    .search(&embedding, 1, &filter, self.raw_score)?
+                    .first()
+                    .map(|hit| hit.score)
+            }
+            _ => None,
+        };
         timings.search_ms = Some(ms(started.elapsed()));
 
         let started = Instant::now();
@@ -295,7 +312,13 @@ impl Analyzer {
                         similarity: hit.score,
                     })
                     .collect();
-                cautions(adapter, out, &neighbours, hits.first().map(|h| h.score))
+                cautions(
+                    adapter,
+                    out,
+                    &neighbours,
+                    hits.first().map(|h| h.score),
+                    raw_top1,
+                )
             }
             None => (false, false),
         };
@@ -407,14 +430,16 @@ impl Analyzer {
 /// the review flag when the combined melanoma score of the adapter's
 /// output and its `neighbours` (adapter space, best first) reaches the
 /// clinic's operating point, and "no close match" when the best match's
-/// similarity `top1` falls below the no-match rule. Each is false when the
-/// adapter's manifest has no such rule. The log says which fired, never
-/// the capture's score or similarity.
+/// similarity, `top1` in the adapter's space or `raw_top1` in the raw one,
+/// falls below the no-match rule. Each is false when the adapter's manifest
+/// has no such rule. The log says which fired and in which space, never the
+/// capture's score or similarity.
 pub fn cautions(
     adapter: &Adapter,
     output: &AdapterOutput,
     neighbours: &[Neighbour],
     top1: Option<f32>,
+    raw_top1: Option<f32>,
 ) -> (bool, bool) {
     let Some(calibration) = adapter.manifest().calibration.as_ref() else {
         return (false, false);
@@ -433,11 +458,18 @@ pub fn cautions(
         flagged
     });
     let no_close_match = calibration.no_match.as_ref().is_some_and(|rule| {
-        let far = !close_match(adapter, top1);
+        let far = !close_match(adapter, top1, raw_top1);
         if far {
+            let space = match (rule.adapter_close(top1), rule.raw_close(raw_top1)) {
+                (false, false) => "both spaces",
+                (false, true) => "adapter space",
+                _ => "raw space",
+            };
             info!(
                 adapter = adapter.adapter_id(),
                 min_similarity = rule.min_top1_similarity,
+                min_raw_similarity = rule.min_top1_raw_similarity,
+                space,
                 "no close match in the library: the best match is below the calibrated similarity"
             );
         }

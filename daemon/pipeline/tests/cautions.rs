@@ -45,6 +45,8 @@ const PER_CLASS: u32 = 8;
 /// Look-alikes of the near query in the library, half of each label.
 const AMBIGUOUS: u32 = 8;
 const TOP_K: usize = 5;
+/// How the analyzer scores raw-space matches here.
+const RAW_SCORE: ScoreKind = ScoreKind::Int8;
 
 /// The near query's pigment: between the nevus and the melanoma ones.
 const NEAR_PIGMENT: [f32; 3] = [78.0, 48.0, 35.0];
@@ -171,7 +173,7 @@ impl Rig {
             store: Arc::clone(&self.store),
             thresholds: QualityThresholds::default(),
             top_k: TOP_K,
-            raw_score: ScoreKind::Int8,
+            raw_score: RAW_SCORE,
         })
     }
 
@@ -200,11 +202,22 @@ impl Rig {
             melanoma_score(adapter.classes(), &combined).expect("a melanoma class")
         };
         let mel = adapter.classes().iter().position(|c| c == "mel").unwrap();
+        let raw_top1 = self
+            .store
+            .search(
+                &self.encoder.embed_rgb(&photo).unwrap().into_values(),
+                1,
+                &CaseFilter::any(),
+                RAW_SCORE,
+            )
+            .unwrap()[0]
+            .score;
         Measured {
             score: score_of(COMBINED_K),
             listed_vote: score_of(TOP_K),
             adapter_alone: f64::from(out.probabilities[mel]),
             top1: hits[0].score,
+            raw_top1,
         }
     }
 }
@@ -219,6 +232,9 @@ struct Measured {
     adapter_alone: f64,
     /// The best match's similarity.
     top1: f32,
+    /// The best match's similarity in the raw space, scored as the
+    /// analyzer scores it.
+    raw_top1: f32,
 }
 
 fn point(threshold: f64) -> OperatingPoint {
@@ -238,7 +254,19 @@ fn rule(min_top1_similarity: f32) -> NoMatchRule {
         quantile: 0.02,
         min_top1_similarity,
         min_top1_raw_similarity: None,
+        space_quantile: None,
+        validation_rate: None,
         validation_queries: 6,
+    }
+}
+
+/// The rule of both spaces, as `calibrate` writes it.
+fn rule_of_both(min_top1_similarity: f32, min_top1_raw_similarity: f32) -> NoMatchRule {
+    NoMatchRule {
+        min_top1_raw_similarity: Some(min_top1_raw_similarity),
+        space_quantile: Some(0.012),
+        validation_rate: Some(0.02),
+        ..rule(min_top1_similarity)
     }
 }
 
@@ -432,4 +460,39 @@ fn the_review_flag_and_no_close_match_follow_the_manifests_thresholds() {
         panic!("not answered: {:?}", answer.screen);
     };
     assert!(!view.no_close_match, "{view:?}");
+}
+
+#[test]
+fn no_close_match_fires_on_the_raw_space_alone() {
+    // A photograph the adapter maps close to a class (here the near
+    // capture, whose adapter-space match passes its threshold) but whose
+    // raw-space best match is below the raw threshold: far.
+    let rig = rig();
+    let near = rig.measure(&rig.adapter_with(None), &rig.near);
+    let adapter = rig.adapter_with(Some(Calibration {
+        melanoma: Some(point(2.0)),
+        no_match: Some(rule_of_both(near.top1, near.raw_top1)),
+    }));
+    let (view, _, log) = press(rig.analyzer(adapter), &rig.near, "cautions-raw-close");
+    assert!(
+        !view.no_close_match,
+        "both best matches at their thresholds are close: {view:?}"
+    );
+    assert!(!log.contains(FAR_LINE), "{log}");
+
+    let adapter = rig.adapter_with(Some(Calibration {
+        melanoma: Some(point(2.0)),
+        no_match: Some(rule_of_both(near.top1, near.raw_top1 + 1e-4)),
+    }));
+    let (view, shown, log) = press(rig.analyzer(adapter), &rig.near, "cautions-raw-far");
+    assert!(
+        view.no_close_match && !view.review,
+        "a raw best match below the raw threshold is far, whatever the adapter's space says: \
+         {view:?}"
+    );
+    assert_eq!(view.matches.len(), TOP_K, "far matches stay listed");
+    assert!(shown == body_pixels(&Screen::Results(view.clone())));
+    assert!(log.contains(FAR_LINE), "{log}");
+    assert!(log.contains("raw space"), "the log says which space: {log}");
+    assert!(!log.contains(&near.raw_top1.to_string()), "{log}");
 }

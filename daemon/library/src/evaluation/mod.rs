@@ -162,10 +162,15 @@ pub struct OperatingPointResult {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct NoMatchFiring {
     pub n: usize,
-    /// The stored rule: best adapter-space similarity below its minimum.
+    /// The rule as the daemon applies it: either space's best match below
+    /// its minimum.
+    pub either_fired: usize,
+    pub either_rate: f64,
+    /// Its adapter-space half alone: best adapter-space similarity below
+    /// its minimum.
     pub fired: usize,
     pub rate: f64,
-    /// The same quantile rule in the encoder's raw space, for comparison.
+    /// Its raw-space half alone (`None`: a rule without one).
     pub raw_fired: Option<usize>,
     pub raw_rate: Option<f64>,
     /// Median best similarity, adapter space and raw.
@@ -409,13 +414,20 @@ fn firing(rule: &NoMatchRule, adapted: &[Vec<Neighbour>], raw: &[Vec<Neighbour>]
     let adapted = top1(adapted);
     let raw = top1(raw);
     let n = adapted.len();
-    let fired = adapted.iter().filter(|s| !rule.is_close_match(**s)).count();
+    let fired = adapted.iter().filter(|s| !rule.adapter_close(**s)).count();
     let raw_fired = rule
         .min_top1_raw_similarity
-        .map(|min| raw.iter().filter(|s| !s.is_some_and(|s| s >= min)).count());
+        .map(|_| raw.iter().filter(|s| !rule.raw_close(**s)).count());
+    let either_fired = adapted
+        .iter()
+        .zip(&raw)
+        .filter(|(a, r)| !rule.is_close_match(**a, **r))
+        .count();
     let rate = |k: usize| if n == 0 { 0.0 } else { k as f64 / n as f64 };
     NoMatchFiring {
         n,
+        either_fired,
+        either_rate: rate(either_fired),
         fired,
         rate: rate(fired),
         raw_fired,
