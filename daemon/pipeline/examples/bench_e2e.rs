@@ -24,7 +24,8 @@
 //! the evaluation cache's cases relabelled for that model id, and the
 //! adapter's copy names it too; the matches are wrong for that encoder but
 //! cost what they would, which is all this measures. `--eval-cache DIR`
-//! takes the cases and the adapter from another `dermascope eval --store`.
+//! takes the cases and the adapter from another `dermascope eval --store`;
+//! `--timings FILE` appends each answered capture's stage times to FILE.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +61,9 @@ struct Args {
     eval_cache: Option<PathBuf>,
     /// The benchmark's own library; default `var/bench/e2e/<model id>`.
     store: Option<PathBuf>,
+    /// Appends one line per answered capture, `encoder search thumbnails
+    /// total` in ms, so runs interleaved with others can be pooled.
+    timings: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -74,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
         cautions: true,
         eval_cache: None,
         store: None,
+        timings: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--eval-cache" => args.eval_cache = Some(PathBuf::from(value()?)),
             "--store" => args.store = Some(PathBuf::from(value()?)),
+            "--timings" => args.timings = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -517,6 +523,28 @@ fn main() -> Result<(), String> {
     }
     if answered.is_empty() {
         return Err("no capture passed the quality gate; nothing measured".into());
+    }
+    if let Some(path) = &args.timings {
+        let na = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+        let lines: String = answered
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {} {} {:.3}\n",
+                    na(t.encoder_ms),
+                    na(t.search_ms),
+                    na(t.thumbnails_ms),
+                    t.total_ms
+                )
+            })
+            .collect();
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut file| file.write_all(lines.as_bytes()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     println!("e2e p95 ms ({variant}, {capture}): {p95_total:.1}");
     Ok(())
