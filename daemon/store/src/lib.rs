@@ -77,8 +77,12 @@
 //! `scripts/test-powercut` kills the arm64 VM a writer runs in (its page
 //! cache lost with it) at random moments during ingest; both check exactly
 //! this. A write that returns an error (e.g. [`StoreError::DiskFull`]) is not
-//! acknowledged: it may or may not be present after a reopen, and the store
-//! should be reopened before further writes. The in-memory index is updated
+//! acknowledged. If it failed before its journal was in place (the journal
+//! file could not be written or renamed, as on a disk already full) it left
+//! no trace: it is absent now and after a reopen (a test in
+//! `store/write.rs`). If it failed later it may or may not be present after
+//! a reopen (its rows stay pending, and go with the next write), and the
+//! store should be reopened before further writes. The in-memory index is updated
 //! only after the flush, so a search never returns an unacknowledged case.
 //!
 //! # Privacy on disk

@@ -50,7 +50,7 @@ use crate::report::JournalRecovery;
 
 const MAGIC: &[u8; 4] = b"DSJ1";
 const NAME: &str = "journal";
-const TMP_NAME: &str = "journal.tmp";
+pub(super) const TMP_NAME: &str = "journal.tmp";
 
 /// One row of a write: `value` `None` removes the key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,13 +156,24 @@ impl<'b> Reader<'b> {
 
 /// Writes `ops` as the journal of `dir`, replacing any earlier one only once
 /// the new one is complete on disk. The caller fsyncs `dir` afterwards.
+#[cfg(test)]
 pub(super) fn write<'o>(dir: &Path, ops: impl IntoIterator<Item = &'o Op>) -> io::Result<()> {
-    let tmp = dir.join(TMP_NAME);
-    let mut file = create_private(&tmp)?;
+    write_tmp(dir, ops)?;
+    rename_tmp(dir)
+}
+
+/// The first half of a journal write: `ops` complete and fsynced under the
+/// temporary name, which open never replays.
+pub(super) fn write_tmp<'o>(dir: &Path, ops: impl IntoIterator<Item = &'o Op>) -> io::Result<()> {
+    let mut file = create_private(&dir.join(TMP_NAME))?;
     file.write_all(&encode(ops))?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path(dir))
+    file.sync_all()
+}
+
+/// The second half: the complete journal takes the name open replays,
+/// replacing any earlier one.
+pub(super) fn rename_tmp(dir: &Path) -> io::Result<()> {
+    std::fs::rename(dir.join(TMP_NAME), path(dir))
 }
 
 #[cfg(unix)]

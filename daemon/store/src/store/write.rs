@@ -317,7 +317,12 @@ impl CaseStore {
                 state.pending.clear();
                 Ok(())
             }
-            Err(e) => {
+            // The journal never took this write's name: nothing of it can
+            // replay or be on disk, so an error leaves no trace of it (rows
+            // pending from before stay pending; their journal is still the
+            // one on disk).
+            Err(Failed::BeforeJournal(e)) => Err(e),
+            Err(Failed::AfterJournal(e)) => {
                 state.pending.extend(ops);
                 state.index_matches_sled = false;
                 Err(e)
@@ -325,11 +330,24 @@ impl CaseStore {
         }
     }
 
-    fn commit_inner(&self, pending: &[Op], ops: &[Op], op: &'static str) -> Result<(), StoreError> {
+    fn commit_inner(&self, pending: &[Op], ops: &[Op], op: &'static str) -> Result<(), Failed> {
         let io = |e| io_error(op, e);
-        journal::write(&self.path, pending.iter().chain(ops))
-            .and_then(|()| self.disk.sync_store_dir_now())
-            .map_err(io)?;
+        journal::write_tmp(&self.path, pending.iter().chain(ops))
+            .and_then(|()| journal::rename_tmp(&self.path))
+            .map_err(|e| Failed::BeforeJournal(io(e)))?;
+        self.commit_journaled(pending, ops, op)
+            .map_err(Failed::AfterJournal)
+    }
+
+    /// The rest of [`Self::commit_inner`], once the journal holds the rows.
+    fn commit_journaled(
+        &self,
+        pending: &[Op],
+        ops: &[Op],
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        let io = |e| io_error(op, e);
+        self.disk.sync_store_dir_now().map_err(io)?;
         let trees = &self.trees;
         (
             &trees.cases,
@@ -371,6 +389,13 @@ impl CaseStore {
     pub(super) fn flush(&self, op: &'static str) -> Result<(), StoreError> {
         durable_flush(&self.db, &self.disk, &self.log_file, op)
     }
+}
+
+/// Where a commit failed: before the journal was renamed into place (the
+/// write left nothing that can replay) or after (its rows may be on disk).
+enum Failed {
+    BeforeJournal(StoreError),
+    AfterJournal(StoreError),
 }
 
 /// Makes everything sled has written durable: the blobs a write just made
@@ -508,6 +533,32 @@ mod tests {
         assert_eq!(hits[0].id, cut.id);
         assert_eq!(store.pending_uploads().unwrap().len(), 2);
         assert!(!journal::path(dir.path()).exists());
+    }
+
+    /// A write whose journal could not be written (here its temporary file
+    /// cannot be created; on a device, a full disk) returns the error and
+    /// leaves no trace: the next write does not carry its rows, and neither
+    /// does the store after a reopen.
+    #[test]
+    fn a_write_refused_before_its_journal_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (refused, next) = (case("refused", 0), case("next", 1));
+        {
+            let store = CaseStore::open_with(dir.path(), identity(), no_cache()).unwrap();
+            let blocker = dir.path().join(journal::TMP_NAME);
+            std::fs::create_dir(&blocker).unwrap();
+            assert!(store.insert(&refused).is_err());
+            std::fs::remove_dir(&blocker).unwrap();
+            store.insert(&next).unwrap();
+            assert_eq!(store.get(&refused.id).unwrap(), None);
+            assert_eq!(store.get(&next.id).unwrap(), Some(next.clone()));
+            assert_eq!(store.pending_uploads().unwrap().len(), 1);
+        }
+        let store = CaseStore::open(dir.path(), identity()).unwrap();
+        assert_eq!(store.open_report().journal, JournalRecovery::None);
+        assert_eq!(store.get(&refused.id).unwrap(), None);
+        assert_eq!(store.get(&next.id).unwrap(), Some(next));
+        assert_eq!(store.len().unwrap(), 1);
     }
 
     /// A cut while the journal itself was written: the transaction had not
