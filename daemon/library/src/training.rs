@@ -28,7 +28,9 @@ use dermascope_adapter::{
     EpochRecord, LabelledEmbedding, TrainingConfig, MANIFEST_FILE,
 };
 use dermascope_encoder::Encoder;
-use dermascope_eval::{grouped_split, ClassificationReport};
+// The diagnosis code whose recall is reported on its own: the one
+// definition every score and rule uses.
+use dermascope_eval::{grouped_split, ClassificationReport, MELANOMA};
 use dermascope_store::{CaseSource, CaseStore, StoreError};
 use serde::Serialize;
 use thiserror::Error;
@@ -187,9 +189,6 @@ impl ValidationFigures {
         self.balanced_accuracy + SLACK >= old.balanced_accuracy && recall_ok
     }
 }
-
-/// The diagnosis code whose recall is reported on its own.
-pub const MELANOMA: &str = "mel";
 
 /// The report `adapter train` prints and saves beside the adapter.
 #[derive(Clone, Debug, Serialize)]
