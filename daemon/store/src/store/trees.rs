@@ -129,15 +129,7 @@ mod tests {
     /// The names are the on-disk format: a rename would orphan every store.
     #[test]
     fn tree_names_are_the_format() {
-        let names = [
-            Tree::Meta,
-            Tree::Cases,
-            Tree::Embeddings,
-            Tree::Changes,
-            Tree::AdapterEmbeddings,
-            Tree::Outbox,
-        ]
-        .map(Tree::name);
+        let names = Tree::ALL.map(Tree::name);
         assert_eq!(
             names,
             [
@@ -146,7 +138,8 @@ mod tests {
                 "embeddings",
                 "changes",
                 "adapter_embeddings",
-                "outbox"
+                "outbox",
+                "originals"
             ]
         );
     }
