@@ -9,8 +9,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dermascope_library::evaluation::{embedded_rows, LabelledFolder};
 use dermascope_library::{
-    confirmed_cases, index_adapter_space, load_installed, previous_dir, rollback, TrainingOptions,
-    TrainingPlan,
+    confirmed_cases, index_adapter_space, load_installed, previous_dir, read_manifest, rollback,
+    TrainingOptions, TrainingPlan,
 };
 use dermascope_store::Residency;
 
@@ -219,10 +219,7 @@ fn rollback_command(args: &ShowArgs) -> anyhow::Result<ExitCode> {
 
 /// The installed adapter's id, when its manifest reads.
 fn installed_id(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join(dermascope_adapter::MANIFEST_FILE)).ok()?;
-    toml::from_str::<dermascope_adapter::AdapterManifest>(&text)
-        .ok()
-        .map(|m| m.adapter_id)
+    read_manifest(dir).ok().map(|m| m.adapter_id)
 }
 
 /// `YYYY-MM-DD HH:MM UTC` (the device has no time zone setting).

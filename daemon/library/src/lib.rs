@@ -47,6 +47,6 @@ pub use reembed::{
 };
 pub use training::{
     candidate_dir, confirmed_cases, load_installed, prediction_report, previous_dir, promote,
-    rollback, train_and_install, ConfirmedCases, LoadAdapterError, LocalOptions, SwitchError,
-    TrainingError, TrainingOptions, TrainingPlan, TrainingReport, ValidationFigures,
+    read_manifest, rollback, train_and_install, ConfirmedCases, LoadAdapterError, LocalOptions,
+    SwitchError, TrainingError, TrainingOptions, TrainingPlan, TrainingReport, ValidationFigures,
 };

@@ -645,7 +645,9 @@ pub fn rollback(dir: &Path) -> Result<AdapterManifest, SwitchError> {
     promote(&staging, dir)
 }
 
-fn read_manifest(dir: &Path) -> Result<AdapterManifest, SwitchError> {
+/// The manifest of the adapter bundle in `dir` (installed, kept or a
+/// candidate), as the switch reads it.
+pub fn read_manifest(dir: &Path) -> Result<AdapterManifest, SwitchError> {
     let path = dir.join(MANIFEST_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
