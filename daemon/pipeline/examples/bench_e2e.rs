@@ -223,13 +223,14 @@ fn fill_library(
 
 /// Copies the adapter in `from` into `to` for an encoder of
 /// `encoder_model_id` (another one when a preprocessing override is set),
-/// without its `[calibration]` unless `cautions`. The original is only read.
+/// without its `[calibration]` unless `cautions`; returns whether the
+/// original has one. The original is only read.
 fn copy_adapter(
     from: &Path,
     to: &Path,
     encoder_model_id: &str,
     cautions: bool,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let read = |path: PathBuf| {
         std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
     };
@@ -240,6 +241,7 @@ fn copy_adapter(
         "encoder_model_id".into(),
         toml::Value::String(encoder_model_id.into()),
     );
+    let calibrated = manifest.contains_key("calibration");
     if !cautions {
         manifest.remove("calibration");
     }
@@ -252,7 +254,8 @@ fn copy_adapter(
     std::fs::copy(from.join(&file), to.join(&file))
         .map_err(|e| format!("{}: {e}", from.join(&file).display()))?;
     let text = toml::to_string(&manifest).map_err(|e| e.to_string())?;
-    std::fs::write(to.join(MANIFEST_FILE), text).map_err(|e| format!("{}: {e}", to.display()))
+    std::fs::write(to.join(MANIFEST_FILE), text).map_err(|e| format!("{}: {e}", to.display()))?;
+    Ok(calibrated)
 }
 
 /// Which of the adapter's calibrated cautions the pipeline applies to
@@ -384,17 +387,12 @@ fn main() -> Result<(), String> {
     let scratch_adapter = tempfile::tempdir().map_err(|e| e.to_string())?;
     let adapter_dir = scratch_adapter.path().join("adapter");
     if found_adapter.join(MANIFEST_FILE).is_file() {
-        copy_adapter(
+        let calibrated = copy_adapter(
             &found_adapter,
             &adapter_dir,
             encoder.model_id(),
             args.cautions,
         )?;
-        let text = std::fs::read_to_string(found_adapter.join(MANIFEST_FILE))
-            .map_err(|e| e.to_string())?;
-        let calibrated = text
-            .parse::<toml::Table>()
-            .is_ok_and(|t| t.contains_key("calibration"));
         if !calibrated {
             println!(
                 "the adapter in {} has NO [calibration] (written by `dermascope eval` or `dermascope adapter train`): the review flag and the no-match rule cannot run",
