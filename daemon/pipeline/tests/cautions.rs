@@ -179,13 +179,13 @@ impl Rig {
 
     /// What the capture of `replay` measures in the adapter's space: the
     /// combined melanoma score (the library's one definition, over the
-    /// `COMBINED_K` nearest cases) and the best match's similarity.
+    /// `COMBINED_K` nearest cases) and the best match's similarity; and the
+    /// best match's similarity in the raw space.
     fn measure(&self, adapter: &Adapter, replay: &Path) -> Measured {
         let frame = replayed_frame(replay);
         let photo = RgbImage::from_raw(frame.width, frame.height, frame.rgb.clone()).unwrap();
-        let out = adapter
-            .predict(&self.encoder.embed_rgb(&photo).unwrap().into_values())
-            .unwrap();
+        let embedding = self.encoder.embed_rgb(&photo).unwrap().into_values();
+        let out = adapter.predict(&embedding).unwrap();
         let hits = self
             .store
             .search_adapter_space(&out.embedding, COMBINED_K, &CaseFilter::any())
@@ -204,12 +204,7 @@ impl Rig {
         let mel = adapter.classes().iter().position(|c| c == "mel").unwrap();
         let raw_top1 = self
             .store
-            .search(
-                &self.encoder.embed_rgb(&photo).unwrap().into_values(),
-                1,
-                &CaseFilter::any(),
-                RAW_SCORE,
-            )
+            .search(&embedding, 1, &CaseFilter::any(), RAW_SCORE)
             .unwrap()[0]
             .score;
         Measured {
