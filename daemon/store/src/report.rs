@@ -57,6 +57,11 @@ pub struct OpenReport {
     pub cases_indexed: usize,
     pub corrupt: Vec<CorruptEntry>,
     pub elapsed: Duration,
+    /// The part of `elapsed` sled's own open took (its recovery reads the
+    /// log written since its last snapshot), against the rest: syncing,
+    /// the journal, the header and the index. What a large library's open
+    /// time is made of (`scripts/bench index`).
+    pub sled_open: Duration,
     pub index_source: IndexSource,
     pub journal: JournalRecovery,
 }

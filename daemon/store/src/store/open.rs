@@ -82,6 +82,7 @@ impl CaseStore {
             )));
         }
         let db = open_sled(&path)?;
+        let sled_open = started.elapsed();
         let trees = Trees::open(&db)?;
         let log_file = std::fs::File::open(path.join("db"))
             .map_err(|e| io_error("opening sled's log file for fsync", e))?;
@@ -124,6 +125,7 @@ impl CaseStore {
             cases_indexed: index.len(),
             corrupt: corrupt.values().cloned().collect(),
             elapsed: started.elapsed(),
+            sled_open,
             index_source,
             journal,
         };
@@ -161,6 +163,7 @@ impl CaseStore {
             cases = store.report.cases_indexed,
             corrupt = store.report.corrupt.len(),
             elapsed_ms = store.report.elapsed.as_millis() as u64,
+            sled_open_ms = store.report.sled_open.as_millis() as u64,
             source = ?store.report.index_source,
             ?residency,
             model_id = %store.identity.model_id,
