@@ -175,6 +175,47 @@ fn search_finds_the_same_photograph_first_and_filters_apply() {
     assert!(rows.iter().all(|r| r.contains("vasc")), "{out}");
 }
 
+/// Issue 18, part 0: on an x86_64 CPU without an int8 dot product a named
+/// int8 is refused with what to do, unless allowed; the default still runs
+/// (fp32). tract's own probe is what the encoder asks, so `TRACT_CPU_ISA`
+/// makes this machine such a CPU (it is a no-op on one that already is).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn int8_without_a_dot_product_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic_library(dir.path(), 1);
+    let image = std::fs::read_dir(dir.path().join("images"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|e| e == "jpg"))
+        .expect("a synthetic photograph");
+    let embed = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dermascope"))
+            .args(["embed", image.to_str().unwrap()])
+            .args(extra)
+            .env("DERMASCOPE_MODEL_DIR", bundle())
+            .env("TRACT_CPU_ISA", "-avx512vnni,-avxvnni")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running dermascope")
+    };
+    let refused = embed(&["--variant", "int8"]);
+    let (out, err) = text(&refused);
+    assert!(!refused.status.success(), "{out}");
+    assert!(
+        err.contains("no int8 dot-product instructions") && err.contains("--allow-slow-int8"),
+        "{err}"
+    );
+    let allowed = embed(&["--variant", "int8", "--allow-slow-int8"]);
+    let (out, err) = text(&allowed);
+    assert!(allowed.status.success(), "{err}");
+    assert!(out.contains("(int8)"), "{out}");
+    let default = embed(&[]);
+    let (out, err) = text(&default);
+    assert!(default.status.success(), "{err}");
+    assert!(out.contains("(fp32)"), "{out}");
+}
+
 #[test]
 fn labels_files_the_ingest_cannot_read_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -125,6 +125,11 @@ pub struct EncoderArgs {
     /// Arm dot product), where it is the faster one, else fp32.
     #[arg(long)]
     pub variant: Option<String>,
+    /// Run an int8 --variant even on an x86_64 CPU without int8 dot-product
+    /// instructions, where tract's int8 kernel is many times slower than
+    /// fp32 (refused otherwise).
+    #[arg(long)]
+    pub allow_slow_int8: bool,
     /// Threads for the encoder's matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
@@ -148,6 +153,7 @@ impl EncoderArgs {
         EncoderOptions {
             variant: VariantChoice::from_name(self.variant.as_deref()),
             threads: usize::from(self.threads),
+            allow_slow_int8: self.allow_slow_int8,
             ..EncoderOptions::default()
         }
     }

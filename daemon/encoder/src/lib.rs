@@ -96,6 +96,7 @@ pub const BUILD_COMMAND: &str = "models/build";
 /// |---|---|---|
 /// | x86_64 with AVX-512 VNNI (AMD Zen 4) | `avx512vnni_mmm_i32_16x16` | 69-72 vs 151 ms: 2.1-2.2x faster |
 /// | x86_64 without VNNI (`TRACT_CPU_ISA`) | AVX2 / AVX-512 i32 | 422-427 vs 155 ms: 2.7x slower |
+/// | x86_64 AVX2-only machine (issue 18) | `avx2_mmm_i32_8x8` | 10.4 s vs 168 ms: 62x slower |
 /// | Cortex-A76 (Pi 5), dot product | `arm64simd_mmm_i32_8x8_dot` (SDOT) | 0.525x the instructions |
 /// | Cortex-A72 (Pi 4), none | `arm64simd_mmm_i32_8x8` (SMLAL) | 1.25x the instructions |
 ///
@@ -171,6 +172,8 @@ pub enum EncoderError {
     DegenerateEmbedding,
     #[error("{PREPROCESS_ENV}={value:?}: {message}")]
     PreprocessOverride { value: String, message: String },
+    #[error("variant {variant:?} is int8, and this x86_64 CPU has no int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI): tract would run it through its AVX2 int8 kernel, which took 10.4 s an image on an AVX2-only machine against 168 ms for fp32. Leave the variant unset (fp32 is this CPU's default), or allow slow int8 to measure it anyway (`--allow-slow-int8`, or `allow_slow_int8 = true` under [encoder])")]
+    SlowInt8 { variant: String },
 }
 
 /// Which variant to run.
@@ -219,6 +222,11 @@ pub struct EncoderOptions {
     /// like the table would). `None`: [`PREPROCESS_ENV`] if set, else the
     /// manifest's.
     pub preprocess: Option<PreprocessSpec>,
+    /// Run a named int8 variant even on an x86_64 CPU without int8
+    /// dot-product instructions, where it is slow
+    /// ([`EncoderError::SlowInt8`]). For benchmarks and numerics checks;
+    /// the default variant never picks int8 there.
+    pub allow_slow_int8: bool,
 }
 
 impl Default for EncoderOptions {
@@ -230,6 +238,7 @@ impl Default for EncoderOptions {
             fuse_stages: true,
             prefer_wide_int8_tile: true,
             preprocess: None,
+            allow_slow_int8: false,
         }
     }
 }
@@ -331,6 +340,12 @@ impl Encoder {
         let manifest = EncoderManifest::load(bundle_dir)?;
         let preprocess = preprocess_steps::chosen_spec(&manifest, options.preprocess)?;
         let (variant, variant_reason) = select_variant(&manifest, &options.variant)?;
+        refuse_slow_int8(
+            variant,
+            cfg!(target_arch = "x86_64"),
+            int8_dot_product_isa(),
+            options.allow_slow_int8,
+        )?;
         let variant = variant.clone();
         let path = manifest.variant_path(bundle_dir, &variant);
 
@@ -791,6 +806,32 @@ fn select_variant<'m>(
     }
 }
 
+/// Refuses an int8 `variant` on an x86_64 CPU without an int8 dot product
+/// (`int8_isa` is None) unless `allowed`.
+///
+/// Why the cliff: there tract runs int8 products in `avx2_mmm_i32_8x8`,
+/// whose inner loop (one iteration per depth step) loads the weights with a
+/// legacy-SSE `movq xmm8, [rax]` (`f3 44 0f 7e`, seen in the linked binary)
+/// between VEX ymm instructions. Intel cores pay a state transition (tens
+/// of cycles on Haswell/Broadwell) or a merge dependency (later cores) for
+/// each such mix; AMD cores and qemu do not, which is why masking features
+/// on the AMD development machine (`TRACT_CPU_ISA`) gave 0.7 s, not 10.4.
+/// Even without the penalty that kernel is 2.7x slower than fp32. Arm is
+/// not refused: its kernels are all NEON, and the Pi 4's default is fp32.
+fn refuse_slow_int8(
+    variant: &VariantSpec,
+    on_x86_64: bool,
+    int8_isa: Option<&str>,
+    allowed: bool,
+) -> Result<(), EncoderError> {
+    if variant.precision == Precision::Int8 && on_x86_64 && int8_isa.is_none() && !allowed {
+        return Err(EncoderError::SlowInt8 {
+            variant: variant.name.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// The faster faithful variant for a CPU with `int8_isa` (see
 /// [`int8_dot_product_isa`]), and why.
 fn default_variant<'m>(
@@ -1031,5 +1072,21 @@ sha256 = "{digest}"
         assert_eq!(chosen.name, "fp32");
         let err = select_variant(&bundle, &VariantChoice::Named("int4".into())).unwrap_err();
         assert!(err.to_string().contains("int4"), "{err}");
+    }
+
+    #[test]
+    fn a_named_int8_is_refused_on_x86_without_a_dot_product_unless_allowed() {
+        let bundle = manifest("derm");
+        let int8 = bundle.variant("int8").unwrap();
+        let fp32 = bundle.variant("fp32").unwrap();
+        let err = refuse_slow_int8(int8, true, None, false).unwrap_err();
+        assert!(matches!(err, EncoderError::SlowInt8 { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("--allow-slow-int8"), "{message}");
+        assert!(message.contains("allow_slow_int8 = true"), "{message}");
+        refuse_slow_int8(int8, true, None, true).unwrap();
+        refuse_slow_int8(int8, true, Some("avx512vnni"), false).unwrap();
+        refuse_slow_int8(int8, false, None, false).unwrap();
+        refuse_slow_int8(fp32, true, None, false).unwrap();
     }
 }

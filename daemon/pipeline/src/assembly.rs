@@ -144,6 +144,7 @@ pub fn encoder_options(config: &Config) -> EncoderOptions {
     EncoderOptions {
         variant: VariantChoice::from_name(config.encoder.variant.as_deref()),
         threads: config.encoder.threads.unwrap_or(defaults.threads),
+        allow_slow_int8: config.encoder.allow_slow_int8,
         ..defaults
     }
 }

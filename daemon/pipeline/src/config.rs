@@ -248,6 +248,9 @@ pub struct EncoderSection {
     pub variant: Option<String>,
     /// Threads for the encoder's matrix products; default 2.
     pub threads: Option<usize>,
+    /// Run an int8 `variant` even on an x86_64 CPU without int8
+    /// dot-product instructions (refused otherwise: many times slower).
+    pub allow_slow_int8: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -136,6 +136,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let options = EncoderOptions {
         variant: VariantChoice::Named(variant),
+        // On an x86_64 CPU without VNNI int8 is slow: measured, not refused.
+        allow_slow_int8: true,
         threads: args.threads,
         fuse_stages: !args.stock_tract,
         prefer_wide_int8_tile: !args.stock_tract,
