@@ -26,7 +26,7 @@ pub mod stages;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
@@ -289,6 +289,12 @@ pub struct Encoder {
     manifest: EncoderManifest,
     variant: VariantSpec,
     plan: Arc<TypedRunnableModel>,
+    /// The plan's executor: with more than one thread, its pool is where
+    /// each run starts (see [`Encoder::run_tensor`]).
+    executor: Option<tract_linalg::multithread::Executor>,
+    /// Held for a run on the pool: one run at a time (see
+    /// [`Encoder::run_tensor`]).
+    pool_run: Mutex<()>,
     input_shape: [usize; 4],
     /// What the plan takes: f32, or f16 for an fp16 file run natively.
     input_type: DatumType,
@@ -502,8 +508,9 @@ impl Encoder {
                 ),
             });
         }
+        let executor = executor_for(options.threads);
         let run_options = RunOptions {
-            executor: executor_for(options.threads),
+            executor: executor.clone(),
             ..RunOptions::default()
         };
         let plan = optimized
@@ -535,6 +542,8 @@ impl Encoder {
             manifest,
             variant,
             plan,
+            executor,
+            pool_run: Mutex::new(()),
             input_shape,
             input_type,
             half_precision,
@@ -670,6 +679,27 @@ impl Encoder {
                 actual: tensor.len(),
             });
         }
+        // With more than one thread, the whole run starts on one of the
+        // plan's own pool threads: each parallel op is then split between
+        // that thread and the others by work stealing, where a run on the
+        // caller's thread hands every op to the pool and sleeps until it is
+        // woken, once per op (an int8 plan of 2 threads ran slower than one
+        // that way: docs/benchmarks.md). One run at a time: a pool thread
+        // waiting inside a matrix product steals queued jobs, and a second
+        // caller's run would then start inside the first one's product on
+        // the same thread, where tract's per-thread scratch is already in
+        // use (it panics). Each encoder has its own pool, so this lock is
+        // the only way in.
+        match &self.executor {
+            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
+                let _one_run = self.pool_run.lock().unwrap_or_else(|e| e.into_inner());
+                pool.install(|| self.run_tensor_here(tensor))
+            }
+            _ => self.run_tensor_here(tensor),
+        }
+    }
+
+    fn run_tensor_here(&self, tensor: &[f32]) -> Result<Vec<f32>, EncoderError> {
         let inference = |e: TractError| EncoderError::Inference {
             message: format!("{e:#}"),
         };

@@ -439,3 +439,50 @@ fn fused_stages_agree_with_stock_tract() {
         eprintln!("{variant}: fused vs stock tract, min cosine {worst:.6}");
     }
 }
+
+/// A run of a plan with more than one thread starts on the plan's own pool
+/// (`Encoder::run_tensor`): that must change where the work runs, never what
+/// comes out, also when several callers share one encoder, as the daemon's
+/// capture path and a library ingest do.
+#[test]
+fn threads_and_concurrent_callers_change_no_output() {
+    for variant in ["fp32", "int8"] {
+        let options = |threads| EncoderOptions {
+            variant: VariantChoice::Named(variant.into()),
+            allow_slow_int8: true,
+            threads,
+            ..EncoderOptions::default()
+        };
+        let one = Encoder::load(&common::bundle_dir(), &options(1)).expect("one thread");
+        let two = Encoder::load(&common::bundle_dir(), &options(2)).expect("two threads");
+        let check = check_set(&one);
+        let inputs: Vec<&[f32]> = (0..check.count)
+            .map(|i| &check.inputs[i * check.input_len..(i + 1) * check.input_len])
+            .collect();
+        let expected: Vec<Vec<f32>> = inputs.iter().map(|x| one.run_tensor(x).unwrap()).collect();
+        for (i, input) in inputs.iter().enumerate() {
+            assert_eq!(
+                two.run_tensor(input).unwrap(),
+                expected[i],
+                "{variant} input {i}: 2 threads"
+            );
+        }
+        // Three callers at once on the two-thread encoder, each over every input.
+        std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..3)
+                .map(|caller| {
+                    let (two, inputs, expected) = (&two, &inputs, &expected);
+                    scope.spawn(move || {
+                        for (i, input) in inputs.iter().enumerate().rev() {
+                            let got = two.run_tensor(input).unwrap();
+                            assert_eq!(got, expected[i], "{variant} input {i}: caller {caller}");
+                        }
+                    })
+                })
+                .collect();
+            for caller in callers {
+                caller.join().expect("a caller panicked");
+            }
+        });
+    }
+}
