@@ -60,7 +60,7 @@ pub fn run(
     let executor = (settings.threads > 1)
         .then(|| tract_linalg::multithread::Executor::multithread(settings.threads));
     let plan = optimized.into_runnable_with_options(&RunOptions {
-        executor,
+        executor: executor.clone(),
         ..RunOptions::default()
     })?;
     let graph = plan.model();
@@ -92,27 +92,35 @@ pub fn run(
         })
         .collect::<TractResult<_>>()?;
 
-    let mut state = SimpleState::new(&plan)?;
-    let mut wall = Duration::ZERO;
-    for i in 0..settings.warmup + settings.runs {
-        let tensor = Tensor::from_shape(&shape, inputs[i % inputs.len()])?;
-        let measured = i >= settings.warmup;
-        let started = Instant::now();
-        state.run_plan_with_eval(
-            tvec![tensor.into_tvalue()],
-            |ctx, op_state, node, values| {
-                let started = Instant::now();
-                let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, values);
-                if measured {
-                    nodes[node.id].spent += started.elapsed();
-                }
-                outputs
-            },
-        )?;
-        if measured {
-            wall += started.elapsed();
+    // Started on the plan's own pool, as Encoder::run_tensor runs it.
+    let mut run_all = || -> TractResult<Duration> {
+        let mut state = SimpleState::new(&plan)?;
+        let mut wall = Duration::ZERO;
+        for i in 0..settings.warmup + settings.runs {
+            let tensor = Tensor::from_shape(&shape, inputs[i % inputs.len()])?;
+            let measured = i >= settings.warmup;
+            let started = Instant::now();
+            state.run_plan_with_eval(
+                tvec![tensor.into_tvalue()],
+                |ctx, op_state, node, values| {
+                    let started = Instant::now();
+                    let outputs = tract_onnx::tract_core::plan::eval(ctx, op_state, node, values);
+                    if measured {
+                        nodes[node.id].spent += started.elapsed();
+                    }
+                    outputs
+                },
+            )?;
+            if measured {
+                wall += started.elapsed();
+            }
         }
-    }
+        Ok(wall)
+    };
+    let wall = match &executor {
+        Some(tract_linalg::multithread::Executor::MultiThread(pool)) => pool.install(run_all)?,
+        _ => run_all()?,
+    };
     report(&nodes, wall, settings);
     Ok(())
 }
