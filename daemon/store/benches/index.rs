@@ -275,24 +275,7 @@ fn bench_store(n: usize, dim: usize) {
                 std::fs::remove_file(dir.path().join(name)).unwrap();
             }
         }
-        // sled releases its lock from a background thread after a close.
-        let mut line = String::new();
-        for _ in 0..50 {
-            let out = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--open-only",
-                    &dir.path().display().to_string(),
-                    &dim.to_string(),
-                    residency,
-                ])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                line = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let line = open_in_child(dir.path(), dim, residency);
         println!("{line} disk_bytes={disk}");
     }
 }
@@ -701,26 +684,31 @@ fn bench_store_open_large(n: usize, dim: usize) {
     // as root), then one with the files still cached from it.
     let cold = drop_page_cache();
     for page_cache in [if cold { "cold" } else { "warm" }, "warm"] {
-        for _ in 0..50 {
-            let out = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--open-only",
-                    &dir.path().display().to_string(),
-                    &dim.to_string(),
-                    "int8",
-                ])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                println!(
-                    "{} disk_bytes={disk} page_cache={page_cache}",
-                    String::from_utf8_lossy(&out.stdout).trim_end()
-                );
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let line = open_in_child(dir.path(), dim, "int8");
+        println!("{line} disk_bytes={disk} page_cache={page_cache}");
     }
+}
+
+/// The line a fresh process prints for one open of the store in `dir`
+/// (`--open-only`), or an empty one if it never opened. Retried: sled
+/// releases its lock from a background thread after a close.
+fn open_in_child(dir: &Path, dim: usize, residency: &str) -> String {
+    for _ in 0..50 {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--open-only",
+                &dir.display().to_string(),
+                &dim.to_string(),
+                residency,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    String::new()
 }
 
 /// Writes back and drops the kernel's page cache; false where that is not
