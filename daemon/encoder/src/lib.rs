@@ -679,24 +679,16 @@ impl Encoder {
                 actual: tensor.len(),
             });
         }
-        // With more than one thread, the whole run starts on one of the
-        // plan's own pool threads: each parallel op is then split between
-        // that thread and the others by work stealing, where a run on the
-        // caller's thread hands every op to the pool and sleeps until it is
-        // woken, once per op (an int8 plan of 2 threads ran slower than one
-        // that way: docs/benchmarks.md). One run at a time: a pool thread
-        // waiting inside a matrix product steals queued jobs, and a second
-        // caller's run would then start inside the first one's product on
-        // the same thread, where tract's per-thread scratch is already in
-        // use (it panics). Each encoder has its own pool, so this lock is
-        // the only way in.
-        match &self.executor {
-            Some(tract_linalg::multithread::Executor::MultiThread(pool)) => {
-                let _one_run = self.pool_run.lock().unwrap_or_else(|e| e.into_inner());
-                pool.install(|| self.run_tensor_here(tensor))
-            }
-            _ => self.run_tensor_here(tensor),
-        }
+        // One run at a time on the pool: a pool thread waiting inside a
+        // matrix product steals queued jobs, and a second caller's run would
+        // then start inside the first one's product on the same thread,
+        // where tract's per-thread scratch is already in use (it panics).
+        // Each encoder has its own pool, so this lock is the only way in.
+        let _one_run = self
+            .executor
+            .is_some()
+            .then(|| self.pool_run.lock().unwrap_or_else(|e| e.into_inner()));
+        on_plan_pool(self.executor.as_ref(), || self.run_tensor_here(tensor))
     }
 
     fn run_tensor_here(&self, tensor: &[f32]) -> Result<Vec<f32>, EncoderError> {
@@ -1023,11 +1015,32 @@ fn check_declared(
     ))
 }
 
-fn executor_for(threads: usize) -> Option<tract_linalg::multithread::Executor> {
+/// tract's executor for `threads` matrix-product threads: a pool of its own
+/// for more than one, none (the caller's thread) for one.
+pub fn executor_for(threads: usize) -> Option<tract_linalg::multithread::Executor> {
     if threads > 1 {
         Some(tract_linalg::multithread::Executor::multithread(threads))
     } else {
         None
+    }
+}
+
+/// Runs `run` (a run of a plan made with `executor`) on that executor's
+/// pool if it has one, else on this thread.
+///
+/// Why: started on a pool thread, each parallel op of the run is split
+/// between that thread and the others by work stealing, where a run on the
+/// caller's thread hands every op to the pool and sleeps until it is woken,
+/// once per op (an int8 plan of 2 threads ran slower than one that way:
+/// docs/benchmarks.md). Two runs must not share a pool at once (see
+/// [`Encoder::run_tensor`]).
+pub fn on_plan_pool<R: Send>(
+    executor: Option<&tract_linalg::multithread::Executor>,
+    run: impl FnOnce() -> R + Send,
+) -> R {
+    match executor {
+        Some(tract_linalg::multithread::Executor::MultiThread(pool)) => pool.install(run),
+        _ => run(),
     }
 }
 

@@ -57,8 +57,7 @@ pub fn run(
         dermascope_encoder::stages::fuse_stages(&mut typed)?;
     }
     let optimized = typed.into_optimized()?;
-    let executor = (settings.threads > 1)
-        .then(|| tract_linalg::multithread::Executor::multithread(settings.threads));
+    let executor = dermascope_encoder::executor_for(settings.threads);
     let plan = optimized.into_runnable_with_options(&RunOptions {
         executor: executor.clone(),
         ..RunOptions::default()
@@ -92,8 +91,8 @@ pub fn run(
         })
         .collect::<TractResult<_>>()?;
 
-    // Started on the plan's own pool, as Encoder::run_tensor runs it.
-    let mut run_all = || -> TractResult<Duration> {
+    // On the plan's own pool, as Encoder::run_tensor runs it.
+    let run_all = || -> TractResult<Duration> {
         let mut state = SimpleState::new(&plan)?;
         let mut wall = Duration::ZERO;
         for i in 0..settings.warmup + settings.runs {
@@ -117,10 +116,7 @@ pub fn run(
         }
         Ok(wall)
     };
-    let wall = match &executor {
-        Some(tract_linalg::multithread::Executor::MultiThread(pool)) => pool.install(run_all)?,
-        _ => run_all()?,
-    };
+    let wall = dermascope_encoder::on_plan_pool(executor.as_ref(), run_all)?;
     report(&nodes, wall, settings);
     Ok(())
 }
